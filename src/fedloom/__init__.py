@@ -1,0 +1,35 @@
+"""fedloom: federated learning with fast vectorized simulation and secure deployment.
+
+The public entry points are re-exported here; see DESIGN.md for the layers.
+"""
+
+from fedloom.core.errors import (
+    ConfigError,
+    DataError,
+    EngineError,
+    FedloomError,
+    InvalidUpdateError,
+    SpecError,
+    StrategyError,
+)
+from fedloom.core.params import ParamSpec, TensorEntry
+from fedloom.core.types import Aggregate, ClientInstruction, ClientUpdate, TrainConfig
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Aggregate",
+    "ClientInstruction",
+    "ClientUpdate",
+    "ConfigError",
+    "DataError",
+    "EngineError",
+    "FedloomError",
+    "InvalidUpdateError",
+    "ParamSpec",
+    "SpecError",
+    "StrategyError",
+    "TensorEntry",
+    "TrainConfig",
+    "__version__",
+]

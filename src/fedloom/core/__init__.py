@@ -1,0 +1,1 @@
+"""Core types: flat parameter vectors and their spec, client updates, configs, errors."""

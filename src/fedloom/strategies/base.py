@@ -1,0 +1,239 @@
+"""The Strategy interface, its explicit server state, and the streaming Aggregator.
+
+A round, seen from the server (DESIGN.md):
+
+    cohort = strategy.select(rnd, available)
+    instr  = strategy.client_config(state, rnd, cid)      for each cid in cohort
+    agg    = strategy.aggregator(state, rnd)
+    agg.add(update)                                        for each streamed update
+    state  = strategy.apply(state, agg.result())
+
+:class:`ServerState` is a frozen value: the global vector, the number of completed rounds
+and named optimizer tensors (momentum, Adam moments, SCAFFOLD's control variate). It
+round-trips through :meth:`ServerState.to_tensors` for checkpoints.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from types import MappingProxyType
+
+import torch
+
+from fedloom.core.errors import ConfigError, StrategyError
+from fedloom.core.seeding import derive_seed
+from fedloom.core.types import Aggregate, ClientInstruction, ClientUpdate, TrainConfig
+from fedloom.strategies.selection import ClientSampler
+
+WeightFn = Callable[[ClientUpdate], float]
+
+__all__ = ["Aggregator", "BufferingAggregator", "ServerState", "Strategy", "WeightedMeanAggregator"]
+
+
+@dataclass(frozen=True)
+class ServerState:
+    """Explicit, checkpointable server state.
+
+    ``round`` counts completed rounds; ``params`` is the global flat vector; ``tensors``
+    holds the server optimizer's named state (empty for plain FedAvg).
+    """
+
+    params: torch.Tensor
+    round: int = 0
+    tensors: Mapping[str, torch.Tensor] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "tensors", MappingProxyType(dict(self.tensors)))
+
+    def to_tensors(self) -> dict[str, torch.Tensor]:
+        """Flat name -> tensor mapping (for safetensors); ``round`` is stored as a tensor too."""
+        out = {"params": self.params, "round": torch.tensor([self.round], dtype=torch.int64)}
+        out.update({f"state.{k}": v for k, v in self.tensors.items()})
+        return {k: v.detach().contiguous() for k, v in out.items()}
+
+    @classmethod
+    def from_tensors(cls, data: Mapping[str, torch.Tensor]) -> ServerState:
+        try:
+            params, rnd = data["params"], int(data["round"].item())
+        except KeyError as exc:
+            raise StrategyError(f"checkpoint lacks {exc.args[0]!r}") from None
+        tensors = {k[len("state.") :]: v for k, v in data.items() if k.startswith("state.")}
+        return cls(params=params, round=rnd, tensors=tensors)
+
+
+class Aggregator(ABC):
+    """Consumes client updates one at a time (``add``), then yields an :class:`Aggregate`.
+
+    The base class tracks ids, example counts, example-weighted training metrics and the
+    unweighted mean of ``extras``; subclasses decide how the deltas combine.
+    """
+
+    def __init__(self) -> None:
+        self.client_ids: list[str] = []
+        self.num_examples = 0
+        self._metric_sums: dict[str, float] = {}
+        self._metric_weights: dict[str, int] = {}
+        self._extra_sums: dict[str, torch.Tensor] = {}
+        self._extra_counts: dict[str, int] = {}
+
+    def add(self, update: ClientUpdate) -> None:
+        """Fold one (already validated) update into the aggregate."""
+        if update.client_id in self.client_ids:
+            raise StrategyError(f"duplicate update from client {update.client_id!r}")
+        self._add(update)
+        self.client_ids.append(update.client_id)
+        self.num_examples += update.num_examples
+        for k, v in update.metrics.items():
+            self._metric_sums[k] = self._metric_sums.get(k, 0.0) + float(v) * update.num_examples
+            self._metric_weights[k] = self._metric_weights.get(k, 0) + update.num_examples
+        for k, t in update.extras.items():
+            acc = self._extra_sums.get(k)
+            self._extra_sums[k] = t.to(torch.float64) if acc is None else acc.add_(t.to(torch.float64))
+            self._extra_counts[k] = self._extra_counts.get(k, 0) + 1
+
+    def result(self) -> Aggregate:
+        """The aggregate of everything added so far."""
+        if not self.client_ids:
+            raise StrategyError("no updates to aggregate")
+        delta = self._result()
+        extras = {k: (s / self._extra_counts[k]).to(delta.dtype) for k, s in self._extra_sums.items()}
+        metrics = {k: s / self._metric_weights[k] for k, s in self._metric_sums.items()}
+        return Aggregate(
+            delta=delta,
+            num_clients=len(self.client_ids),
+            num_examples=self.num_examples,
+            extras=extras,
+            metrics=metrics,
+            client_ids=tuple(self.client_ids),
+        )
+
+    @abstractmethod
+    def _add(self, update: ClientUpdate) -> None: ...
+
+    @abstractmethod
+    def _result(self) -> torch.Tensor: ...
+
+
+class WeightedMeanAggregator(Aggregator):
+    """Streaming weighted mean: Σ w_i Δ_i / Σ w_i with O(model) memory.
+
+    The weight of an update is ``weight_fn(update)``; the default is its example count
+    (FedAvg, McMahan et al. 2017). Accumulation is in float64, so the order of arrival
+    changes the result only at float64 rounding.
+    """
+
+    def __init__(self, weight_fn: WeightFn | None = None, *, normalize: bool = True) -> None:
+        super().__init__()
+        self._weight_fn = weight_fn or example_weight
+        self._normalize = normalize
+        self._sum: torch.Tensor | None = None
+        self._wsum = 0.0
+        self._dtype: torch.dtype | None = None
+
+    def _add(self, update: ClientUpdate) -> None:
+        w = float(self._weight_fn(update))
+        if not (w >= 0.0 and w < float("inf")):
+            raise StrategyError(f"weight of client {update.client_id!r} is {w!r}")
+        d = update.delta
+        self._dtype = d.dtype
+        if self._sum is None:
+            self._sum = d.to(torch.float64) * w
+        else:
+            self._sum.add_(d.to(torch.float64), alpha=w)
+        self._wsum += w
+
+    def _result(self) -> torch.Tensor:
+        assert self._sum is not None and self._dtype is not None
+        if not self._normalize:
+            return self._sum.to(self._dtype)
+        if self._wsum <= 0.0:
+            raise StrategyError("sum of aggregation weights is zero")
+        return (self._sum / self._wsum).to(self._dtype)
+
+
+class BufferingAggregator(Aggregator):
+    """Keeps every delta (O(clients x model)); for robust rules such as median or Krum."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.deltas: list[torch.Tensor] = []
+        self.weights: list[int] = []
+
+    def _add(self, update: ClientUpdate) -> None:
+        self.deltas.append(update.delta)
+        self.weights.append(update.num_examples)
+
+    def stacked(self) -> torch.Tensor:
+        """The buffered deltas as a (clients, numel) matrix."""
+        return torch.stack(self.deltas)
+
+
+def example_weight(update: ClientUpdate) -> float:
+    """FedAvg's weight: the client's number of training examples."""
+    return float(update.num_examples)
+
+
+
+
+class Strategy(ABC):
+    """Base of all strategies; defaults implement FedAvg's selection and client configs.
+
+    Keyword arguments: ``train`` (the clients' :class:`TrainConfig`), ``fraction``,
+    ``min_clients`` and ``seed`` (client selection), ``server_lr`` (η_g in
+    ``x ← x + η_g · Δ``).
+    """
+
+    name: str = "strategy"
+
+    def __init__(
+        self,
+        *,
+        train: TrainConfig | None = None,
+        fraction: float = 0.1,
+        min_clients: int = 1,
+        seed: int = 0,
+        server_lr: float = 1.0,
+    ) -> None:
+        if not (server_lr > 0.0 and server_lr < float("inf")):
+            raise ConfigError(f"must be a finite number > 0, got {server_lr!r}", key="strategy.server_lr")
+        self.train = train or TrainConfig()
+        self.sampler = ClientSampler(fraction=fraction, min_clients=min_clients, seed=seed)
+        self.seed = seed
+        self.server_lr = server_lr
+
+    # ------------------------------------------------------------------ hooks
+    def init(self, params: torch.Tensor) -> ServerState:
+        """Initial server state around the initial global vector."""
+        return ServerState(params=params.detach().clone(), round=0)
+
+    def select(self, rnd: int, available: Sequence[str]) -> list[str]:
+        """The cohort of round ``rnd`` among ``available`` client ids."""
+        return self.sampler.sample(rnd, available)
+
+    def client_config(self, state: ServerState, rnd: int, client_id: str) -> ClientInstruction:
+        """What client ``client_id`` receives in round ``rnd`` (besides the global vector)."""
+        return ClientInstruction(
+            round=rnd,
+            client_id=client_id,
+            train=self.train,
+            seed=derive_seed(self.seed, "client", rnd, client_id),
+        )
+
+    def aggregator(self, state: ServerState, rnd: int) -> Aggregator:
+        """A fresh aggregator for round ``rnd``."""
+        return WeightedMeanAggregator()
+
+    @abstractmethod
+    def apply(self, state: ServerState, aggregate: Aggregate) -> ServerState:
+        """The next server state given this round's aggregate."""
+
+    # ---------------------------------------------------------------- helpers
+    def _next(self, state: ServerState, params: torch.Tensor, **tensors: torch.Tensor) -> ServerState:
+        merged = dict(state.tensors)
+        merged.update(tensors)
+        return replace(state, params=params, round=state.round + 1, tensors=merged)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(fraction={self.sampler.fraction}, server_lr={self.server_lr})"

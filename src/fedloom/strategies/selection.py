@@ -1,0 +1,47 @@
+"""Client selection: a seeded fraction C of the available clients, with a minimum.
+
+As in McMahan et al. 2017, each round samples ``m = max(C * K, min_clients)`` of the ``K``
+available clients uniformly without replacement. The draw depends only on (seed, round,
+the set of available ids), so a resumed run selects the same cohorts.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from fedloom.core.errors import ConfigError, StrategyError
+
+__all__ = ["ClientSampler"]
+
+
+@dataclass(frozen=True)
+class ClientSampler:
+    """Samples ``max(floor(fraction * K), min_clients)`` of ``K`` available clients."""
+
+    fraction: float = 0.1
+    min_clients: int = 1
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if not (0.0 < self.fraction <= 1.0):
+            raise ConfigError(f"must be in (0, 1], got {self.fraction!r}", key="strategy.fraction")
+        if not isinstance(self.min_clients, int) or self.min_clients < 1:
+            raise ConfigError(f"must be an integer >= 1, got {self.min_clients!r}", key="strategy.min_clients")
+
+    def cohort_size(self, num_available: int) -> int:
+        """How many clients a round with ``num_available`` clients selects."""
+        return min(num_available, max(self.min_clients, math.floor(self.fraction * num_available + 1e-9)))
+
+    def sample(self, rnd: int, available: Sequence[str]) -> list[str]:
+        """The cohort of round ``rnd`` (sorted ids)."""
+        ids = sorted(set(available))
+        if len(ids) < self.min_clients:
+            raise StrategyError(f"round {rnd}: {len(ids)} clients available, min_clients is {self.min_clients}")
+        k = self.cohort_size(len(ids))
+        rng = np.random.default_rng([self.seed, rnd])
+        chosen = rng.choice(len(ids), size=k, replace=False)
+        return sorted(ids[i] for i in chosen)
