@@ -98,7 +98,7 @@ class ClientInstruction:
     client_id: str
     train: TrainConfig
     seed: int
-    payload: Mapping[str, torch.Tensor] = field(default=_EMPTY)
+    payload: Mapping[str, torch.Tensor] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "payload", _frozen_map(self.payload))
@@ -119,7 +119,7 @@ class ClientUpdate:
     num_examples: int
     num_steps: int = 0
     metrics: Mapping[str, float] = field(default_factory=dict)
-    extras: Mapping[str, torch.Tensor] = field(default=_EMPTY)
+    extras: Mapping[str, torch.Tensor] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "metrics", _frozen_map(self.metrics))
@@ -163,7 +163,7 @@ class Aggregate:
     delta: torch.Tensor
     num_clients: int
     num_examples: int
-    extras: Mapping[str, torch.Tensor] = field(default=_EMPTY)
+    extras: Mapping[str, torch.Tensor] = field(default_factory=dict)
     metrics: Mapping[str, float] = field(default_factory=dict)
     client_ids: tuple[str, ...] = ()
 
