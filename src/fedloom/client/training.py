@@ -1,0 +1,162 @@
+"""Local training: the reference semantics every engine must reproduce.
+
+Given the global flat vector, a :class:`~fedloom.core.types.ClientInstruction` and the
+client's data, :func:`train_local` runs ``epochs`` passes of minibatch training:
+
+* each epoch visits every example exactly once, in an order drawn from a generator seeded
+  with ``instruction.seed`` (the last batch may be smaller: no sample dropped or repeated);
+* dropout and other randomness use the same seed (the global RNG is forked, not disturbed);
+* the optimizer (SGD with momentum / Nesterov / weight decay, or Adam) is fresh each round;
+* FedProx (Li et al. 2020) adds ``mu · (w − w_global)`` to each gradient, the gradient of
+  ``(mu/2)·||w − w_global||²``;
+* SCAFFOLD (Karimireddy et al. 2020) adds ``c − c_i`` to each gradient and, after K steps
+  with learning rate η, sets ``c_i⁺ = c_i − c + (x − y_i)/(K·η)`` (option II); the update
+  carries ``extras["control_delta"] = c_i⁺ − c_i`` and the new ``c_i`` is client state.
+
+The result is the delta ``local − global`` over the WHOLE state (buffers such as BatchNorm
+statistics included), the number of examples and steps, and the mean training loss.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from fedloom.client.losses import get_loss
+from fedloom.core.errors import ConfigError
+from fedloom.core.params import ParamSpec
+from fedloom.core.types import ClientInstruction, ClientUpdate, TrainConfig
+from fedloom.data.base import Split
+
+__all__ = ["LocalResult", "batch_order", "make_optimizer", "train_local"]
+
+SERVER_CONTROL = "server_control"
+CLIENT_CONTROL = "control"
+CONTROL_DELTA = "control_delta"
+
+
+@dataclass(frozen=True)
+class LocalResult:
+    """The update sent to the server and the client state kept for the next round."""
+
+    update: ClientUpdate
+    state: Mapping[str, torch.Tensor] = field(default_factory=dict)
+
+
+def batch_order(n: int, cfg: TrainConfig, seed: int) -> list[torch.Tensor]:
+    """The index batches of a whole local run (all epochs), as drawn by :func:`train_local`.
+
+    One ``torch.randperm(n)`` per epoch from a CPU generator seeded with ``seed``; batches of
+    ``cfg.batch_size`` with a smaller last batch; truncated at ``cfg.max_steps``.
+    """
+    gen = torch.Generator().manual_seed(seed % (2**63))
+    batches: list[torch.Tensor] = []
+    for _ in range(cfg.epochs):
+        perm = torch.randperm(n, generator=gen)
+        batches.extend(perm[i : i + cfg.batch_size] for i in range(0, n, cfg.batch_size))
+    if cfg.max_steps is not None:
+        batches = batches[: cfg.max_steps]
+    return batches
+
+
+def make_optimizer(params: list[nn.Parameter], cfg: TrainConfig) -> torch.optim.Optimizer:
+    """The torch optimizer named by ``cfg`` (fresh state)."""
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(
+            params, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov, weight_decay=cfg.weight_decay
+        )
+    if cfg.optimizer == "adam":
+        return torch.optim.Adam(params, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, weight_decay=cfg.weight_decay)
+    raise ConfigError(f"unknown optimizer {cfg.optimizer!r}", key="client.optimizer")
+
+
+def _trainable_views(spec: ParamSpec, vec: torch.Tensor, model: nn.Module) -> list[torch.Tensor]:
+    """Views of ``vec`` aligned with ``model``'s trainable parameters, in parameter order."""
+    views = {e.name: vec[e.offset : e.stop].view(e.shape) for e in spec.entries if e.trainable}
+    return [views[n] for n, p in model.named_parameters() if p.requires_grad]
+
+
+def train_local(
+    model: nn.Module,
+    spec: ParamSpec,
+    global_vec: torch.Tensor,
+    data: Split,
+    instruction: ClientInstruction,
+    *,
+    client_state: Mapping[str, torch.Tensor] | None = None,
+) -> LocalResult:
+    """Train ``model`` (a scratch module of the right architecture) from ``global_vec`` on ``data``.
+
+    The module is overwritten with the global state first; on return it holds the local state.
+    """
+    cfg = instruction.train
+    n = len(data)
+    if n == 0:
+        raise ConfigError(f"client {instruction.client_id!r} has no training data", key="data")
+    device = global_vec.device
+    spec.load_into(model, global_vec)
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = make_optimizer(params, cfg)
+    loss_fn = get_loss(cfg.loss)
+
+    corrections: list[torch.Tensor] | None = None
+    anchor: list[torch.Tensor] | None = None
+    if cfg.proximal_mu > 0.0:
+        anchor = _trainable_views(spec, global_vec, model)
+    c_local: torch.Tensor | None = None
+    if cfg.scaffold:
+        try:
+            c_server = instruction.payload[SERVER_CONTROL].to(device=device, dtype=global_vec.dtype)
+        except KeyError:
+            raise ConfigError("SCAFFOLD needs the server control variate in the payload", key="strategy") from None
+        spec.check_vector(c_server)
+        prev = (client_state or {}).get(CLIENT_CONTROL)
+        c_local = torch.zeros_like(global_vec) if prev is None else prev.to(device=device, dtype=global_vec.dtype)
+        corrections = _trainable_views(spec, c_server - c_local, model)
+
+    batches = batch_order(n, cfg, instruction.seed)
+    x, y = data.x.to(device), data.y.to(device)
+    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+    seen = 0
+    with torch.random.fork_rng(devices=[] if device.type == "cpu" else [device]):
+        torch.manual_seed(instruction.seed % (2**63))
+        for idx in batches:
+            idx = idx.to(device)
+            opt.zero_grad(set_to_none=False)
+            loss = loss_fn(model(x[idx]), y[idx])
+            loss.backward()
+            grads = [p.grad for p in params]
+            if anchor is not None:
+                diffs = torch._foreach_sub([p.detach() for p in params], anchor)
+                torch._foreach_add_(grads, diffs, alpha=cfg.proximal_mu)
+            if corrections is not None:
+                torch._foreach_add_(grads, corrections)
+            opt.step()
+            loss_sum += loss.detach().to(torch.float64) * len(idx)
+            seen += len(idx)
+
+    local_vec = spec.module_vector(model).to(global_vec.dtype)
+    delta = local_vec - global_vec
+    steps = len(batches)
+    extras: dict[str, torch.Tensor] = {}
+    state: dict[str, torch.Tensor] = dict(client_state or {})
+    if c_local is not None:
+        mask = spec.trainable_mask(device)
+        # c_i+ - c_i = -c + (x - y_i) / (K * lr)  on trainable entries, 0 on buffers.
+        c_delta = torch.where(mask, -c_server - delta / (steps * cfg.lr), torch.zeros_like(delta))
+        extras[CONTROL_DELTA] = c_delta
+        state[CLIENT_CONTROL] = c_local + c_delta
+    update = ClientUpdate(
+        client_id=instruction.client_id,
+        round=instruction.round,
+        delta=delta,
+        num_examples=n,
+        num_steps=steps,
+        metrics={"train_loss": float(loss_sum) / max(seen, 1)},
+        extras=extras,
+    )
+    return LocalResult(update=update, state=state)

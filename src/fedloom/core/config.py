@@ -1,0 +1,167 @@
+"""Run configuration: TOML files validated with pydantic into frozen, typed sections.
+
+A config has five tables: ``[run]`` (seed, rounds, engine, evaluation cadence),
+``[data]`` (dataset name and its options), ``[model]`` (model name and options),
+``[strategy]`` (name, selection, and the strategy's own hyperparameters) and ``[client]``
+(local training). Unknown keys in ``[run]`` and ``[client]`` are errors; extra keys in
+``[data]``, ``[model]`` and ``[strategy]`` are passed to the named component, which rejects
+the ones it does not know. Every error is one :class:`ConfigError` naming the dotted key.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from fedloom.core.errors import ConfigError
+from fedloom.core.types import TrainConfig
+
+__all__ = [
+    "ClientSection",
+    "DataSection",
+    "ModelSection",
+    "RunConfig",
+    "RunSection",
+    "StrategySection",
+    "apply_overrides",
+    "load_config",
+    "parse_config",
+]
+
+EngineName = Literal["auto", "sequential", "vectorized", "ray", "remote"]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class _Open(BaseModel):
+    model_config = ConfigDict(extra="allow", frozen=True)
+
+    def options(self) -> dict[str, Any]:
+        """The extra keys, passed to the named component."""
+        return dict(self.model_extra or {})
+
+
+class RunSection(_Strict):
+    name: str = "run"
+    seed: int = 0
+    rounds: int = Field(10, ge=1)
+    engine: EngineName = "auto"
+    device: str = "cpu"
+    eval_every: int = Field(1, ge=1)
+    federated_eval_every: int = Field(0, ge=0)
+    min_updates: int = Field(1, ge=1)
+
+
+class DataSection(_Open):
+    name: str
+
+
+class ModelSection(_Open):
+    name: str
+
+
+class StrategySection(_Open):
+    name: str = "fedavg"
+    fraction: float = Field(0.1, gt=0.0, le=1.0)
+    min_clients: int = Field(1, ge=1)
+
+
+class ClientSection(_Strict):
+    epochs: int = Field(1, ge=1)
+    batch_size: int = Field(10, ge=1)
+    lr: float = Field(0.01, gt=0.0)
+    optimizer: Literal["sgd", "adam"] = "sgd"
+    momentum: float = Field(0.0, ge=0.0, lt=1.0)
+    nesterov: bool = False
+    weight_decay: float = Field(0.0, ge=0.0)
+    loss: Literal["cross_entropy", "bce", "mse", "l1", "huber"] | None = None
+    max_steps: int | None = Field(None, ge=1)
+
+    def train_config(self, default_loss: str) -> TrainConfig:
+        """The :class:`TrainConfig` these settings describe (loss defaults to the task's)."""
+        return TrainConfig(
+            epochs=self.epochs,
+            batch_size=self.batch_size,
+            lr=self.lr,
+            optimizer=self.optimizer,
+            momentum=self.momentum,
+            nesterov=self.nesterov,
+            weight_decay=self.weight_decay,
+            loss=self.loss or default_loss,  # type: ignore[arg-type]
+            max_steps=self.max_steps,
+        )
+
+
+class RunConfig(_Strict):
+    run: RunSection = RunSection()
+    data: DataSection
+    model: ModelSection
+    strategy: StrategySection = StrategySection()
+    client: ClientSection = ClientSection()
+
+
+def _format(err: ValidationError) -> ConfigError:
+    first = err.errors()[0]
+    key = ".".join(str(p) for p in first["loc"])
+    msg = first["msg"]
+    if first["type"] == "extra_forbidden":
+        msg = "unknown key"
+    elif first["type"] == "missing":
+        msg = "required key is missing"
+    more = len(err.errors()) - 1
+    if more:
+        msg += f" (and {more} more error{'s' if more > 1 else ''})"
+    return ConfigError(msg, key=key)
+
+
+def parse_config(data: Mapping[str, Any]) -> RunConfig:
+    """Validate a config mapping; raise one :class:`ConfigError` naming the bad key."""
+    try:
+        return RunConfig.model_validate(dict(data))
+    except ValidationError as err:
+        raise _format(err) from None
+
+
+def _parse_value(text: str) -> Any:
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return text
+
+
+def apply_overrides(data: dict[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
+    """Apply ``section.key=value`` overrides (values parsed as TOML, else taken as strings)."""
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        key = key.strip()
+        if not sep or not key:
+            raise ConfigError(f"override {item!r} must look like section.key=value", key=key or None)
+        parts = key.split(".")
+        node: dict[str, Any] = data
+        for p in parts[:-1]:
+            child = node.setdefault(p, {})
+            if not isinstance(child, dict):
+                raise ConfigError("is not a table", key=key)
+            node = child
+        node[parts[-1]] = _parse_value(raw.strip())
+    return data
+
+
+def load_config(path: str | Path, overrides: Sequence[str] = ()) -> RunConfig:
+    """Read, override and validate a TOML config file."""
+    p = Path(path)
+    try:
+        text = p.read_text()
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file {str(p)!r}: {exc.strerror}") from None
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{p}: invalid TOML: {exc}") from None
+    return parse_config(apply_overrides(data, overrides))

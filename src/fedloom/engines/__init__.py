@@ -1,0 +1,6 @@
+"""Engines: where client work runs. Every engine yields the same ClientUpdates for the same inputs."""
+
+from fedloom.engines.base import ClientStateStore, Engine
+from fedloom.engines.sequential import SequentialEngine
+
+__all__ = ["ClientStateStore", "Engine", "SequentialEngine"]

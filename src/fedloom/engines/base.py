@@ -1,0 +1,79 @@
+"""The Engine interface and the per-client state kept between rounds in simulation.
+
+``Engine.run_cohort(global_vec, instructions)`` yields one :class:`ClientUpdate` per
+instruction, as soon as it is ready, so the server aggregates in a stream. Engines differ
+only in where the work runs (DESIGN.md): the algorithm code is shared.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterator, Mapping, Sequence
+
+import torch
+from torch import nn
+
+from fedloom.core.params import ParamSpec
+from fedloom.core.types import ClientInstruction, ClientUpdate
+
+__all__ = ["ClientStateStore", "Engine", "ModelFn"]
+
+ModelFn = Callable[[], nn.Module]
+
+
+class ClientStateStore:
+    """Client-side state (SCAFFOLD's c_i, ...) of simulated clients, keyed by client id.
+
+    In deployment each client keeps its own; in simulation the engine keeps them here, and
+    :meth:`to_tensors` / :meth:`load_tensors` make them part of a checkpoint.
+    """
+
+    def __init__(self) -> None:
+        self._states: dict[str, dict[str, torch.Tensor]] = {}
+
+    def get(self, client_id: str) -> Mapping[str, torch.Tensor]:
+        return self._states.get(client_id, {})
+
+    def put(self, client_id: str, state: Mapping[str, torch.Tensor]) -> None:
+        if state:
+            self._states[client_id] = {k: v.detach() for k, v in state.items()}
+
+    def __len__(self) -> int:
+        return len(self._states)
+
+    def to_tensors(self) -> dict[str, torch.Tensor]:
+        """Flat ``"<client>/<key>" -> tensor`` mapping (client ids must not contain '/')."""
+        return {f"{cid}/{k}": v.contiguous() for cid, st in self._states.items() for k, v in st.items()}
+
+    def load_tensors(self, data: Mapping[str, torch.Tensor]) -> None:
+        self._states.clear()
+        for name, t in data.items():
+            cid, _, key = name.rpartition("/")
+            self._states.setdefault(cid, {})[key] = t
+
+
+class Engine(ABC):
+    """Runs a cohort's local training and yields the updates one at a time."""
+
+    name: str = "engine"
+
+    def __init__(self, *, spec: ParamSpec) -> None:
+        self.spec = spec
+        self.client_states = ClientStateStore()
+
+    @abstractmethod
+    def available_clients(self) -> list[str]:
+        """Ids of the clients that can take part now."""
+
+    @abstractmethod
+    def run_cohort(self, global_vec: torch.Tensor, instructions: Sequence[ClientInstruction]) -> Iterator[ClientUpdate]:
+        """Train every instructed client from ``global_vec``; yield each update when ready."""
+
+    @abstractmethod
+    def evaluate_clients(
+        self, global_vec: torch.Tensor, client_ids: Sequence[str]
+    ) -> Iterator[tuple[str, int, dict[str, float]]]:
+        """Federated evaluation: (client id, test examples, metrics) on each client's own test split."""
+
+    def close(self) -> None:
+        """Release resources (processes, sockets). The default has none."""

@@ -1,0 +1,61 @@
+"""The sequential engine: clients one after another, in process — the reference semantics.
+
+Same seed, same config → bit-identical updates (on the same machine and torch build).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+
+import torch
+
+from fedloom.client.evaluate import evaluate_vector
+from fedloom.client.training import train_local
+from fedloom.core.errors import EngineError
+from fedloom.core.params import ParamSpec
+from fedloom.core.types import ClientInstruction, ClientUpdate
+from fedloom.data.base import FederatedDataset
+from fedloom.engines.base import Engine, ModelFn
+
+__all__ = ["SequentialEngine"]
+
+
+class SequentialEngine(Engine):
+    """Trains each client of a cohort in turn on one scratch model."""
+
+    name = "sequential"
+
+    def __init__(self, *, model_fn: ModelFn, dataset: FederatedDataset, spec: ParamSpec, device: str = "cpu") -> None:
+        super().__init__(spec=spec)
+        self.dataset = dataset
+        self.device = torch.device(device)
+        self.model = model_fn().to(self.device)
+
+    def available_clients(self) -> list[str]:
+        return self.dataset.client_ids
+
+    def _client(self, cid: str):
+        try:
+            return self.dataset.clients[cid]
+        except KeyError:
+            raise EngineError(f"unknown client {cid!r}") from None
+
+    def run_cohort(self, global_vec: torch.Tensor, instructions: Sequence[ClientInstruction]) -> Iterator[ClientUpdate]:
+        g = global_vec.to(self.device)
+        for ins in instructions:
+            data = self._client(ins.client_id).train
+            result = train_local(
+                self.model, self.spec, g, data, ins, client_state=self.client_states.get(ins.client_id)
+            )
+            self.client_states.put(ins.client_id, result.state)
+            yield result.update
+
+    def evaluate_clients(
+        self, global_vec: torch.Tensor, client_ids: Sequence[str]
+    ) -> Iterator[tuple[str, int, dict[str, float]]]:
+        g = global_vec.to(self.device)
+        for cid in client_ids:
+            test = self._client(cid).test
+            if test is None or len(test) == 0:
+                continue
+            yield cid, len(test), evaluate_vector(self.model, self.spec, g, test, self.dataset.task)

@@ -1,0 +1,111 @@
+"""Turn a validated :class:`~fedloom.core.config.RunConfig` into a ready :class:`Run`.
+
+This is the one place that wires dataset, model, strategy, engine and evaluation together,
+for the CLI, the demo, the benchmarks and the Python API alike.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from fedloom.client.evaluate import evaluate_vector
+from fedloom.core.config import RunConfig
+from fedloom.core.errors import ConfigError, DataError
+from fedloom.core.params import ParamSpec
+from fedloom.core.seeding import derive_seed
+from fedloom.data.base import FederatedDataset
+from fedloom.data.registry import load_dataset
+from fedloom.engines.base import Engine
+from fedloom.engines.sequential import SequentialEngine
+from fedloom.federation.loop import Federation
+from fedloom.models.registry import build_model
+from fedloom.strategies.base import Strategy
+from fedloom.strategies.registry import build_strategy
+
+__all__ = ["ENGINES", "Run", "build_engine", "build_run", "initial_model"]
+
+ENGINES = ("sequential",)
+
+
+@dataclass
+class Run:
+    """Everything a run needs, built from one config."""
+
+    config: RunConfig
+    dataset: FederatedDataset
+    model_fn: Callable[[], nn.Module]
+    spec: ParamSpec
+    strategy: Strategy
+    engine: Engine
+    federation: Federation
+
+    def global_model(self) -> nn.Module:
+        """A fresh module holding the current global parameters."""
+        model = self.model_fn()
+        self.spec.load_into(model, self.federation.state.params)
+        return model
+
+
+def initial_model(model_fn: Callable[[], nn.Module], seed: int) -> nn.Module:
+    """The initial global model: built under a seed derived from the run seed, RNG untouched."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(derive_seed(seed, "init") % (2**63))
+        return model_fn()
+
+
+def build_engine(name: str, *, model_fn: Callable[[], nn.Module], dataset: FederatedDataset, spec: ParamSpec, device: str) -> Engine:
+    """The simulation engine called ``name`` (``auto`` picks the fastest that applies)."""
+    if name in ("auto", "sequential"):
+        return SequentialEngine(model_fn=model_fn, dataset=dataset, spec=spec, device=device)
+    raise ConfigError(f"engine {name!r} is not available in simulation; known: {ENGINES}", key="run.engine")
+
+
+def build_run(cfg: RunConfig, *, engine: str | None = None) -> Run:
+    """Build dataset, model, strategy, engine and the :class:`Federation` for ``cfg``."""
+    try:
+        dataset = load_dataset(cfg.data.name, seed=cfg.run.seed, **cfg.data.options())
+    except DataError as exc:
+        raise ConfigError(str(exc), key="data") from None
+    task = dataset.task
+
+    def model_fn() -> nn.Module:
+        return build_model(cfg.model.name, task, **cfg.model.options())
+
+    model = initial_model(model_fn, cfg.run.seed)
+    spec = ParamSpec.from_module(model)
+    init_vec = spec.module_vector(model)
+
+    train = cfg.client.train_config(task.loss)
+    strategy = build_strategy(
+        cfg.strategy.name,
+        train=train,
+        fraction=cfg.strategy.fraction,
+        min_clients=cfg.strategy.min_clients,
+        seed=cfg.run.seed,
+        **cfg.strategy.options(),
+    )
+    eng = build_engine(engine or cfg.run.engine, model_fn=model_fn, dataset=dataset, spec=spec, device=cfg.run.device)
+
+    evaluator = None
+    if dataset.server_test is not None:
+        eval_model = model_fn()
+        test = dataset.server_test
+
+        def evaluator(vec: torch.Tensor) -> dict[str, float]:
+            return evaluate_vector(eval_model, spec, vec.cpu(), test, task)
+
+    federation = Federation(
+        strategy=strategy,
+        engine=eng,
+        spec=spec,
+        initial=init_vec,
+        evaluate=evaluator,
+        eval_every=cfg.run.eval_every,
+        federated_eval_every=cfg.run.federated_eval_every,
+        min_updates=cfg.run.min_updates,
+    )
+    return Run(cfg, dataset, model_fn, spec, strategy, eng, federation)
