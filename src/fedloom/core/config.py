@@ -49,7 +49,7 @@ class _Open(BaseModel):
 
 class RunSection(_Strict):
     name: str = "run"
-    seed: int = 0
+    seed: int = Field(0, ge=0)
     rounds: int = Field(10, ge=1)
     engine: EngineName = "auto"
     device: str = "cpu"

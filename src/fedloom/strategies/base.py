@@ -22,14 +22,23 @@ from types import MappingProxyType
 
 import torch
 
-from fedloom.core.errors import ConfigError, StrategyError
+from fedloom.core.errors import StrategyError
 from fedloom.core.seeding import derive_seed
 from fedloom.core.types import Aggregate, ClientInstruction, ClientUpdate, TrainConfig
+from fedloom.strategies._checks import check_real
 from fedloom.strategies.selection import ClientSampler
 
 WeightFn = Callable[[ClientUpdate], float]
 
-__all__ = ["Aggregator", "BufferingAggregator", "ServerState", "Strategy", "WeightedMeanAggregator"]
+__all__ = [
+    "Aggregator",
+    "BufferingAggregator",
+    "ServerState",
+    "Strategy",
+    "WeightFn",
+    "WeightedMeanAggregator",
+    "example_weight",
+]
 
 
 @dataclass(frozen=True)
@@ -72,6 +81,7 @@ class Aggregator(ABC):
 
     def __init__(self) -> None:
         self.client_ids: list[str] = []
+        self._seen: set[str] = set()
         self.num_examples = 0
         self._metric_sums: dict[str, float] = {}
         self._metric_weights: dict[str, int] = {}
@@ -80,17 +90,19 @@ class Aggregator(ABC):
 
     def add(self, update: ClientUpdate) -> None:
         """Fold one (already validated) update into the aggregate."""
-        if update.client_id in self.client_ids:
+        if update.client_id in self._seen:
             raise StrategyError(f"duplicate update from client {update.client_id!r}")
         self._add(update)
         self.client_ids.append(update.client_id)
+        self._seen.add(update.client_id)
         self.num_examples += update.num_examples
         for k, v in update.metrics.items():
             self._metric_sums[k] = self._metric_sums.get(k, 0.0) + float(v) * update.num_examples
             self._metric_weights[k] = self._metric_weights.get(k, 0) + update.num_examples
         for k, t in update.extras.items():
             acc = self._extra_sums.get(k)
-            self._extra_sums[k] = t.to(torch.float64) if acc is None else acc.add_(t.to(torch.float64))
+            # copy=True: a float64 extra must not alias (and then be mutated as) the accumulator
+            self._extra_sums[k] = t.to(torch.float64, copy=True) if acc is None else acc.add_(t.to(torch.float64))
             self._extra_counts[k] = self._extra_counts.get(k, 0) + 1
 
     def result(self) -> Aggregate:
@@ -175,8 +187,6 @@ def example_weight(update: ClientUpdate) -> float:
     return float(update.num_examples)
 
 
-
-
 class Strategy(ABC):
     """Base of all strategies; defaults implement FedAvg's selection and client configs.
 
@@ -196,8 +206,7 @@ class Strategy(ABC):
         seed: int = 0,
         server_lr: float = 1.0,
     ) -> None:
-        if not (server_lr > 0.0 and server_lr < float("inf")):
-            raise ConfigError(f"must be a finite number > 0, got {server_lr!r}", key="strategy.server_lr")
+        server_lr = check_real(server_lr, key="server_lr", low=0.0, low_open=True)
         self.train = train or TrainConfig()
         self.sampler = ClientSampler(fraction=fraction, min_clients=min_clients, seed=seed)
         self.seed = seed

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import torch
 
+from fedloom.core.errors import ConfigError
 from fedloom.core.types import Aggregate, TrainConfig
 from fedloom.strategies.base import Aggregator, ServerState, Strategy, WeightedMeanAggregator
 
@@ -37,6 +38,8 @@ class FedAvg(Strategy):
         weighted: bool = True,
     ) -> None:
         super().__init__(train=train, fraction=fraction, min_clients=min_clients, seed=seed, server_lr=server_lr)
+        if not isinstance(weighted, bool):
+            raise ConfigError(f"must be true or false, got {weighted!r}", key="strategy.weighted")
         self.weighted = weighted
 
     def aggregator(self, state: ServerState, rnd: int) -> Aggregator:

@@ -13,7 +13,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from fedloom.core.errors import ConfigError, StrategyError
+from fedloom.core.errors import StrategyError
+from fedloom.strategies._checks import check_int, check_real
 
 __all__ = ["ClientSampler"]
 
@@ -27,10 +28,9 @@ class ClientSampler:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        if not (0.0 < self.fraction <= 1.0):
-            raise ConfigError(f"must be in (0, 1], got {self.fraction!r}", key="strategy.fraction")
-        if not isinstance(self.min_clients, int) or self.min_clients < 1:
-            raise ConfigError(f"must be an integer >= 1, got {self.min_clients!r}", key="strategy.min_clients")
+        check_real(self.fraction, key="fraction", low=0.0, high=1.0, low_open=True)
+        check_int(self.min_clients, key="min_clients", low=1)
+        check_int(self.seed, key="seed", low=0)
 
     def cohort_size(self, num_available: int) -> int:
         """How many clients a round with ``num_available`` clients selects."""

@@ -1,0 +1,54 @@
+"""FedProx: FedAvg whose clients minimize a proximal objective.
+
+Li, Sahu, Zaheer, Sanjabi, Talwalkar, Smith. "Federated Optimization in Heterogeneous
+Networks." MLSys 2020.
+
+In round t client k approximately minimizes
+
+    h_k(w; w^t) = F_k(w) + (μ/2) · ‖w − w^t‖²
+
+starting from the global model w^t; the server aggregates as FedAvg does
+(``x ← x + η_g · Σ_i (n_i / n) Δ_i``). The proximal term keeps local models near the global
+one under heterogeneous data and variable amounts of local work. The paper picks μ from
+the small candidate set {0.001, 0.01, 0.1, 1}; the default here is 0.01.
+
+This strategy only *configures* the clients: its instructions carry
+``train.proximal_mu = μ`` and the local-training code adds the term.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+from fedloom.core.types import ClientInstruction, TrainConfig
+from fedloom.strategies._checks import check_real
+from fedloom.strategies.base import ServerState
+from fedloom.strategies.fedavg import FedAvg
+
+__all__ = ["FedProx"]
+
+
+class FedProx(FedAvg):
+    """FedAvg aggregation; clients train with the proximal term μ > 0 (Li et al. 2020)."""
+
+    name = "fedprox"
+
+    def __init__(
+        self,
+        *,
+        train: TrainConfig | None = None,
+        fraction: float = 0.1,
+        min_clients: int = 1,
+        seed: int = 0,
+        server_lr: float = 1.0,
+        weighted: bool = True,
+        mu: float = 0.01,
+    ) -> None:
+        super().__init__(
+            train=train, fraction=fraction, min_clients=min_clients, seed=seed, server_lr=server_lr, weighted=weighted
+        )
+        self.mu = check_real(mu, key="mu", low=0.0, low_open=True)
+        self._prox_train = replace(self.train, proximal_mu=self.mu)
+
+    def client_config(self, state: ServerState, rnd: int, client_id: str) -> ClientInstruction:
+        return replace(super().client_config(state, rnd, client_id), train=self._prox_train)

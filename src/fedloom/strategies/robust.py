@@ -1,0 +1,225 @@
+"""Byzantine-robust aggregation: coordinate-wise median, trimmed mean, Krum, Multi-Krum.
+
+These rules need every update at once, so their aggregators buffer
+(:class:`~fedloom.strategies.base.BufferingAggregator`, O(clients × model) memory). They
+ignore example counts: weighting by a self-reported count would let one malicious client
+claim a huge count. The server step is FedAvg's, ``x ← x + η_g · agg``. Statistics are
+computed in float64 and returned in the deltas' dtype.
+
+Coordinate-wise median and trimmed mean — Yin, Chen, Ramchandran, Bartlett.
+"Byzantine-Robust Distributed Learning: Towards Optimal Statistical Rates." ICML 2018.
+For each coordinate k over the n updates::
+
+    median:        agg_k = med{Δ_1k, …, Δ_nk}       (mean of the two middle values for even n)
+    trimmed mean:  agg_k = 1/(n − 2b) · Σ_{x ∈ U_k} x,   b = ⌊β n⌋
+
+where U_k holds the coordinate's values without its b largest and b smallest, β ∈ [0, ½)
+being the fraction trimmed from *each* end. For β > 0 a cohort with ⌊β n⌋ = 0 would trim
+nothing and silently become a plain mean, so it raises
+:class:`~fedloom.core.errors.StrategyError` instead (it needs n ≥ ⌈1/β⌉).
+
+Krum and Multi-Krum — Blanchard, El Mhamdi, Guerraoui, Stainer. "Machine Learning with
+Adversaries: Byzantine Tolerant Gradient Descent." NeurIPS 2017. With f the number of
+Byzantine clients tolerated, and i → j meaning Δ_j is among the n − f − 2 updates closest
+to Δ_i (in Euclidean distance, excluding Δ_i itself)::
+
+    score(i) = Σ_{i → j} ‖Δ_i − Δ_j‖²
+    Krum:        agg = Δ_{i*},  i* = argmin_i score(i)
+    Multi-Krum:  agg = (1/m) Σ_{i ∈ M} Δ_i,  M the m lowest-scoring updates  (default m = n − f)
+
+Krum needs n > 2f + 2; Multi-Krum also needs m ≤ n − f (any larger set would contain a
+Byzantine update whenever f are present). Ties in score are broken by client id, so the
+choice does not depend on arrival order. The aggregator keeps ``selected`` (ids, best
+first) and ``scores`` for inspection and logging.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from fedloom.core.errors import StrategyError
+from fedloom.core.types import TrainConfig
+from fedloom.strategies._checks import check_int, check_real
+from fedloom.strategies.base import Aggregator, BufferingAggregator, ServerState
+from fedloom.strategies.fedavg import FedAvg
+
+__all__ = [
+    "FedMedian",
+    "FedTrimmedMean",
+    "Krum",
+    "KrumAggregator",
+    "MedianAggregator",
+    "MultiKrum",
+    "RobustStrategy",
+    "TrimmedMeanAggregator",
+]
+
+
+class _Float64Buffer(BufferingAggregator):
+    """A buffering aggregator whose statistics run on a float64 (clients, numel) matrix."""
+
+    def _matrix(self) -> torch.Tensor:
+        return torch.stack([d.to(torch.float64) for d in self.deltas])
+
+    @property
+    def _out_dtype(self) -> torch.dtype:
+        return self.deltas[0].dtype
+
+
+class MedianAggregator(_Float64Buffer):
+    """Coordinate-wise median (Yin et al. 2018)."""
+
+    def _result(self) -> torch.Tensor:
+        x = self._matrix()
+        n = x.shape[0]
+        s = x.sort(dim=0).values
+        med = s[n // 2] if n % 2 else (s[n // 2 - 1] + s[n // 2]) / 2
+        return med.to(self._out_dtype)
+
+
+class TrimmedMeanAggregator(_Float64Buffer):
+    """Coordinate-wise β-trimmed mean (Yin et al. 2018); β is trimmed from each end."""
+
+    def __init__(self, beta: float) -> None:
+        super().__init__()
+        self.beta = beta
+
+    def _result(self) -> torch.Tensor:
+        n = len(self.deltas)
+        b = math.floor(self.beta * n + 1e-9)
+        if self.beta > 0.0 and b == 0:
+            raise StrategyError(
+                f"trimmed mean with beta={self.beta} trims floor(beta*n)=0 values per end for n={n} updates; "
+                f"it needs at least {math.ceil(1.0 / self.beta - 1e-9)} updates"
+            )
+        s = self._matrix().sort(dim=0).values
+        return s[b : n - b].mean(dim=0).to(self._out_dtype)
+
+
+class KrumAggregator(_Float64Buffer):
+    """Krum (``m=1``) and Multi-Krum (``m`` > 1, or None for n − f) of Blanchard et al. 2017."""
+
+    def __init__(self, f: int, m: int | None = 1) -> None:
+        super().__init__()
+        self.f = f
+        self.m = m
+        self.selected: tuple[str, ...] = ()
+        self.scores: dict[str, float] = {}
+
+    def _result(self) -> torch.Tensor:
+        n, f = len(self.deltas), self.f
+        if n <= 2 * f + 2:
+            raise StrategyError(f"Krum with f={f} needs more than 2f+2={2 * f + 2} updates, got {n}")
+        m = n - f if self.m is None else self.m
+        if m > n - f:
+            raise StrategyError(f"Multi-Krum with f={f} can average at most n-f={n - f} of {n} updates, m={m}")
+        x = self._matrix()
+        dist = torch.zeros(n, n, dtype=torch.float64)
+        for i in range(n - 1):
+            diff = x[i + 1 :] - x[i]
+            d = (diff * diff).sum(dim=1)
+            dist[i, i + 1 :] = d
+            dist[i + 1 :, i] = d
+        dist.fill_diagonal_(math.inf)
+        closest = n - f - 2
+        score = dist.sort(dim=1).values[:, :closest].sum(dim=1).tolist()
+        ids = self.client_ids  # aligned with self.deltas (an id is appended after its _add)
+        order = sorted(range(n), key=lambda i: (score[i], ids[i]))[:m]
+        self.scores = {ids[i]: score[i] for i in range(n)}
+        self.selected = tuple(ids[i] for i in order)
+        return x[order].mean(dim=0).to(self._out_dtype)
+
+
+class RobustStrategy(FedAvg):
+    """FedAvg's server step over a robust aggregator; no ``weighted`` option (counts are ignored)."""
+
+    name = "robust"
+
+    def __init__(
+        self,
+        *,
+        train: TrainConfig | None = None,
+        fraction: float = 0.1,
+        min_clients: int = 1,
+        seed: int = 0,
+        server_lr: float = 1.0,
+    ) -> None:
+        super().__init__(train=train, fraction=fraction, min_clients=min_clients, seed=seed, server_lr=server_lr)
+
+
+class FedMedian(RobustStrategy):
+    """Coordinate-wise median of the deltas (Yin et al. 2018)."""
+
+    name = "median"
+
+    def aggregator(self, state: ServerState, rnd: int) -> Aggregator:
+        return MedianAggregator()
+
+
+class FedTrimmedMean(RobustStrategy):
+    """Coordinate-wise trimmed mean, ``beta`` ∈ [0, 0.5) trimmed from each end (Yin et al. 2018)."""
+
+    name = "trimmed_mean"
+
+    def __init__(
+        self,
+        *,
+        train: TrainConfig | None = None,
+        fraction: float = 0.1,
+        min_clients: int = 1,
+        seed: int = 0,
+        server_lr: float = 1.0,
+        beta: float = 0.1,
+    ) -> None:
+        super().__init__(train=train, fraction=fraction, min_clients=min_clients, seed=seed, server_lr=server_lr)
+        self.beta = check_real(beta, key="beta", low=0.0, high=0.5, high_open=True)
+
+    def aggregator(self, state: ServerState, rnd: int) -> Aggregator:
+        return TrimmedMeanAggregator(self.beta)
+
+
+class Krum(RobustStrategy):
+    """Krum with ``f`` tolerated Byzantine clients (Blanchard et al. 2017); needs n > 2f + 2."""
+
+    name = "krum"
+
+    def __init__(
+        self,
+        *,
+        f: int,
+        train: TrainConfig | None = None,
+        fraction: float = 0.1,
+        min_clients: int = 1,
+        seed: int = 0,
+        server_lr: float = 1.0,
+    ) -> None:
+        super().__init__(train=train, fraction=fraction, min_clients=min_clients, seed=seed, server_lr=server_lr)
+        self.f = check_int(f, key="f", low=0)
+
+    def aggregator(self, state: ServerState, rnd: int) -> Aggregator:
+        return KrumAggregator(self.f, m=1)
+
+
+class MultiKrum(Krum):
+    """Multi-Krum: mean of the ``m`` best Krum scores (default n − f; Blanchard et al. 2017)."""
+
+    name = "multikrum"
+
+    def __init__(
+        self,
+        *,
+        f: int,
+        m: int | None = None,
+        train: TrainConfig | None = None,
+        fraction: float = 0.1,
+        min_clients: int = 1,
+        seed: int = 0,
+        server_lr: float = 1.0,
+    ) -> None:
+        super().__init__(f=f, train=train, fraction=fraction, min_clients=min_clients, seed=seed, server_lr=server_lr)
+        self.m = None if m is None else check_int(m, key="m", low=1)
+
+    def aggregator(self, state: ServerState, rnd: int) -> Aggregator:
+        return KrumAggregator(self.f, m=self.m)
