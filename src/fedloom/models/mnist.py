@@ -1,0 +1,54 @@
+"""The two MNIST models of McMahan et al. 2017.
+
+* :class:`McMahanCNN` — "CNN": two 5x5 convolutions (32 and 64 channels, each followed by
+  ReLU and 2x2 max pooling), a 512-unit ReLU layer and a softmax output; 1,663,370 parameters.
+* :class:`McMahan2NN` — "2NN": a multilayer perceptron with two 200-unit ReLU hidden layers;
+  199,210 parameters.
+
+Both take flattened images ``(N, 784)`` (or ``(N, 1, 28, 28)``) and return logits ``(N, 10)``.
+
+McMahan, Moore, Ramage, Hampson, Agüera y Arcas. "Communication-Efficient Learning of Deep
+Networks from Decentralized Data." AISTATS 2017.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+__all__ = ["McMahan2NN", "McMahanCNN"]
+
+
+class McMahanCNN(nn.Module):
+    """conv5x5(32, pad 2) → ReLU → maxpool2 → conv5x5(64, pad 2) → ReLU → maxpool2 → fc 3136→512 → ReLU → fc 512→C."""
+
+    def __init__(self, num_classes: int = 10) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(1, 32, kernel_size=5, padding=2)
+        self.conv2 = nn.Conv2d(32, 64, kernel_size=5, padding=2)
+        self.pool = nn.MaxPool2d(2)
+        self.fc1 = nn.Linear(7 * 7 * 64, 512)
+        self.fc2 = nn.Linear(512, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.reshape(-1, 1, 28, 28)
+        x = self.pool(torch.relu(self.conv1(x)))
+        x = self.pool(torch.relu(self.conv2(x)))
+        x = torch.relu(self.fc1(x.flatten(1)))
+        return self.fc2(x)
+
+
+class McMahan2NN(nn.Module):
+    """784 → 200 → ReLU → 200 → ReLU → C."""
+
+    def __init__(self, num_classes: int = 10, in_features: int = 784, hidden: int = 200) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(in_features, hidden)
+        self.fc2 = nn.Linear(hidden, hidden)
+        self.fc3 = nn.Linear(hidden, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.flatten(1)
+        x = torch.relu(self.fc1(x))
+        x = torch.relu(self.fc2(x))
+        return self.fc3(x)
