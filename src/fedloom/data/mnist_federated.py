@@ -23,6 +23,9 @@ from fedloom.data.mnist import load_mnist
 
 __all__ = ["MNIST_TASK", "MnistPartition", "client_id", "mnist_federated"]
 
+MNIST_MEAN = 0.1307
+MNIST_STD = 0.3081
+
 MnistPartition = Literal["iid", "shards", "dirichlet", "power_law"]
 
 MNIST_TASK = TaskSpec(
@@ -52,6 +55,7 @@ def mnist_federated(
     min_size: int = 10,
     seed: int = 0,
     local_test_fraction: float = 0.0,
+    normalize: bool = True,
 ) -> FederatedDataset:
     """MNIST over ``num_clients`` clients; the server keeps the 10k test set.
 
@@ -59,13 +63,20 @@ def mnist_federated(
     shards each), ``dirichlet`` (label skew with concentration ``alpha``, every client
     >= ``min_size`` examples) or ``power_law`` (lognormal sizes with shape ``sigma``, every
     client >= ``min_size``). ``local_test_fraction`` > 0 holds out that fraction of each
-    client's examples (at least one, at random) as its local test split.
+    client's examples (at least one, at random) as its local test split. ``normalize``
+    standardizes pixels with the usual MNIST statistics, ``(x - 0.1307) / 0.3081``
+    (``False`` keeps raw [0, 1) intensities, as McMahan et al. used).
     """
     if partition not in ("iid", "shards", "dirichlet", "power_law"):
         raise DataError(f"unknown MNIST partition {partition!r}; known: iid, shards, dirichlet, power_law")
     if not (isinstance(local_test_fraction, (int, float)) and 0.0 <= local_test_fraction < 1.0):
         raise DataError(f"local_test_fraction must be in [0, 1), got {local_test_fraction!r}")
+    if not isinstance(normalize, bool):
+        raise DataError(f"normalize must be true or false, got {normalize!r}")
     train, test = load_mnist()
+    if normalize:  # new tensors: the cached loader output is never modified
+        train = Split((train.x - MNIST_MEAN) / MNIST_STD, train.y)
+        test = Split((test.x - MNIST_MEAN) / MNIST_STD, test.y)
     n = len(train)
     if partition == "iid":
         index = parts.iid(n, num_clients, seed=seed)
@@ -104,6 +115,7 @@ def mnist_federated(
         "seed": seed,
         "num_clients": num_clients,
         "local_test_fraction": local_test_fraction,
+        "normalize": normalize,
         "train_sizes": sizes,
         "server_test_size": len(test),
     }

@@ -5,6 +5,9 @@
 * :class:`McMahan2NN` — "2NN": a multilayer perceptron with two 200-unit ReLU hidden layers;
   199,210 parameters.
 
+Weights are initialized He-normal (He et al. 2015, fan-in, for ReLU networks) with zero
+biases; ``init="torch"`` keeps PyTorch's default initialization instead.
+
 Both take flattened images ``(N, 784)`` (or ``(N, 1, 28, 28)``) and return logits ``(N, 10)``.
 
 McMahan, Moore, Ramage, Hampson, Agüera y Arcas. "Communication-Efficient Learning of Deep
@@ -16,19 +19,38 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-__all__ = ["McMahan2NN", "McMahanCNN"]
+__all__ = ["McMahan2NN", "McMahanCNN", "he_init"]
+
+
+def he_init(module: nn.Module) -> None:
+    """He-normal (fan-in) weights and zero biases for every Linear and Conv2d of ``module``."""
+    for m in module.modules():
+        if isinstance(m, (nn.Linear, nn.Conv2d)):
+            nn.init.kaiming_normal_(m.weight, nonlinearity="relu")
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+
+
+def _check_init(init: str) -> None:
+    if init not in ("he", "torch"):
+        from fedloom.core.errors import ConfigError
+
+        raise ConfigError(f"must be 'he' or 'torch', got {init!r}", key="model.init")
 
 
 class McMahanCNN(nn.Module):
     """conv5x5(32, pad 2) → ReLU → maxpool2 → conv5x5(64, pad 2) → ReLU → maxpool2 → fc 3136→512 → ReLU → fc 512→C."""
 
-    def __init__(self, num_classes: int = 10) -> None:
+    def __init__(self, num_classes: int = 10, init: str = "he") -> None:
         super().__init__()
+        _check_init(init)
         self.conv1 = nn.Conv2d(1, 32, kernel_size=5, padding=2)
         self.conv2 = nn.Conv2d(32, 64, kernel_size=5, padding=2)
         self.pool = nn.MaxPool2d(2)
         self.fc1 = nn.Linear(7 * 7 * 64, 512)
         self.fc2 = nn.Linear(512, num_classes)
+        if init == "he":
+            he_init(self)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x.reshape(-1, 1, 28, 28)
@@ -41,11 +63,14 @@ class McMahanCNN(nn.Module):
 class McMahan2NN(nn.Module):
     """784 → 200 → ReLU → 200 → ReLU → C."""
 
-    def __init__(self, num_classes: int = 10, in_features: int = 784, hidden: int = 200) -> None:
+    def __init__(self, num_classes: int = 10, in_features: int = 784, hidden: int = 200, init: str = "he") -> None:
         super().__init__()
+        _check_init(init)
         self.fc1 = nn.Linear(in_features, hidden)
         self.fc2 = nn.Linear(hidden, hidden)
         self.fc3 = nn.Linear(hidden, num_classes)
+        if init == "he":
+            he_init(self)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x.flatten(1)

@@ -24,16 +24,16 @@ from fedloom.models.tabular import MLP, Linear
 __all__ = ["MODEL_ALIASES", "build_model", "list_models"]
 
 
-def _cnn(task: TaskSpec) -> nn.Module:
+def _cnn(task: TaskSpec, init: str = "he") -> nn.Module:
     if math.prod(task.input_shape) != 784:
         raise ConfigError(
             f"the McMahan CNN needs 28x28 = 784 inputs, the task has shape {task.input_shape}", key="model.name"
         )
-    return McMahanCNN(num_classes=task.num_outputs)
+    return McMahanCNN(num_classes=task.num_outputs, init=init)
 
 
-def _2nn(task: TaskSpec, hidden: int = 200) -> nn.Module:
-    return McMahan2NN(num_classes=task.num_outputs, in_features=math.prod(task.input_shape), hidden=hidden)
+def _2nn(task: TaskSpec, hidden: int = 200, init: str = "he") -> nn.Module:
+    return McMahan2NN(num_classes=task.num_outputs, in_features=math.prod(task.input_shape), hidden=hidden, init=init)
 
 
 def _mlp(

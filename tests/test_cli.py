@@ -1,0 +1,87 @@
+"""The fedloom command line: a run writes its outputs; a bad config is one clear error."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from safetensors.torch import load_file
+from typer.testing import CliRunner
+
+from fedloom.cli import app
+
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+runner = CliRunner()
+
+
+def test_run_writes_history_model_and_plot(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    res = runner.invoke(app, ["run", str(EXAMPLES / "equipment.toml"), "--set", "run.rounds=2", "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    history = json.loads((out / "history.json").read_text())
+    assert [h["round"] for h in history] == [1, 2]
+    for h in history:
+        assert set(h) >= {"round", "metrics", "clients", "bytes"}
+        assert h["clients"] == ["line-A", "line-B", "line-C"]
+        assert h["bytes"]["down"] > 0 and h["bytes"]["up"] > 0
+        assert "test_f1" in h["metrics"] and "test_auprc" in h["metrics"]
+    state = load_file(str(out / "model.safetensors"))
+    assert any(k.endswith("weight") for k in state)
+    assert (out / "metrics.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "round    2" in res.output
+
+
+def test_same_config_same_history(tmp_path: Path) -> None:
+    outs = []
+    for name in ("a", "b"):
+        res = runner.invoke(app, ["run", str(EXAMPLES / "fraud.toml"), "--set", "run.rounds=2", "--out", str(tmp_path / name), "-q"])
+        assert res.exit_code == 0, res.output
+        h = json.loads((tmp_path / name / "history.json").read_text())
+        outs.append([(r["round"], r["metrics"], r["clients"]) for r in h])
+    assert outs[0] == outs[1]
+
+
+@pytest.mark.parametrize(
+    ("override", "needle"),
+    [
+        ("client.lr=-1", "client.lr"),
+        ("client.lr='fast'", "client.lr"),
+        ("run.rounds=0", "run.rounds"),
+        ("client.optimzer='sgd'", "client.optimzer: unknown key"),
+        ("strategy.name='fedsomething'", "strategy.name"),
+        ("strategy.fraction=1.5", "strategy.fraction"),
+        ("strategy.mu=0.1", "strategy.mu"),
+        ("model.name='resnet'", "model.name"),
+        ("model.depth=3", "model.depth"),
+        ("data.name='cifar'", "data"),
+        ("data.partition='weird'", "data"),
+    ],
+)
+def test_bad_config_is_one_clear_error(override: str, needle: str) -> None:
+    res = runner.invoke(app, ["run", str(EXAMPLES / "equipment.toml"), "--set", override])
+    assert res.exit_code == 2, res.output
+    assert "error:" in res.output and needle in res.output
+    assert "Traceback" not in res.output
+
+
+def test_unreadable_and_invalid_toml(tmp_path: Path) -> None:
+    res = runner.invoke(app, ["run", str(tmp_path / "missing.toml")])
+    assert res.exit_code == 2 and "cannot read config file" in res.output
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[run]\nrounds = = 3\n")
+    res = runner.invoke(app, ["run", str(bad)])
+    assert res.exit_code == 2 and "invalid TOML" in res.output
+    nodata = tmp_path / "nodata.toml"
+    nodata.write_text("[run]\nrounds = 3\n[model]\nname='mlp'\n")
+    res = runner.invoke(app, ["run", str(nodata)])
+    assert res.exit_code == 2 and "data: required key is missing" in res.output
+
+
+def test_scenarios_and_strategies_lists() -> None:
+    res = runner.invoke(app, ["scenarios"])
+    assert res.exit_code == 0
+    for name in ("hospital", "fraud", "equipment", "mnist"):
+        assert name in res.output
+    res = runner.invoke(app, ["strategies"])
+    assert res.exit_code == 0 and "scaffold" in res.output and "krum" in res.output
