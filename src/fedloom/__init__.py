@@ -13,7 +13,9 @@ from fedloom.core.errors import (
     StrategyError,
 )
 from fedloom.core.params import ParamSpec, TensorEntry
+from fedloom.core.config import RunConfig, load_config, parse_config
 from fedloom.core.types import Aggregate, ClientInstruction, ClientUpdate, TrainConfig
+from fedloom.federation.builder import Run, build_run
 
 __version__ = "0.1.0"
 
@@ -27,9 +29,14 @@ __all__ = [
     "FedloomError",
     "InvalidUpdateError",
     "ParamSpec",
+    "Run",
+    "RunConfig",
     "SpecError",
     "StrategyError",
     "TensorEntry",
     "TrainConfig",
+    "build_run",
+    "load_config",
+    "parse_config",
     "__version__",
 ]

@@ -31,7 +31,7 @@ from fedloom.federation.builder import build_run, initial_model
 __all__ = ["main"]
 
 CONFIG = {
-    "run": {"name": "hospital-demo", "seed": 0, "rounds": 30, "federated_eval_every": 5},
+    "run": {"name": "hospital-demo", "seed": 0, "rounds": 20, "federated_eval_every": 5},
     "data": {"name": "hospital"},
     "model": {"name": "mlp", "hidden": [64, 32]},
     "strategy": {"name": "fedavg", "fraction": 1.0},
