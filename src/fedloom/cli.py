@@ -63,7 +63,7 @@ def run(
         def on_round(rec, _state) -> None:  # type: ignore[no-untyped-def]
             progress.advance(bar)
             if not quiet:
-                shown = " ".join(f"{k}={_fmt(v)}" for k, v in rec.metrics.items() if k in headline or k == "train_train_loss" or k == "train_loss")
+                shown = " ".join(f"{k}={_fmt(v)}" for k, v in rec.metrics.items() if k in headline or k == "train_loss")
                 progress.console.print(
                     f"round {rec.round:4d} | {len(rec.clients):4d} clients | {rec.seconds:6.2f} s | {shown}"
                     + (f" | rejected {len(rec.rejected)}" if rec.rejected else "")
