@@ -31,7 +31,14 @@ from fedloom.core.params import ParamSpec
 from fedloom.core.types import ClientInstruction, ClientUpdate, TrainConfig
 from fedloom.data.base import Split
 
-__all__ = ["LocalResult", "batch_order", "make_optimizer", "train_local"]
+__all__ = [
+    "LocalResult",
+    "batch_order",
+    "finish_local",
+    "make_optimizer",
+    "scaffold_controls",
+    "train_local",
+]
 
 SERVER_CONTROL = "server_control"
 CLIENT_CONTROL = "control"
@@ -107,16 +114,10 @@ def train_local(
     anchor: list[torch.Tensor] | None = None
     if cfg.proximal_mu > 0.0:
         anchor = _trainable_views(spec, global_vec, model)
-    c_local: torch.Tensor | None = None
+    controls: tuple[torch.Tensor, torch.Tensor] | None = None
     if cfg.scaffold:
-        try:
-            c_server = instruction.payload[SERVER_CONTROL].to(device=device, dtype=global_vec.dtype)
-        except KeyError:
-            raise ConfigError("SCAFFOLD needs the server control variate in the payload", key="strategy") from None
-        spec.check_vector(c_server)
-        prev = (client_state or {}).get(CLIENT_CONTROL)
-        c_local = torch.zeros_like(global_vec) if prev is None else prev.to(device=device, dtype=global_vec.dtype)
-        corrections = _trainable_views(spec, c_server - c_local, model)
+        controls = scaffold_controls(spec, global_vec, instruction, client_state)
+        corrections = _trainable_views(spec, controls[0] - controls[1], model)
 
     batches = batch_order(n, cfg, instruction.seed)
     x, y = data.x.to(device), data.y.to(device)
@@ -140,23 +141,72 @@ def train_local(
             seen += len(idx)
 
     local_vec = spec.module_vector(model).to(global_vec.dtype)
-    delta = local_vec - global_vec
-    steps = len(batches)
+    return finish_local(
+        spec,
+        instruction,
+        local_vec - global_vec,
+        num_examples=n,
+        num_steps=len(batches),
+        loss_sum=float(loss_sum),
+        seen=seen,
+        client_state=client_state,
+        controls=controls,
+    )
+
+
+def scaffold_controls(
+    spec: ParamSpec,
+    global_vec: torch.Tensor,
+    instruction: ClientInstruction,
+    client_state: Mapping[str, torch.Tensor] | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """SCAFFOLD's ``(c, c_i)``: the server control from the payload and the client's own (zero at first)."""
+    device = global_vec.device
+    try:
+        c_server = instruction.payload[SERVER_CONTROL].to(device=device, dtype=global_vec.dtype)
+    except KeyError:
+        raise ConfigError("SCAFFOLD needs the server control variate in the payload", key="strategy") from None
+    spec.check_vector(c_server)
+    prev = (client_state or {}).get(CLIENT_CONTROL)
+    c_local = torch.zeros_like(global_vec) if prev is None else prev.to(device=device, dtype=global_vec.dtype)
+    return c_server, c_local
+
+
+def finish_local(
+    spec: ParamSpec,
+    instruction: ClientInstruction,
+    delta: torch.Tensor,
+    *,
+    num_examples: int,
+    num_steps: int,
+    loss_sum: float,
+    seen: int,
+    client_state: Mapping[str, torch.Tensor] | None,
+    controls: tuple[torch.Tensor, torch.Tensor] | None,
+) -> LocalResult:
+    """The :class:`LocalResult` of a finished local run whose state moved by ``delta``.
+
+    ``loss_sum`` is the float64 sum of the steps' mean losses times their batch sizes and
+    ``seen`` the number of samples of all steps. ``controls`` is SCAFFOLD's ``(c, c_i)``
+    (None without SCAFFOLD); the update then carries ``extras["control_delta"]`` and the
+    returned state the new ``c_i``. Every engine builds its results here.
+    """
     extras: dict[str, torch.Tensor] = {}
     state: dict[str, torch.Tensor] = dict(client_state or {})
-    if c_local is not None:
-        mask = spec.trainable_mask(device)
+    if controls is not None:
+        c_server, c_local = controls
+        mask = spec.trainable_mask(delta.device)
         # c_i+ - c_i = -c + (x - y_i) / (K * lr)  on trainable entries, 0 on buffers.
-        c_delta = torch.where(mask, -c_server - delta / (steps * cfg.lr), torch.zeros_like(delta))
+        c_delta = torch.where(mask, -c_server - delta / (num_steps * instruction.train.lr), torch.zeros_like(delta))
         extras[CONTROL_DELTA] = c_delta
         state[CLIENT_CONTROL] = c_local + c_delta
     update = ClientUpdate(
         client_id=instruction.client_id,
         round=instruction.round,
         delta=delta,
-        num_examples=n,
-        num_steps=steps,
-        metrics={"train_loss": float(loss_sum) / max(seen, 1)},
+        num_examples=num_examples,
+        num_steps=num_steps,
+        metrics={"train_loss": loss_sum / max(seen, 1)},
         extras=extras,
     )
     return LocalResult(update=update, state=state)
