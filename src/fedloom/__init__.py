@@ -10,6 +10,7 @@ from fedloom.core.errors import (
     FedloomError,
     InvalidUpdateError,
     SpecError,
+    StoreError,
     StrategyError,
 )
 from fedloom.core.params import ParamSpec, TensorEntry
@@ -32,6 +33,7 @@ __all__ = [
     "Run",
     "RunConfig",
     "SpecError",
+    "StoreError",
     "StrategyError",
     "TensorEntry",
     "TrainConfig",

@@ -1,11 +1,12 @@
-"""The ``fedloom`` command line (typer): run a config, list scenarios, strategies and models."""
+"""The ``fedloom`` command line (typer): run a config, list a store's runs, scenarios and strategies."""
 
 from __future__ import annotations
 
 import logging
 import math
+from datetime import datetime
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.console import Console
@@ -13,6 +14,9 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from fedloom.core.errors import FedloomError
+
+if TYPE_CHECKING:
+    from fedloom.federation.builder import Run
 
 app = typer.Typer(add_completion=False, help="fedloom: federated learning, simulated fast or deployed securely.")
 console = Console()
@@ -31,24 +35,43 @@ def run(
     engine: Annotated[str | None, typer.Option("--engine", help="sequential | vectorized | ray (default: auto)")] = None,
     out: Annotated[Path | None, typer.Option("--out", help="output directory (default runs/<name>)")] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="no per-round table")] = False,
+    resume: Annotated[
+        bool,
+        typer.Option(
+            "--resume/--fresh",
+            help="with run.store set: resume this run from its latest checkpoint if the store has it with the "
+            "same config (default), or delete it and start over",
+        ),
+    ] = True,
 ) -> None:
     """Run a federated training job described by CONFIG."""
-    from fedloom.artifacts import write_run_outputs
     from fedloom.core.config import load_config
     from fedloom.federation.builder import build_run
 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
         cfg = load_config(config, set_ or [])
-        r = build_run(cfg, engine=engine)
+        r = build_run(cfg, engine=engine, fresh=not resume)
     except FedloomError as exc:
         console.print(f"[bold red]error:[/] {exc}")
         raise typer.Exit(2) from None
-    out_dir = out or Path("runs") / cfg.run.name
+    try:
+        _run_and_report(r, out or Path("runs") / cfg.run.name, quiet=quiet)
+    finally:
+        if r.federation.store is not None:
+            r.federation.store.close()
+
+
+def _run_and_report(r: Run, out_dir: Path, *, quiet: bool) -> None:
+    from fedloom.artifacts import write_run_outputs
+
+    cfg = r.config
     console.print(
         f"[bold]{cfg.run.name}[/]: {cfg.data.name}, {len(r.dataset.clients)} clients, model {cfg.model.name} "
         f"({r.spec.numel:,} values), strategy {r.strategy.name}, engine {r.engine.name}, {cfg.run.rounds} rounds"
     )
+    if r.federation.resumed_from:
+        console.print(f"resumed from round {r.federation.resumed_from} (store {cfg.run.store})")
     headline = [f"test_{m}" for m in r.dataset.task.metrics]
     with Progress(
         TextColumn("[progress.description]{task.description}"),
@@ -94,6 +117,35 @@ def run(
     console.print(table)
     write_run_outputs(out_dir, history=history, model=r.global_model(), config=cfg.model_dump(), title=cfg.run.name)
     console.print(f"wrote {out_dir}/history.json, model.safetensors, metrics.png")
+
+
+@app.command()
+def runs(
+    store: Annotated[Path, typer.Option("--store", help="the run store's database")] = Path("runs/fedloom.db"),
+) -> None:
+    """List the runs in a store: name, status, rounds done, last checkpoint, latest metrics."""
+    from fedloom.server.store import Store
+
+    try:
+        with Store.open(store, create=False) as st:
+            infos = st.list_runs()
+    except FedloomError as exc:
+        console.print(f"[bold red]error:[/] {exc}")
+        raise typer.Exit(2) from None
+    table = Table(title=f"runs in {store}")
+    for col in ("name", "status", "rounds", "checkpoint", "started", "latest metrics"):
+        table.add_column(col, justify="right" if col in ("rounds", "checkpoint") else "left")
+    for info in infos:
+        shown = {k: v for k, v in info.latest_metrics.items() if k.startswith("test_")} or info.latest_metrics
+        table.add_row(
+            info.name,
+            info.status,
+            str(info.rounds_done),
+            "" if info.last_checkpoint is None else str(info.last_checkpoint),
+            datetime.fromtimestamp(info.created).strftime("%Y-%m-%d %H:%M"),
+            " ".join(f"{k}={_fmt(v)}" for k, v in shown.items()),
+        )
+    console.print(table)
 
 
 @app.command()

@@ -1,6 +1,7 @@
 """Run configuration: TOML files validated with pydantic into frozen, typed sections.
 
-A config has five tables: ``[run]`` (seed, rounds, engine, evaluation cadence),
+A config has five tables: ``[run]`` (seed, rounds, engine, evaluation cadence, and the
+optional run store with its checkpoint cadence),
 ``[data]`` (dataset name and its options), ``[model]`` (model name and options),
 ``[strategy]`` (name, selection, and the strategy's own hyperparameters) and ``[client]``
 (local training). Unknown keys in ``[run]`` and ``[client]`` are errors; extra keys in
@@ -56,6 +57,9 @@ class RunSection(_Strict):
     eval_every: int = Field(1, ge=1)
     federated_eval_every: int = Field(0, ge=0)
     min_updates: int = Field(1, ge=1)
+    store: str | None = None
+    checkpoint_every: int = Field(1, ge=1)
+    keep_checkpoints: int = Field(3, ge=1)
 
 
 class DataSection(_Open):
@@ -104,6 +108,19 @@ class RunConfig(_Strict):
     model: ModelSection
     strategy: StrategySection = StrategySection()
     client: ClientSection = ClientSection()
+
+    def identity(self) -> dict[str, Any]:
+        """The settings that determine the run's results, as JSON-able data.
+
+        The whole config minus where and how often it is persisted (``run.store``,
+        ``run.checkpoint_every``, ``run.keep_checkpoints``) and the number of rounds (rounds
+        1..k do not depend on it, so a finished run can be extended by raising it): a store
+        resumes a run only if this is unchanged.
+        """
+        data = self.model_dump(mode="json")
+        for key in ("store", "checkpoint_every", "keep_checkpoints", "rounds"):
+            data["run"].pop(key)
+        return data
 
 
 def _format(err: ValidationError) -> ConfigError:

@@ -13,6 +13,7 @@ __all__ = [
     "FedloomError",
     "InvalidUpdateError",
     "SpecError",
+    "StoreError",
     "StrategyError",
 ]
 
@@ -59,3 +60,7 @@ class DataError(FedloomError, ValueError):
 
 class EngineError(FedloomError):
     """An engine failed to run a cohort."""
+
+
+class StoreError(FedloomError):
+    """The run store cannot do what was asked (unreadable or newer database, config mismatch, ...)."""

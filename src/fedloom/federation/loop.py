@@ -5,6 +5,12 @@ through validation into the strategy's aggregator, apply the aggregate, evaluate
 A malformed update (wrong shape, NaN, unknown or duplicate client) is rejected with a
 logged reason and the round goes on; a round with fewer valid updates than
 ``min_updates`` leaves the global model unchanged and is recorded as ``insufficient``.
+
+With a :class:`~fedloom.server.store.Store`, construction resumes from the run's latest
+valid checkpoint (server state, client states, history up to it; later records are dropped
+and those rounds rerun), and each round is recorded, then checkpointed every
+``checkpoint_every`` rounds and after the last one. Record before checkpoint: a checkpoint
+at round k therefore always has records for rounds 1..k.
 """
 
 from __future__ import annotations
@@ -12,16 +18,21 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
+from contextlib import suppress
 from dataclasses import replace
+from typing import TYPE_CHECKING
 
 import torch
 
-from fedloom.core.errors import InvalidUpdateError, StrategyError
+from fedloom.core.errors import InvalidUpdateError, StoreError, StrategyError
 from fedloom.core.params import ParamSpec
 from fedloom.core.types import ClientUpdate
 from fedloom.engines.base import Engine
 from fedloom.federation.history import History, RoundRecord
 from fedloom.strategies.base import ServerState, Strategy
+
+if TYPE_CHECKING:  # the store imports the history module; the loop only calls it
+    from fedloom.server.store import RunHandle, Store
 
 __all__ = ["Evaluator", "Federation", "RoundCallback"]
 
@@ -41,6 +52,10 @@ class Federation:
     ``evaluate`` (optional) maps the global vector to server-side metrics (prefixed
     ``test_``); ``federated_eval_every`` > 0 runs federated evaluation on the clients' own
     test splits every that many rounds (metrics prefixed ``fed_``, example-weighted).
+
+    ``store`` and ``run_handle`` (from ``store.start_or_resume_run``) go together: the
+    federation resumes from the run's latest valid checkpoint (``resumed_from`` is its
+    round, 0 if none), records every round and checkpoints every ``checkpoint_every``.
     """
 
     def __init__(
@@ -55,7 +70,14 @@ class Federation:
         federated_eval_every: int = 0,
         min_updates: int = 1,
         max_examples: int | None = None,
+        store: Store | None = None,
+        run_handle: RunHandle | None = None,
+        checkpoint_every: int = 1,
     ) -> None:
+        if (store is None) != (run_handle is None):
+            raise ValueError("store and run_handle go together: run_handle = store.start_or_resume_run(...)")
+        if checkpoint_every < 1:
+            raise ValueError(f"checkpoint_every must be >= 1, got {checkpoint_every}")
         self.strategy = strategy
         self.engine = engine
         self.spec = spec
@@ -67,18 +89,50 @@ class Federation:
         self.min_updates = min_updates
         self.max_examples = max_examples
         self.history = History()
+        self.store = store
+        self.run_handle = run_handle
+        self.checkpoint_every = checkpoint_every
+        self.resumed_from = 0
+        if store is not None and run_handle is not None:
+            self._resume(store, run_handle)
+
+    def _resume(self, store: Store, run: RunHandle) -> None:
+        ckpt = store.latest_checkpoint(run, spec=self.spec)
+        if ckpt is not None:
+            self.state = ckpt.state
+            self.engine.client_states.load_tensors(ckpt.client_states)
+            self.resumed_from = ckpt.state.round
+        store.truncate(run, after_round=self.state.round)
+        self.history = store.history(run)
 
     # ----------------------------------------------------------------- rounds
     def run(self, rounds: int, *, callback: RoundCallback | None = None) -> History:
-        """Run until ``rounds`` rounds have completed in total (a resumed state counts)."""
-        while self.state.round < rounds:
-            record = self.step()
-            if callback is not None:
-                callback(record, self.state)
+        """Run until ``rounds`` rounds have completed in total (a resumed state counts).
+
+        With a store, the last round is always checkpointed and the run marked ``completed``
+        (``failed`` or ``interrupted`` if an exception or Ctrl-C stops it).
+        """
+        try:
+            while self.state.round < rounds:
+                record = self.step(checkpoint=self.state.round + 1 >= rounds)
+                if callback is not None:
+                    callback(record, self.state)
+        except BaseException as exc:
+            if self.store is not None and self.run_handle is not None:
+                status = "interrupted" if isinstance(exc, KeyboardInterrupt) else "failed"
+                with suppress(StoreError):  # never mask the original error
+                    self.store.set_status(self.run_handle, status)
+            raise
+        if self.store is not None and self.run_handle is not None:
+            self.store.set_status(self.run_handle, "completed")
         return self.history
 
-    def step(self) -> RoundRecord:
-        """Run one round and return its record."""
+    def step(self, *, checkpoint: bool = False) -> RoundRecord:
+        """Run one round and return its record.
+
+        With a store, the record is committed first, then a checkpoint is saved if this
+        round is a multiple of ``checkpoint_every`` or ``checkpoint`` is set.
+        """
         t0 = time.perf_counter()
         rnd = self.state.round + 1
         cohort = self.strategy.select(rnd, self.engine.available_clients())
@@ -131,6 +185,12 @@ class Federation:
             status=status,
         )
         self.history.append(record)
+        if self.store is not None and self.run_handle is not None:
+            self.store.record_round(self.run_handle, record)
+            if checkpoint or rnd % self.checkpoint_every == 0:
+                self.store.save_checkpoint(
+                    self.run_handle, self.state, self.engine.client_states.to_tensors(), self.spec
+                )
         return record
 
     def federated_evaluation(self) -> dict[str, float]:
