@@ -10,7 +10,8 @@ Usage:
 
 Writes the JSON after every round, so an interrupted run keeps what it reached.
 The learning rates are fixed (not tuned per row as in the paper): 0.1 for the 2NN, 0.05
-for the CNN, plain SGD.
+for the CNN, plain SGD (``--lr`` overrides). Rows already in the JSON are kept; a row that
+is run again is replaced.
 """
 
 from __future__ import annotations
@@ -93,6 +94,7 @@ def main() -> None:
     ap.add_argument("--time-budget", type=float, default=3600.0, help="seconds per row")
     ap.add_argument("--engine", default="auto")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--lr", type=float, default=None, help="override every row's client learning rate")
     args = ap.parse_args()
     args.json.parent.mkdir(parents=True, exist_ok=True)
     out = json.loads(args.json.read_text()) if args.json.exists() else {}
@@ -105,7 +107,8 @@ def main() -> None:
     )
     out.setdefault("rows", {})
     for name in args.rows.split(","):
-        run_row(name, ROWS[name], max_rounds=args.max_rounds, budget_s=args.time_budget, engine=args.engine,
+        row = {**ROWS[name], **({"lr": args.lr} if args.lr is not None else {})}
+        run_row(name, row, max_rounds=args.max_rounds, budget_s=args.time_budget, engine=args.engine,
                 seed=args.seed, out=out, path=args.json)
 
 
