@@ -2,5 +2,6 @@
 
 from fedloom.engines.base import ClientStateStore, Engine
 from fedloom.engines.sequential import SequentialEngine
+from fedloom.engines.vectorized import VectorizedEngine
 
-__all__ = ["ClientStateStore", "Engine", "SequentialEngine"]
+__all__ = ["ClientStateStore", "Engine", "SequentialEngine", "VectorizedEngine"]

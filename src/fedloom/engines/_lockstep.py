@@ -1,28 +1,31 @@
-"""Lockstep programs: one optimizer step's losses and gradients for K clients at once.
+"""Lockstep programs: one optimizer step's losses and gradients for k clients at once.
 
-A program maps the stacked trainable parameters of the active clients, ``theta`` of shape
-``(k, P)`` (row i: client i's trainable entries in spec order), and one padded batch per
-client, ``x`` of shape ``(k, B, *input)`` with ``counts[i] <= B`` real samples, to each
-client's mean loss over its own real samples and that loss's gradient w.r.t. its own row.
-Two programs exist:
+A program maps the active clients' trainable parameters, stacked per entry as ``(k, *shape)``
+tensors (views of a :class:`SlotStack` buffer), and one padded batch per client, ``x`` of
+shape ``(k, B, *input)`` with ``counts[i] <= B`` real samples, to each client's mean loss
+over its own real samples, and writes that loss's gradient w.r.t. the client's own
+parameters into the gradient buffer. Two programs exist:
 
 * :class:`LoweredProgram` — the model's forward graph (traced with ``torch.fx``) must be a
   chain of supported layers: Linear (``torch.baddbmm`` on ``(k, out, in)`` weights), Conv2d
   (one grouped convolution, clients as groups), MaxPool2d, BatchNorm1d/2d, ReLU, Dropout,
-  Flatten/reshape. Padded samples carry zero loss weight; BatchNorm uses masked per-client
+  Identity, Flatten/reshape. Padded samples carry zero loss weight; BatchNorm uses masked per-client
   batch statistics (biased variance to normalize, unbiased for ``running_var``, as torch
   does), so padding changes nothing. Gradients come from one autograd pass over the whole
   cohort: clients share no parameter, so the gradient of the sum of the clients' losses
-  w.r.t. row i is client i's own gradient.
+  w.r.t. client i's parameters is client i's own gradient. Linear layers have their own
+  backward, which writes the weight gradient straight into the gradient buffer.
 * :class:`VmapProgram` — any buffer-free model ``torch.func`` can trace:
   ``vmap(grad_and_value(functional_call))`` over clients. Clients are grouped by their real
   batch size, so no padding is needed and even batch-coupled models stay exact.
 
-Dropout draws independent masks per client (not the sequential engine's masks).
+Dropout draws independent masks per client (the lowered program from the generator it is
+given, the vmap program from the global RNG), not the sequential engine's masks.
 """
 
 from __future__ import annotations
 
+import math
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -32,10 +35,20 @@ import torch.nn.functional as F
 from torch import fx, nn
 from torch.func import functional_call, grad_and_value, vmap
 
-from fedloom.client.losses import get_loss
+from fedloom.client.losses import LOSSES, get_loss
+from fedloom.core.errors import ConfigError
 from fedloom.core.params import ParamSpec
 
-__all__ = ["LockstepProgram", "LoweredProgram", "Slot", "UnsupportedModel", "VmapProgram", "per_sample_loss", "slots_of"]
+__all__ = [
+    "LockstepProgram",
+    "LoweredProgram",
+    "Slot",
+    "SlotStack",
+    "UnsupportedModel",
+    "VmapProgram",
+    "per_sample_loss",
+    "slots_of",
+]
 
 
 class UnsupportedModel(Exception):
@@ -63,37 +76,71 @@ def slots_of(spec: ParamSpec) -> dict[str, Slot]:
     return slots
 
 
+class SlotStack:
+    """K clients' trainable entries in ONE flat buffer, slot-major: slot s holds a ``(K, *shape)`` block.
+
+    Each slot's rows are contiguous, so the first ``ka`` clients of a slot are one contiguous
+    prefix (the active clients), weights feed ``bmm`` without copies, and elementwise
+    updates run on the whole buffer (all clients active) or on one prefix per slot.
+    """
+
+    def __init__(self, slots: dict[str, Slot], k: int) -> None:
+        self.slots = slots
+        self.k = k
+        self.numel = k * sum(s.numel for s in slots.values())
+
+    def views(self, buf: torch.Tensor, ka: int) -> dict[str, torch.Tensor]:
+        """``name -> (ka, *shape)`` views of the first ``ka`` clients."""
+        k = self.k
+        return {n: buf[k * s.col : k * s.col + ka * s.numel].view(ka, *s.shape) for n, s in self.slots.items()}
+
+    def flat(self, buf: torch.Tensor, ka: int) -> list[torch.Tensor]:
+        """The first ``ka`` clients' part of ``buf`` as few contiguous 1-d tensors."""
+        if ka == self.k:
+            return [buf]
+        k = self.k
+        return [buf[k * s.col : k * s.col + ka * s.numel] for s in self.slots.values()]
+
+    def stack(self, rows: torch.Tensor) -> torch.Tensor:
+        """A buffer from per-client trainable vectors ``rows`` (K, P) in slot order."""
+        return torch.cat([rows[:, s.col : s.col + s.numel].reshape(-1) for s in self.slots.values()])
+
+    def unstack(self, buf: torch.Tensor) -> torch.Tensor:
+        """Inverse of :meth:`stack`: (K, P) per-client rows."""
+        k = self.k
+        return torch.cat([buf[k * s.col : k * (s.col + s.numel)].view(k, s.numel) for s in self.slots.values()], dim=1)
+
+
 # --------------------------------------------------------------------------- losses
+_PER_SAMPLE: dict[str, Callable[..., torch.Tensor]] = {
+    "bce": F.binary_cross_entropy_with_logits,
+    "mse": F.mse_loss,
+    "l1": F.l1_loss,
+    "huber": F.huber_loss,
+}
+
+
 def per_sample_loss(name: str, out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """Per-sample losses ``(N,)`` whose mean is :func:`fedloom.client.losses.get_loss` ``(name)``."""
-    n = out.shape[0]
     if name == "cross_entropy":
         return F.cross_entropy(out, y, reduction="none")
-    target = y.to(out.dtype).reshape(n, -1)
-    out = out.reshape(n, -1)
-    if name == "bce":
-        per = F.binary_cross_entropy_with_logits(out, target, reduction="none")
-    elif name == "mse":
-        per = F.mse_loss(out, target, reduction="none")
-    elif name == "l1":
-        per = F.l1_loss(out, target, reduction="none")
-    elif name == "huber":
-        per = F.huber_loss(out, target, reduction="none")
-    else:
-        get_loss(name)  # raises the ConfigError naming the unknown loss
-        raise AssertionError(name)
-    return per.mean(1)
+    fn = _PER_SAMPLE.get(name)
+    if fn is None:
+        raise ConfigError(f"unknown loss {name!r}; known: {sorted(LOSSES)}", key="client.loss")
+    n = out.shape[0]
+    return fn(out.reshape(n, -1), y.to(out.dtype).reshape(n, -1), reduction="none").mean(1)
 
 
 class LockstepProgram(ABC):
-    """One lockstep training step for the active clients (rows of ``theta``)."""
+    """One lockstep training step for the active clients."""
 
     kind: str
 
     @abstractmethod
     def step(
         self,
-        theta: torch.Tensor,
+        params: dict[str, torch.Tensor],
+        grads: dict[str, torch.Tensor],
         state: torch.Tensor,
         x: torch.Tensor,
         y: torch.Tensor,
@@ -101,13 +148,17 @@ class LockstepProgram(ABC):
         count_list: list[int],
         loss: str,
         gen: torch.Generator,
-        grad_out: torch.Tensor,
+        sgd_lr: float | None = None,
     ) -> torch.Tensor:
-        """Write each client's gradient into ``grad_out`` (k, P) and return its mean loss (k,).
+        """Write each active client's gradient into ``grads`` and return its mean loss (k,).
 
-        ``state`` (k, numel) holds the clients' full state rows (non-trainable entries and
-        buffers; the program updates BatchNorm statistics in it). ``counts`` / ``count_list``
-        are the real batch sizes, ``gen`` drives dropout.
+        ``params`` / ``grads`` map trainable names to ``(k, *shape)`` tensors (views of
+        :class:`SlotStack` buffers); ``state`` (k, numel) holds the clients' full state rows
+        (non-trainable entries and buffers: the program updates BatchNorm statistics in it);
+        ``x`` (k, B, *input) and ``y`` are padded batches with ``counts`` / ``count_list``
+        real samples; ``gen`` drives dropout. With ``sgd_lr`` the program applies plain SGD
+        itself, ``p -= sgd_lr * grad`` on every parameter (``grads`` is then scratch space):
+        the lowered program fuses it into the weight-gradient products of Linear layers.
         """
 
 
@@ -119,6 +170,8 @@ class _Ctx:
     k: int
     b: int
     param: Callable[[str], torch.Tensor]
+    weight_out: Callable[[str], torch.Tensor | None]  # gradient buffer, or the parameter under fused SGD
+    sgd_lr: float | None
     state: torch.Tensor
     mask: torch.Tensor | None  # (k, B) 1.0 for real samples; None when no client is padded
     counts: torch.Tensor  # (k,) real samples, float
@@ -164,11 +217,57 @@ class _Linear(_Op):
         h = _client_major(a, ctx)
         w = ctx.param(self.prefix + "weight")  # (k, out, in)
         flat = h.reshape(ctx.k, -1, h.shape[-1])
-        if self.bias:
-            out = torch.baddbmm(ctx.param(self.prefix + "bias").unsqueeze(1), flat, w.transpose(1, 2))
-        else:
-            out = torch.bmm(flat, w.transpose(1, 2))
+        bias = ctx.param(self.prefix + "bias") if self.bias else None
+        out = _StackedLinear.apply(flat, w, bias, ctx.weight_out(self.prefix + "weight"), ctx.sgd_lr)
         return _Act(out.view(*h.shape[:-1], w.shape[1]), grouped=False)
+
+
+class _StackedLinear(torch.autograd.Function):
+    """``x @ W_i^T + b_i`` per client with ``(k, out, in)`` weights.
+
+    Its own backward computes ``dW_i = dout_i^T @ x_i`` directly in the weight's
+    ``(out, in)`` layout (autograd's generic rule would produce it transposed, and the
+    transposing copy costs more than the matrix product on CPU). Given ``weight_out``, it
+    writes ``dW`` there (the gradient buffer: no allocation, no copy) or, with ``sgd_lr``,
+    applies plain SGD ``W -= sgd_lr * dW`` to ``weight_out`` (the parameter buffer) in the
+    same product, so the gradient never goes through memory.
+    """
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        x: torch.Tensor,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None,
+        weight_out: torch.Tensor | None,
+        sgd_lr: float | None,
+    ) -> torch.Tensor:
+        wt = weight.transpose(1, 2)
+        return torch.bmm(x, wt) if bias is None else torch.baddbmm(bias.unsqueeze(1), x, wt)
+
+    @staticmethod
+    def setup_context(ctx: torch.autograd.function.FunctionCtx, inputs: tuple, output: torch.Tensor) -> None:
+        x, weight, bias, weight_out, sgd_lr = inputs
+        ctx.save_for_backward(x, weight)
+        ctx.has_bias = bias is not None  # type: ignore[attr-defined]
+        ctx.weight_out = weight_out  # type: ignore[attr-defined]
+        ctx.sgd_lr = sgd_lr  # type: ignore[attr-defined]
+
+    @staticmethod
+    def backward(ctx: torch.autograd.function.FunctionCtx, grad: torch.Tensor) -> tuple:  # type: ignore[override]
+        x, weight = ctx.saved_tensors  # type: ignore[attr-defined]
+        grad_x = torch.bmm(grad, weight) if ctx.needs_input_grad[0] else None  # type: ignore[attr-defined]
+        grad_w = None
+        if ctx.needs_input_grad[1]:  # type: ignore[attr-defined]
+            grad_t = grad.transpose(1, 2).contiguous()
+            out, lr = ctx.weight_out, ctx.sgd_lr  # type: ignore[attr-defined]
+            if out is None:
+                grad_w = torch.bmm(grad_t, x)
+            elif lr is None:
+                grad_w = torch.bmm(grad_t, x, out=out)
+            else:  # fused SGD: grad_x above already used the old weight
+                out.baddbmm_(grad_t, x, alpha=-lr)
+        grad_b = grad.sum(1) if ctx.has_bias and ctx.needs_input_grad[2] else None  # type: ignore[attr-defined]
+        return grad_x, grad_w, grad_b, None, None
 
 
 @dataclass(frozen=True)
@@ -227,12 +326,15 @@ class _Dropout(_Op):
 
 @dataclass(frozen=True)
 class _Reshape(_Op):
-    """Per-sample reshape (``flatten(1)``, ``reshape(-1, *shape)``); ``shape`` may hold one -1."""
+    """Per-sample reshape: ``flatten(1)`` (shape ``(-1,)``) or ``reshape(-1, *shape)``."""
 
     shape: tuple[int, ...]
 
     def __call__(self, a: _Act, ctx: _Ctx) -> _Act:
-        return _Act(_client_major(a, ctx).reshape(ctx.k, ctx.b, *self.shape), grouped=False)
+        h = _client_major(a, ctx)
+        if -1 not in self.shape and math.prod(self.shape) != math.prod(h.shape[2:]):
+            raise UnsupportedModel(f"reshape of per-sample shape {tuple(h.shape[2:])} to {self.shape} mixes samples")
+        return _Act(h.reshape(ctx.k, ctx.b, *self.shape), grouped=False)
 
 
 @dataclass(frozen=True)
@@ -297,33 +399,37 @@ def _pair(v: object) -> object:
 
 
 def _lower_module(name: str, mod: nn.Module, spec: ParamSpec) -> _Op:
+    """The op for a leaf module; exact types only (a subclass may change ``forward``)."""
     prefix = f"{name}." if name else ""
-    if isinstance(mod, nn.Linear):
+    kind = type(mod)
+    if kind is nn.Linear:
         return _Linear(prefix, mod.bias is not None)
-    if isinstance(mod, nn.Conv2d):
+    if kind is nn.Conv2d:
         if mod.padding_mode != "zeros":
             raise UnsupportedModel(f"Conv2d {name!r} has padding_mode {mod.padding_mode!r}")
         return _Conv2d(prefix, mod.bias is not None, mod.stride, mod.padding, mod.dilation, mod.groups)
-    if isinstance(mod, nn.MaxPool2d):
+    if kind is nn.MaxPool2d:
         if mod.return_indices:
             raise UnsupportedModel(f"MaxPool2d {name!r} returns indices")
-        return _MaxPool2d(_pair(mod.kernel_size), _pair(mod.stride), _pair(mod.padding), _pair(mod.dilation), mod.ceil_mode)  # type: ignore[arg-type]
-    if isinstance(mod, nn.ReLU):
+        return _MaxPool2d(
+            _pair(mod.kernel_size), _pair(mod.stride), _pair(mod.padding), _pair(mod.dilation), mod.ceil_mode  # type: ignore[arg-type]
+        )
+    if kind is nn.ReLU:
         return _ReLU()
-    if isinstance(mod, nn.Dropout):
+    if kind is nn.Dropout:
         return _Dropout(float(mod.p))
-    if isinstance(mod, nn.Identity):
+    if kind is nn.Identity:
         return _Identity()
-    if isinstance(mod, nn.Flatten):
+    if kind is nn.Flatten:
         if mod.start_dim != 1 or mod.end_dim != -1:
             raise UnsupportedModel(f"Flatten {name!r} with dims ({mod.start_dim}, {mod.end_dim})")
         return _Reshape((-1,))
-    if isinstance(mod, (nn.BatchNorm1d, nn.BatchNorm2d)):
+    if kind in (nn.BatchNorm1d, nn.BatchNorm2d):
         running = None
         if mod.track_running_stats and mod.running_mean is not None:
             rm, rv, nbt = (spec.entry(prefix + n) for n in ("running_mean", "running_var", "num_batches_tracked"))
             running = (slice(rm.offset, rm.stop), slice(rv.offset, rv.stop), nbt.offset)
-        dims = 1 if isinstance(mod, nn.BatchNorm1d) else 2
+        dims = 1 if kind is nn.BatchNorm1d else 2
         return _BatchNorm(prefix, dims, mod.affine, float(mod.eps), mod.momentum, running)
     raise UnsupportedModel(f"layer {name!r} ({type(mod).__name__}) has no lockstep lowering")
 
@@ -338,11 +444,17 @@ def _lower_call(node: fx.Node) -> _Op:
         if (start, end) == (1, -1):
             return _Reshape((-1,))
     if node.op == "call_method" and fn in ("reshape", "view") and not kwargs:
+        # Only reshape(-1, d1, ..., dn) with every d > 0: the batch dimension stays first.
         shape = tuple(args[0]) if len(args) == 1 and isinstance(args[0], (tuple, list)) else tuple(args)
-        if len(shape) >= 1 and shape[0] == -1 and all(isinstance(s, int) and (s > 0 or s == -1) for s in shape[1:]):
-            if shape.count(-1) == 1:
-                return _Reshape(tuple(int(s) for s in shape[1:]) or (1,))
+        if len(shape) >= 2 and shape[0] == -1 and all(isinstance(s, int) and s > 0 for s in shape[1:]):
+            return _Reshape(tuple(shape[1:]))
     raise UnsupportedModel(f"operation {node.format_node()} has no lockstep lowering")
+
+
+def _alias(t: torch.Tensor) -> torch.Tensor:
+    """A tensor on ``t``'s memory with its own autograd version counter (unlike ``detach``)."""
+    alias = torch.empty(0, dtype=t.dtype, device=t.device)
+    return alias.set_(t.untyped_storage(), t.storage_offset(), t.shape, t.stride())
 
 
 class LoweredProgram(LockstepProgram):
@@ -359,7 +471,7 @@ class LoweredProgram(LockstepProgram):
         self.slots = slots_of(spec)
         self._entries = {e.name: e for e in spec.entries}
         ops: list[_Op] = []
-        used: set[str] = set()
+        uses: dict[str, int] = {}
         prev: fx.Node | None = None
         for node in graph.nodes:
             if node.op == "placeholder":
@@ -378,24 +490,50 @@ class LoweredProgram(LockstepProgram):
                 if node.args[1:] or node.kwargs:
                     raise UnsupportedModel(f"module {node.target!r} is called with extra arguments")
                 ops.append(_lower_module(str(node.target), mod, spec))
-                used.update(f"{node.target}.{n}" for n, _ in mod.named_parameters())
+                for n, _ in mod.named_parameters():
+                    uses[f"{node.target}.{n}"] = uses.get(f"{node.target}.{n}", 0) + 1
             else:
                 ops.append(_lower_call(node))
             prev = node
-        unused = sorted(set(self.slots) - used)
+        unused = sorted(set(self.slots) - set(uses))
         if unused:
             raise UnsupportedModel(f"trainable entries {unused} are not used by a lowered layer")
-        lowered_buffers = {
-            f"{name}.{b}" for name, mod in modules.items() if isinstance(mod, nn.modules.batchnorm._BatchNorm) for b, _ in mod.named_buffers()
+        norm_buffers = {
+            f"{name}.{b}"
+            for name, mod in modules.items()
+            if isinstance(mod, nn.modules.batchnorm._BatchNorm)
+            for b, _ in mod.named_buffers()
         }
-        other = [n for n, _ in model.named_buffers() if n not in lowered_buffers]
+        other = [n for n, _ in model.named_buffers() if n not in norm_buffers]
         if other:
             raise UnsupportedModel(f"buffers {other} have no lockstep lowering")
         self.ops = ops
+        # A layer may write a weight's gradient straight into the gradient buffer (or fuse the
+        # SGD step) only when that weight is used once; else autograd sums the contributions.
+        self._direct = {n for n, c in uses.items() if c == 1 and n in self.slots}
+
+    def _forward(self, ctx: _Ctx, x: torch.Tensor) -> torch.Tensor:
+        a = _Act(x, grouped=False)
+        for op in self.ops:
+            a = op(a, ctx)
+        return _client_major(a, ctx)
+
+    def _param_fn(self, params: dict[str, torch.Tensor], state: torch.Tensor) -> Callable[[str], torch.Tensor]:
+        k = state.shape[0]
+
+        def param(name: str) -> torch.Tensor:
+            p = params.get(name)
+            if p is not None:
+                return p
+            e = self._entries[name]  # a non-trainable parameter: the state rows hold it
+            return state[:, e.offset : e.stop].view(k, *e.shape)
+
+        return param
 
     def step(
         self,
-        theta: torch.Tensor,
+        params: dict[str, torch.Tensor],
+        grads: dict[str, torch.Tensor],
         state: torch.Tensor,
         x: torch.Tensor,
         y: torch.Tensor,
@@ -403,57 +541,54 @@ class LoweredProgram(LockstepProgram):
         count_list: list[int],
         loss: str,
         gen: torch.Generator,
-        grad_out: torch.Tensor,
+        sgd_lr: float | None = None,
     ) -> torch.Tensor:
         k, b = x.shape[0], x.shape[1]
-        leaves = {
-            s.name: theta[:, s.col : s.col + s.numel].detach().view(k, *s.shape).requires_grad_(True)
-            for s in self.slots.values()
-        }
-
-        def param(name: str) -> torch.Tensor:
-            leaf = leaves.get(name)
-            if leaf is not None:
-                return leaf
-            e = self._entries[name]
-            return state[:, e.offset : e.stop].view(k, *e.shape)
-
+        # Leaves alias the parameter buffers but count versions on their own: the fused SGD
+        # step writes a weight during backward, which must not invalidate other saved weights.
+        leaves = {n: _alias(p).requires_grad_(True) for n, p in params.items()}
         min_count = min(count_list)
-        ctx = _Ctx(k, b, param, state, None, counts, min_count, gen)
+        mask = None
         if min_count < b:
-            ctx.mask = (torch.arange(b, device=x.device) < counts.unsqueeze(1)).to(theta.dtype)
+            mask = (torch.arange(b, device=x.device) < counts.unsqueeze(1)).to(state.dtype)
+        ctx = _Ctx(
+            k,
+            b,
+            self._param_fn(leaves, state),
+            lambda name: None if name not in self._direct else grads[name] if sgd_lr is None else params[name],
+            sgd_lr,
+            state,
+            mask,
+            counts,
+            min_count,
+            gen,
+        )
         with torch.enable_grad():
-            a = _Act(x, grouped=False)
-            for op in self.ops:
-                a = op(a, ctx)
-            out = _client_major(a, ctx)
+            out = self._forward(ctx, x)
             per = per_sample_loss(loss, out.reshape(k * b, *out.shape[2:]), y.reshape(k * b, *y.shape[2:])).view(k, b)
-            losses = per.mean(1) if ctx.mask is None else (per * ctx.mask).sum(1) / counts
-            grads = torch.autograd.grad(losses.sum(), list(leaves.values()))
-        for s, g in zip(self.slots.values(), grads, strict=True):
-            grad_out[:, s.col : s.col + s.numel].copy_(g.reshape(k, -1))
+            losses = per.mean(1) if mask is None else (per * mask).sum(1) / counts
+            computed = torch.autograd.grad(losses.sum(), list(leaves.values()), allow_unused=True)
+        for name, g in zip(leaves, computed, strict=True):
+            if g is None:  # its layer applied the fused SGD step
+                continue
+            if sgd_lr is not None:
+                params[name].add_(g, alpha=-sgd_lr)
+            elif g.data_ptr() != grads[name].data_ptr():
+                grads[name].copy_(g)
         return losses.detach()
 
-    def activation_numel(self, sample_shape: tuple[int, ...], spec: ParamSpec, dtype: torch.dtype) -> int:
-        """Elements of all activations of ONE sample (for the chunk-size estimate)."""
-        state = spec.empty().to(dtype).unsqueeze(0)
-        theta = torch.zeros(1, sum(s.numel for s in self.slots.values()), dtype=dtype)
-        leaves = {s.name: theta[:, s.col : s.col + s.numel].view(1, *s.shape) for s in self.slots.values()}
-
-        def param(name: str) -> torch.Tensor:
-            if name in leaves:
-                return leaves[name]
-            e = self._entries[name]
-            return state[:, e.offset : e.stop].view(1, *e.shape)
-
-        gen = torch.Generator().manual_seed(0)
-        ctx = _Ctx(1, 2, param, state.clone(), None, torch.full((1,), 2.0, dtype=dtype), 2, gen)
-        a = _Act(torch.zeros(1, 2, *sample_shape, dtype=dtype), grouped=False)
+    def activation_numel(self, sample_shape: tuple[int, ...], spec: ParamSpec) -> int:
+        """Elements of all layer outputs for ONE sample (for the chunk-size estimate)."""
+        state = spec.empty().unsqueeze(0).repeat(2, 1)
+        params = {n: torch.zeros(2, *s.shape, dtype=spec.dtype) for n, s in self.slots.items()}
+        counts = torch.full((2,), 2.0, dtype=spec.dtype)
+        ctx = _Ctx(2, 2, self._param_fn(params, state), lambda _: None, None, state, None, counts, 2, torch.Generator())
+        a = _Act(torch.zeros(2, 2, *sample_shape, dtype=spec.dtype), grouped=False)
         total = 0
         with torch.no_grad():
             for op in self.ops:
                 a = op(a, ctx)
-                total += a.t.numel() // 2
+                total += a.t.numel() // 4
         return total
 
 
@@ -468,7 +603,6 @@ class VmapProgram(LockstepProgram):
         if buffers:
             raise UnsupportedModel(f"torch.func training of models with buffers ({buffers}) is not exact")
         self.model = model.train()
-        self.slots = slots_of(spec)
         self._consts = [e for e in spec.entries if not e.trainable]
         self._fns: dict[str, Callable[..., tuple[dict[str, torch.Tensor], torch.Tensor]]] = {}
 
@@ -478,7 +612,9 @@ class VmapProgram(LockstepProgram):
             loss_fn = get_loss(loss)
             model = self.model
 
-            def client_loss(params: dict[str, torch.Tensor], consts: dict[str, torch.Tensor], x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+            def client_loss(
+                params: dict[str, torch.Tensor], consts: dict[str, torch.Tensor], x: torch.Tensor, y: torch.Tensor
+            ) -> torch.Tensor:
                 return loss_fn(functional_call(model, (params, consts), (x,)), y)
 
             fn = vmap(grad_and_value(client_loss), in_dims=(0, None, 0, 0), randomness="different")
@@ -487,7 +623,8 @@ class VmapProgram(LockstepProgram):
 
     def step(
         self,
-        theta: torch.Tensor,
+        params: dict[str, torch.Tensor],
+        grads: dict[str, torch.Tensor],
         state: torch.Tensor,
         x: torch.Tensor,
         y: torch.Tensor,
@@ -495,7 +632,7 @@ class VmapProgram(LockstepProgram):
         count_list: list[int],
         loss: str,
         gen: torch.Generator,
-        grad_out: torch.Tensor,
+        sgd_lr: float | None = None,
     ) -> torch.Tensor:
         fn = self._fn(loss)
         k = x.shape[0]
@@ -503,21 +640,22 @@ class VmapProgram(LockstepProgram):
         groups: dict[int, list[int]] = {}
         for i, c in enumerate(count_list):
             groups.setdefault(c, []).append(i)
-        losses = torch.empty(k, dtype=theta.dtype, device=theta.device)
+        losses = torch.empty(k, dtype=state.dtype, device=state.device)
+        # Clients grouped by real batch size: no padding, so even batch-coupled models are exact.
         for c, rows in groups.items():
-            whole = len(rows) == k
-            index = None if whole else torch.tensor(rows, device=theta.device)
-            th = theta if index is None else theta[index]
-            xs = (x if index is None else x[index])[:, :c]
-            ys = (y if index is None else y[index])[:, :c]
-            params = {s.name: th[:, s.col : s.col + s.numel].view(len(rows), *s.shape) for s in self.slots.values()}
-            grads, values = fn(params, consts, xs, ys)
-            flat = torch.cat([grads[s.name].reshape(len(rows), -1) for s in self.slots.values()], dim=1)
-            if index is None:
-                grad_out.copy_(flat)
+            if len(rows) == k:
+                computed, values = fn(params, consts, x[:, :c], y[:, :c])
+                for n, g in computed.items():
+                    grads[n].copy_(g)
                 losses.copy_(values)
-            else:
-                grad_out[index] = flat
-                losses[index] = values.to(losses.dtype)
+                continue
+            index = torch.tensor(rows, device=state.device)
+            sub = {n: p[index] for n, p in params.items()}
+            computed, values = fn(sub, consts, x[index, :c], y[index, :c])
+            for n, g in computed.items():
+                grads[n][index] = g
+            losses[index] = values
+        if sgd_lr is not None:
+            for n, p in params.items():
+                p.add_(grads[n], alpha=-sgd_lr)
         return losses
-

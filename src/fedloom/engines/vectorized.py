@@ -1,14 +1,17 @@
 """The vectorized engine: a cohort's clients trained in lockstep as ONE batched computation.
 
-Design. The clients of a chunk of the cohort keep their trainable parameters as the rows of
-one ``(k, P)`` matrix ``theta`` and their full states (buffers such as BatchNorm statistics)
-as the rows of a ``(k, numel)`` matrix. At step t every client that still has a batch
-takes one optimizer step: a lockstep program (:mod:`fedloom.engines._lockstep`) computes
+Design. The clients of a chunk of the cohort keep their trainable parameters stacked in one
+buffer, entry by entry (a ``(k, *shape)`` block per entry, see
+:class:`~fedloom.engines._lockstep.SlotStack`), and their full states (buffers such as
+BatchNorm statistics) as the rows of a ``(k, numel)`` matrix. At step t every client that
+still has a batch takes one optimizer step: a lockstep program (:mod:`fedloom.engines._lockstep`) computes
 all their losses and gradients at once — stacked-weight ``baddbmm`` / grouped convolutions
 for models made of supported layers, ``torch.func.vmap`` for other buffer-free models — and
-the optimizer, FedProx's proximal gradient and SCAFFOLD's correction are single fused
-operations on the ``(k, P)`` matrices. Cohorts are cut into chunks whose working set fits a
-memory budget (the CPU cache by default), so weights stay cache-resident.
+the optimizer, FedProx's proximal gradient and SCAFFOLD's correction are a few fused
+operations on the stacked buffers. Plain SGD (FedAvg's local solver) is fused further: each
+Linear layer applies ``W -= lr * dW`` inside its weight-gradient product, so gradients never
+go through memory. Cohorts are cut into chunks whose working set fits a memory budget (the
+CPU cache by default), so weights stay cache-resident.
 
 Exactness (the same updates as :func:`fedloom.client.training.train_local`, up to float
 rounding). Each client's index batches are ``batch_order(n, cfg, seed)``, exactly the
@@ -20,7 +23,8 @@ padding never enters a statistic. Clients share no parameter, so one backward pa
 sum of the clients' losses gives every client its own gradient. All active clients have
 taken the same number of steps, so SGD's first-step momentum and Adam's bias correction
 are the same scalars for all of them; the update rules are torch.optim's, operation by
-operation. Updates, SCAFFOLD extras and client states are built by
+operation (the fused SGD step rounds once instead of twice: a last-bit difference).
+Updates, SCAFFOLD extras and client states are built by
 :func:`fedloom.client.training.finish_local`, as in the sequential engine.
 
 Dropout masks are independent per client but drawn from a per-chunk generator, so they
@@ -32,10 +36,11 @@ the sequential engine with one logged warning.
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 
 import torch
-from torch import nn
 
 from fedloom.client.training import LocalResult, batch_order, finish_local, scaffold_controls
 from fedloom.core.errors import ConfigError, EngineError
@@ -43,7 +48,13 @@ from fedloom.core.params import ParamSpec
 from fedloom.core.seeding import derive_seed
 from fedloom.core.types import ClientInstruction, ClientUpdate, TrainConfig
 from fedloom.data.base import FederatedDataset, Split
-from fedloom.engines._lockstep import LockstepProgram, LoweredProgram, UnsupportedModel, VmapProgram, slots_of
+from fedloom.engines._lockstep import (
+    LockstepProgram,
+    LoweredProgram,
+    SlotStack,
+    VmapProgram,
+    slots_of,
+)
 from fedloom.engines.base import Engine, ModelFn
 from fedloom.engines.sequential import SequentialEngine
 
@@ -63,20 +74,20 @@ def lockstep_program(
     """The lockstep program for ``model_fn``'s model, or ``(None, reason)`` where none applies.
 
     Tries the lowered program, then the ``torch.func`` one; each must also run one probe
-    step on two examples of the first client.
+    step on two examples of the dataset.
     """
     device = torch.device(device)
     float_dtypes = {e.dtype for e in spec.entries if e.is_float}
     if float_dtypes - {spec.vector_dtype}:
         return None, f"float entries of dtypes {sorted(float_dtypes)} differ from the vector dtype {spec.vector_dtype}"
-    first = next(iter(dataset.clients.values())).train
-    probe = Split(first.x[:2], first.y[:2])
+    firsts = [c.train for c in list(dataset.clients.values())[:2]]
+    probe = Split(torch.cat([s.x[:2] for s in firsts])[:2], torch.cat([s.y[:2] for s in firsts])[:2])
     reasons: list[str] = []
     for cls in (LoweredProgram, VmapProgram):
         try:
             program = cls(model_fn().to(device), spec)
             _probe(program, spec, probe, dataset.task.loss, device)
-        except (UnsupportedModel, RuntimeError, TypeError, ValueError, NotImplementedError) as exc:
+        except Exception as exc:  # noqa: BLE001 - whatever fails the probe falls back, with its reason logged
             reasons.append(f"{cls.kind}: {exc}")
             continue
         return program, ""
@@ -85,23 +96,28 @@ def lockstep_program(
 
 def _probe(program: LockstepProgram, spec: ParamSpec, data: Split, loss: str, device: torch.device) -> None:
     k, n = 2, len(data)
-    theta = torch.zeros(k, sum(s.numel for s in slots_of(spec).values()), dtype=spec.dtype, device=device)
+    stack = SlotStack(slots_of(spec), k)
+    theta = torch.zeros(stack.numel, dtype=spec.dtype, device=device)
+    grad = torch.empty_like(theta)
     state = torch.zeros(k, spec.numel, dtype=spec.dtype, device=device)
     x = data.x.to(device).unsqueeze(0).expand(k, *data.x.shape)
     y = data.y.to(device).unsqueeze(0).expand(k, *data.y.shape)
     counts = torch.full((k,), float(n), dtype=spec.dtype, device=device)
     gen = torch.Generator(device=device).manual_seed(0)
     with torch.random.fork_rng(devices=[] if device.type == "cpu" else [device]):
-        program.step(theta, state, x, y, counts, [n] * k, loss, gen, torch.empty_like(theta))
+        program.step(stack.views(theta, k), stack.views(grad, k), state, x, y, counts, [n] * k, loss, gen)
 
 
 class VectorizedEngine(Engine):
     """Trains a cohort in lockstep chunks (see the module docstring); same updates as ``sequential``.
 
     ``chunk_size`` fixes the number of clients trained together; by default it is the most
-    whose working set (parameters, gradients, optimizer state, activations, data) fits
-    ``memory_budget_bytes`` (default :data:`DEFAULT_CPU_BUDGET` on CPU,
-    :data:`DEFAULT_GPU_BUDGET` on an accelerator).
+    whose working set (see :meth:`chunk_size_for`) fits ``memory_budget_bytes`` (default
+    :data:`DEFAULT_CPU_BUDGET` on CPU, :data:`DEFAULT_GPU_BUDGET` on an accelerator).
+    Clients with different training configs train in different chunks; updates are yielded
+    chunk by chunk. :attr:`mode` says which lockstep program runs (``sequential``: the
+    fallback, with the reason in :attr:`fallback_reason`); federated evaluation is the
+    sequential engine's.
     """
 
     name = "vectorized"
@@ -117,7 +133,9 @@ class VectorizedEngine(Engine):
         memory_budget_bytes: int | None = None,
     ) -> None:
         super().__init__(spec=spec)
-        if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
+        if chunk_size is not None and (
+            isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1
+        ):
             raise ConfigError(f"must be an integer >= 1 or unset, got {chunk_size!r}", key="run.chunk_size")
         if memory_budget_bytes is not None and memory_budget_bytes < 1:
             raise ConfigError(f"must be > 0 or unset, got {memory_budget_bytes!r}", key="run.memory_budget_bytes")
@@ -134,10 +152,11 @@ class VectorizedEngine(Engine):
             log.warning("the model cannot be vectorized; training clients sequentially: %s", reason)
         self._slots = slots_of(spec)
         self._cols = spec.trainable_slices()
+        sample_shape = tuple(next(iter(dataset.clients.values())).train.x.shape[1:])
+        self._sample_numel = math.prod(sample_shape)
         self._act_numel = 0
         if isinstance(self.program, LoweredProgram):
-            sample_shape = tuple(next(iter(dataset.clients.values())).train.x.shape[1:])
-            self._act_numel = self.program.activation_numel(sample_shape, spec, spec.dtype)
+            self._act_numel = self.program.activation_numel(sample_shape, spec)
 
     @property
     def mode(self) -> str:
@@ -153,18 +172,19 @@ class VectorizedEngine(Engine):
         except KeyError:
             raise EngineError(f"unknown client {cid!r}") from None
 
-    def chunk_size_for(self, cfg: TrainConfig, max_examples: int) -> int:
-        """Clients per chunk for ``cfg``: ``chunk_size`` if set, else what fits the memory budget."""
+    def chunk_size_for(self, cfg: TrainConfig) -> int:
+        """Clients per chunk for ``cfg``: ``chunk_size`` if set, else as many as fit the memory budget.
+
+        A client's working set: its state row, its trainable parameters, gradients, optimizer
+        state and SCAFFOLD correction, its batch and the activations (and their gradients).
+        """
         if self.chunk_size is not None:
             return self.chunk_size
         p = sum(s.numel for s in self._slots.values())
         opt_states = 2 if cfg.optimizer == "adam" else int(cfg.momentum > 0.0)
-        matrices = 2 + opt_states + int(cfg.scaffold)  # theta, grad, optimizer state, SCAFFOLD correction
-        sample = self._split(self.dataset.client_ids[0]).x[0].numel()
-        per_client = (
-            self.spec.numel + p * matrices + 3 * self._act_numel * cfg.batch_size + sample * (max_examples + cfg.batch_size)
-        ) * self.spec.dtype.itemsize
-        return max(1, self.memory_budget_bytes // per_client)
+        matrices = 2 + opt_states + int(cfg.scaffold)
+        per_client = self.spec.numel + p * matrices + cfg.batch_size * (self._sample_numel + 3 * self._act_numel)
+        return max(1, self.memory_budget_bytes // (per_client * self.spec.dtype.itemsize))
 
     # ----------------------------------------------------------------- training
     def run_cohort(self, global_vec: torch.Tensor, instructions: Sequence[ClientInstruction]) -> Iterator[ClientUpdate]:
@@ -176,7 +196,7 @@ class VectorizedEngine(Engine):
         for ins in instructions:
             by_config.setdefault(ins.train, []).append(ins)
         for cfg, group in by_config.items():
-            size = self.chunk_size_for(cfg, max(len(self._split(i.client_id)) for i in group))
+            size = self.chunk_size_for(cfg)
             for start in range(0, len(group), size):
                 for ins, result in self._train_chunk(g, cfg, group[start : start + size]):
                     self.client_states.put(ins.client_id, result.state)
@@ -186,70 +206,65 @@ class VectorizedEngine(Engine):
         self, g: torch.Tensor, cfg: TrainConfig, chunk: list[ClientInstruction]
     ) -> list[tuple[ClientInstruction, LocalResult]]:
         assert self.program is not None
-        device, dtype, spec = self.device, g.dtype, self.spec
+        device, spec = self.device, self.spec
         splits = [self._split(ins.client_id) for ins in chunk]
         for ins, split in zip(chunk, splits, strict=True):
             if len(split) == 0:
                 raise ConfigError(f"client {ins.client_id!r} has no training data", key="data")
         orders = [batch_order(len(s), cfg, ins.seed) for ins, s in zip(chunk, splits, strict=True)]
-        # Rows sorted by number of steps (longest first): the active clients are a prefix.
-        rows = sorted(range(len(chunk)), key=lambda i: -len(orders[i]))
-        k, b = len(chunk), cfg.batch_size
-        steps = [len(orders[i]) for i in rows]
-        horizon = steps[0]
-        active = [sum(1 for s in steps if s > t) for t in range(horizon)]
+        plan = _BatchPlan.build(splits, orders, cfg.batch_size, device, g.dtype)
+        rows, steps, k = plan.rows, plan.steps, len(chunk)
 
-        offsets = [0]
-        for i in rows:
-            offsets.append(offsets[-1] + len(splits[i]))
-        xs = torch.cat([splits[i].x for i in rows]).to(device)
-        ys = torch.cat([splits[i].y for i in rows]).to(device)
-        index = torch.zeros(horizon, k, b, dtype=torch.long)
-        counts = torch.zeros(horizon, k, dtype=torch.long)
-        for r, i in enumerate(rows):
-            for t, batch in enumerate(orders[i]):
-                index[t, r, : len(batch)] = batch + offsets[r]
-                index[t, r, len(batch) :] = offsets[r] + batch[0]
-                counts[t, r] = len(batch)
-        count_lists = counts.tolist()
-        index, counts_f = index.to(device), counts.to(device=device, dtype=dtype)
-
+        stack = SlotStack(self._slots, k)
         theta_g = torch.cat([g[c] for c in self._cols]) if self._cols else g.new_zeros(0)
-        theta = theta_g.unsqueeze(0).repeat(k, 1)
+        theta = stack.stack(theta_g.unsqueeze(0).expand(k, -1))
         state = g.unsqueeze(0).repeat(k, 1)
         grad = torch.empty_like(theta)
         controls: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * k
         correction: torch.Tensor | None = None
         if cfg.scaffold:
+            diffs = []
             for r, i in enumerate(rows):
-                controls[r] = scaffold_controls(spec, g, chunk[i], self.client_states.get(chunk[i].client_id))
-            diffs = [c_server - c_local for c_server, c_local in controls]  # type: ignore[misc]
-            correction = torch.stack([torch.cat([d[c] for c in self._cols]) for d in diffs])
-        optimizer = _StackedOptimizer(cfg, theta)
+                c_server, c_local = scaffold_controls(spec, g, chunk[i], self.client_states.get(chunk[i].client_id))
+                controls[r] = (c_server, c_local)
+                diff = c_server - c_local
+                diffs.append(torch.cat([diff[c] for c in self._cols]))
+            correction = stack.stack(torch.stack(diffs))
+        anchor = SlotStack(self._slots, 1).views(theta_g, 1) if cfg.proximal_mu > 0.0 else None
+        optimizer = _StackedOptimizer(cfg, theta, stack)
+        # Plain SGD (FedAvg's local solver): the program applies it, fused where it can.
+        plain = cfg.optimizer == "sgd" and cfg.momentum == 0.0 and cfg.weight_decay == 0.0 and anchor is None
+        sgd_lr = cfg.lr if plain and correction is None else None
         loss_sum = torch.zeros(k, dtype=torch.float64, device=device)
 
         seed = derive_seed("vectorized", *(ins.seed for ins in chunk))
         gen = torch.Generator(device=device).manual_seed(seed)
         with torch.random.fork_rng(devices=[] if device.type == "cpu" else [device]):
-            torch.manual_seed(seed)
-            for t in range(horizon):
-                ka = active[t]
-                ix = index[t, :ka]
-                th, gr, cnt = theta[:ka], grad[:ka], counts_f[t, :ka]
-                losses = self.program.step(th, state[:ka], xs[ix], ys[ix], cnt, count_lists[t][:ka], cfg.loss, gen, gr)
-                if cfg.proximal_mu > 0.0:
-                    gr.add_(th - theta_g, alpha=cfg.proximal_mu)
+            torch.manual_seed(seed)  # the vmap program's dropout draws from the global RNG
+            for t, ka in enumerate(plan.active):
+                ix = plan.index[t, :ka]
+                params, grads = stack.views(theta, ka), stack.views(grad, ka)
+                cnt = plan.counts[t, :ka]
+                x, y = plan.x[ix], plan.y[ix]
+                counts = plan.count_lists[t][:ka]
+                losses = self.program.step(params, grads, state[:ka], x, y, cnt, counts, cfg.loss, gen, sgd_lr)
+                loss_sum[:ka] += losses.to(torch.float64) * cnt.to(torch.float64)
+                if sgd_lr is not None:
+                    continue
+                if anchor is not None:
+                    for name, gr in grads.items():
+                        gr.add_(params[name] - anchor[name], alpha=cfg.proximal_mu)
                 if correction is not None:
-                    gr.add_(correction[:ka])
-                optimizer.step(th, gr)
-                loss_sum[:ka] += losses.to(torch.float64) * counts[t, :ka].to(device)
+                    torch._foreach_add_(stack.flat(grad, ka), stack.flat(correction, ka))
+                optimizer.step(theta, grad, ka)
 
+        trained = stack.unstack(theta)
         col = 0
         for c in self._cols:
-            state[:, c] = theta[:, col : col + c.stop - c.start]
+            state[:, c] = trained[:, col : col + c.stop - c.start]
             col += c.stop - c.start
         loss_sums = loss_sum.tolist()
-        seen = counts.sum(0).tolist()
+        seen = [sum(c[r] for c in plan.count_lists) for r in range(k)]
         results: list[tuple[ClientInstruction, LocalResult]] = [None] * k  # type: ignore[list-item]
         for r, i in enumerate(rows):
             ins = chunk[i]
@@ -260,7 +275,7 @@ class VectorizedEngine(Engine):
                 num_examples=len(splits[i]),
                 num_steps=steps[r],
                 loss_sum=loss_sums[r],
-                seen=int(seen[r]),
+                seen=seen[r],
                 client_state=self.client_states.get(ins.client_id),
                 controls=controls[r],
             )
@@ -273,15 +288,68 @@ class VectorizedEngine(Engine):
         return self._sequential.evaluate_clients(global_vec, client_ids)
 
 
-class _StackedOptimizer:
-    """torch.optim.SGD / Adam's update rules (single-tensor path) on the rows of a (k, P) matrix.
+@dataclass(frozen=True)
+class _BatchPlan:
+    """A chunk's batches, step by step, as padded index tensors into its concatenated data.
 
-    Every row stepped at step t has taken exactly t steps before, so SGD's first-step
-    momentum buffer and Adam's bias corrections are scalars shared by all rows.
+    ``rows[r]`` is the chunk position of row r; rows are sorted by number of steps, longest
+    first, so the ``active[t]`` clients that still step at t are rows ``[0, active[t])``.
+    ``index[t, r]`` holds row r's sample indices at step t, padded to B by repeating its
+    first sample; ``counts[t, r]`` (also ``count_lists``) its real batch size.
     """
 
-    def __init__(self, cfg: TrainConfig, theta: torch.Tensor) -> None:
+    rows: list[int]
+    steps: list[int]
+    active: list[int]
+    x: torch.Tensor
+    y: torch.Tensor
+    index: torch.Tensor
+    counts: torch.Tensor
+    count_lists: list[list[int]]
+
+    @classmethod
+    def build(
+        cls, splits: list[Split], orders: list[list[torch.Tensor]], b: int, device: torch.device, dtype: torch.dtype
+    ) -> _BatchPlan:
+        rows = sorted(range(len(splits)), key=lambda i: -len(orders[i]))
+        steps = [len(orders[i]) for i in rows]
+        horizon = steps[0]
+        index = torch.zeros(horizon, len(rows), b, dtype=torch.long)
+        counts = torch.zeros(horizon, len(rows), dtype=torch.long)
+        offset = 0
+        for r, i in enumerate(rows):
+            for t, batch in enumerate(orders[i]):
+                index[t, r, : len(batch)] = batch + offset
+                index[t, r, len(batch) :] = batch[0] + offset
+                counts[t, r] = len(batch)
+            offset += len(splits[i])
+        return cls(
+            rows=rows,
+            steps=steps,
+            active=[sum(1 for s in steps if s > t) for t in range(horizon)],
+            x=torch.cat([splits[i].x for i in rows]).to(device),
+            y=torch.cat([splits[i].y for i in rows]).to(device),
+            index=index.to(device),
+            counts=counts.to(device=device, dtype=dtype),
+            count_lists=counts.tolist(),
+        )
+
+
+class _StackedOptimizer:
+    """torch.optim.SGD / Adam's update rules (single-tensor path), operation by operation.
+
+    The parameters, gradients and optimizer states are :class:`SlotStack` buffers; a step
+    updates the active clients' parts (lists of contiguous pieces, see :meth:`SlotStack.flat`).
+    Every client stepped at step t has taken exactly t - 1 steps before, so SGD's first-step
+    momentum buffer and Adam's bias corrections are scalars shared by all of them. The
+    gradient buffer is rewritten by the next step, so it serves as scratch space here.
+    """
+
+    def __init__(self, cfg: TrainConfig, theta: torch.Tensor, stack: SlotStack) -> None:
+        if cfg.optimizer not in ("sgd", "adam"):
+            raise ConfigError(f"unknown optimizer {cfg.optimizer!r}", key="client.optimizer")
         self.cfg = cfg
+        self.stack = stack
         self.t = 0
         self.buf: torch.Tensor | None = None
         self.exp_avg: torch.Tensor | None = None
@@ -289,35 +357,42 @@ class _StackedOptimizer:
         if cfg.optimizer == "adam":
             self.exp_avg = torch.zeros_like(theta)
             self.exp_avg_sq = torch.zeros_like(theta)
-        elif cfg.optimizer == "sgd":
-            if cfg.momentum > 0.0:
-                self.buf = torch.empty_like(theta)
-        else:
-            raise ConfigError(f"unknown optimizer {cfg.optimizer!r}", key="client.optimizer")
+        elif cfg.momentum > 0.0:
+            self.buf = torch.empty_like(theta)
 
-    def step(self, theta: torch.Tensor, grad: torch.Tensor) -> None:
-        """Update the first ``len(theta)`` rows in place with their gradients ``grad``."""
-        cfg, ka = self.cfg, theta.shape[0]
+    def step(self, theta: torch.Tensor, grad: torch.Tensor, ka: int) -> None:
+        """Update the first ``ka`` clients of ``theta`` with their gradients in ``grad``."""
+        cfg, flat = self.cfg, self.stack.flat
+        params, grads = flat(theta, ka), flat(grad, ka)
         self.t += 1
         if cfg.weight_decay != 0.0:
-            grad = grad.add(theta, alpha=cfg.weight_decay)
+            torch._foreach_add_(grads, params, alpha=cfg.weight_decay)
         if self.exp_avg is not None and self.exp_avg_sq is not None:
             beta1, beta2 = cfg.betas
-            exp_avg, exp_avg_sq = self.exp_avg[:ka], self.exp_avg_sq[:ka]
-            exp_avg.lerp_(grad, 1 - beta1)
-            exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+            exp_avg, exp_avg_sq = flat(self.exp_avg, ka), flat(self.exp_avg_sq, ka)
+            torch._foreach_lerp_(exp_avg, grads, 1 - beta1)
+            torch._foreach_mul_(exp_avg_sq, beta2)
+            torch._foreach_addcmul_(exp_avg_sq, grads, grads, value=1 - beta2)
             step = float(self.t)
             bias_correction1 = 1 - beta1**step
             bias_correction2 = 1 - beta2**step
             step_size = cfg.lr / bias_correction1
-            denom = (exp_avg_sq.sqrt() / bias_correction2**0.5).add_(cfg.eps)
-            theta.addcdiv_(exp_avg, denom, value=-step_size)
+            denom = grads  # scratch: (exp_avg_sq.sqrt() / sqrt(bias_correction2)) + eps
+            torch._foreach_copy_(denom, exp_avg_sq)
+            torch._foreach_sqrt_(denom)
+            torch._foreach_div_(denom, bias_correction2**0.5)
+            torch._foreach_add_(denom, cfg.eps)
+            torch._foreach_addcdiv_(params, exp_avg, denom, value=-step_size)
             return
         if self.buf is not None:
-            buf = self.buf[:ka]
+            buf = flat(self.buf, ka)
             if self.t == 1:
-                buf.copy_(grad)
+                torch._foreach_copy_(buf, grads)
             else:
-                buf.mul_(cfg.momentum).add_(grad)
-            grad = grad.add(buf, alpha=cfg.momentum) if cfg.nesterov else buf
-        theta.add_(grad, alpha=-cfg.lr)
+                torch._foreach_mul_(buf, cfg.momentum)
+                torch._foreach_add_(buf, grads)
+            if cfg.nesterov:
+                torch._foreach_add_(grads, buf, alpha=cfg.momentum)
+            else:
+                grads = buf
+        torch._foreach_add_(params, grads, alpha=-cfg.lr)

@@ -21,14 +21,16 @@ from fedloom.data.base import FederatedDataset
 from fedloom.data.registry import load_dataset
 from fedloom.engines.base import Engine
 from fedloom.engines.sequential import SequentialEngine
+from fedloom.engines.vectorized import VectorizedEngine, lockstep_program
 from fedloom.federation.loop import Federation
 from fedloom.models.registry import build_model
+from fedloom.server.store import RunHandle, Store
 from fedloom.strategies.base import Strategy
 from fedloom.strategies.registry import build_strategy
 
 __all__ = ["ENGINES", "Run", "build_engine", "build_run", "initial_model"]
 
-ENGINES = ("sequential",)
+ENGINES = ("auto", "sequential", "vectorized")
 
 
 @dataclass
@@ -57,15 +59,37 @@ def initial_model(model_fn: Callable[[], nn.Module], seed: int) -> nn.Module:
         return model_fn()
 
 
-def build_engine(name: str, *, model_fn: Callable[[], nn.Module], dataset: FederatedDataset, spec: ParamSpec, device: str) -> Engine:
-    """The simulation engine called ``name`` (``auto`` picks the fastest that applies)."""
-    if name in ("auto", "sequential"):
+def build_engine(
+    name: str,
+    *,
+    model_fn: Callable[[], nn.Module],
+    dataset: FederatedDataset,
+    spec: ParamSpec,
+    device: str,
+    chunk_size: int | None = None,
+) -> Engine:
+    """The simulation engine called ``name``.
+
+    ``auto`` picks the fastest that applies: ``vectorized`` when the model can be trained in
+    lockstep (:func:`~fedloom.engines.vectorized.lockstep_program`), else ``sequential``.
+    ``chunk_size`` overrides the vectorized engine's automatic chunk size.
+    """
+    if name == "auto":
+        program, _ = lockstep_program(model_fn, spec, dataset, device)
+        name = "vectorized" if program is not None else "sequential"
+    if name == "sequential":
         return SequentialEngine(model_fn=model_fn, dataset=dataset, spec=spec, device=device)
+    if name == "vectorized":
+        return VectorizedEngine(model_fn=model_fn, dataset=dataset, spec=spec, device=device, chunk_size=chunk_size)
     raise ConfigError(f"engine {name!r} is not available in simulation; known: {ENGINES}", key="run.engine")
 
 
-def build_run(cfg: RunConfig, *, engine: str | None = None) -> Run:
-    """Build dataset, model, strategy, engine and the :class:`Federation` for ``cfg``."""
+def build_run(cfg: RunConfig, *, engine: str | None = None, fresh: bool = False) -> Run:
+    """Build dataset, model, strategy, engine and the :class:`Federation` for ``cfg``.
+
+    With ``run.store`` set, the run is opened in that :class:`Store` and resumes from its
+    latest checkpoint if the store holds it with the same config; ``fresh`` starts it over.
+    """
     try:
         dataset = load_dataset(cfg.data.name, seed=cfg.run.seed, **cfg.data.options())
     except DataError as exc:
@@ -98,6 +122,11 @@ def build_run(cfg: RunConfig, *, engine: str | None = None) -> Run:
         def evaluator(vec: torch.Tensor) -> dict[str, float]:
             return evaluate_vector(eval_model, spec, vec.cpu(), test, task)
 
+    store: Store | None = None
+    handle: RunHandle | None = None
+    if cfg.run.store is not None:
+        store = Store.open(cfg.run.store, keep_checkpoints=cfg.run.keep_checkpoints)
+        handle = store.start_or_resume_run(cfg.run.name, cfg.identity(), fresh=fresh)
     federation = Federation(
         strategy=strategy,
         engine=eng,
@@ -107,5 +136,8 @@ def build_run(cfg: RunConfig, *, engine: str | None = None) -> Run:
         eval_every=cfg.run.eval_every,
         federated_eval_every=cfg.run.federated_eval_every,
         min_updates=cfg.run.min_updates,
+        store=store,
+        run_handle=handle,
+        checkpoint_every=cfg.run.checkpoint_every,
     )
     return Run(cfg, dataset, model_fn, spec, strategy, eng, federation)
