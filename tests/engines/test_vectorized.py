@@ -285,3 +285,24 @@ def test_federation_runs_identically_on_both_engines() -> None:
     assert c_seq == c_vec
     _close(p_vec, p_seq, float(p_seq.abs().max()))
     assert l_vec == pytest.approx(l_seq, rel=1e-5)
+
+
+def test_chunk_size_from_config_changes_nothing_but_the_chunking() -> None:
+    from fedloom.core.config import parse_config
+    from fedloom.federation.builder import build_run
+
+    def final(chunk: int | None) -> torch.Tensor:
+        cfg = {
+            "run": {"rounds": 2, "seed": 3, "engine": "vectorized", "chunk_size": chunk},
+            "data": {"name": "equipment"},
+            "model": {"name": "mlp", "hidden": [16]},
+            "strategy": {"name": "fedavg", "fraction": 1.0},
+            "client": {"epochs": 1, "batch_size": 64, "lr": 0.05, "max_steps": 10},
+        }
+        run = build_run(parse_config(cfg))
+        if chunk is not None:
+            assert run.engine.chunk_size == chunk
+        run.federation.run(2)
+        return run.federation.state.params
+
+    torch.testing.assert_close(final(1), final(None), rtol=1e-5, atol=1e-6)

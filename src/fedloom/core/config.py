@@ -57,6 +57,7 @@ class RunSection(_Strict):
     eval_every: int = Field(1, ge=1)
     federated_eval_every: int = Field(0, ge=0)
     min_updates: int = Field(1, ge=1)
+    chunk_size: int | None = Field(None, ge=1)  # vectorized engine: clients per lockstep chunk (None: automatic)
     store: str | None = None
     checkpoint_every: int = Field(1, ge=1)
     keep_checkpoints: int = Field(3, ge=1)

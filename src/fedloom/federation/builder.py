@@ -112,7 +112,14 @@ def build_run(cfg: RunConfig, *, engine: str | None = None, fresh: bool = False)
         seed=cfg.run.seed,
         **cfg.strategy.options(),
     )
-    eng = build_engine(engine or cfg.run.engine, model_fn=model_fn, dataset=dataset, spec=spec, device=cfg.run.device)
+    eng = build_engine(
+        engine or cfg.run.engine,
+        model_fn=model_fn,
+        dataset=dataset,
+        spec=spec,
+        device=cfg.run.device,
+        chunk_size=cfg.run.chunk_size,
+    )
 
     evaluator = None
     if dataset.server_test is not None:
