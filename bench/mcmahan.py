@@ -20,13 +20,14 @@ import argparse
 import json
 import os
 import platform
+import signal
 import time
 from pathlib import Path
 
 import torch
 
 from fedloom.core.config import parse_config
-from fedloom.federation.builder import build_run
+from fedloom.federation.builder import Run, build_run
 
 ROWS = {
     "2nn-iid": {"model": "2nn", "partition": "iid", "epochs": 1, "target": 0.97, "paper_rounds": 87, "lr": 0.1},
@@ -63,6 +64,18 @@ def run_row(name: str, spec: dict, *, max_rounds: int, budget_s: float, engine: 
     }
     out["rows"][name] = row
     t1 = time.perf_counter()
+    try:
+        _rounds(run, row, spec, max_rounds=max_rounds, budget_s=budget_s, out=out, path=path, name=name, t1=t1)
+    except KeyboardInterrupt:
+        row["stopped"] = f"interrupted after round {row['rounds_run']}"
+        raise
+    finally:
+        row["best_accuracy"] = max(row["accuracy"]) if row["accuracy"] else None
+        path.write_text(json.dumps(out, indent=1))
+
+
+def _rounds(run: Run, row: dict, spec: dict, *, max_rounds: int, budget_s: float, out: dict, path: Path, name: str,
+            t1: float) -> None:
     while run.federation.state.round < max_rounds:
         rec = run.federation.step()
         acc = rec.metrics["test_accuracy"]
@@ -82,11 +95,14 @@ def run_row(name: str, spec: dict, *, max_rounds: int, budget_s: float, engine: 
             break
     else:
         row["stopped"] = f"max rounds {max_rounds}"
-    row["best_accuracy"] = max(row["accuracy"]) if row["accuracy"] else None
-    path.write_text(json.dumps(out, indent=1))
+
+
+def _sigterm(_signum: int, _frame: object) -> None:
+    raise KeyboardInterrupt
 
 
 def main() -> None:
+    signal.signal(signal.SIGTERM, _sigterm)
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--json", type=Path, required=True)
     ap.add_argument("--rows", default=",".join(ROWS))
