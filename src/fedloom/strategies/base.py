@@ -239,6 +239,10 @@ class Strategy(ABC):
         """The next server state given this round's aggregate."""
 
     # ---------------------------------------------------------------- helpers
+    def step(self, params: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+        """The server step ``params + η_g · delta`` (η_g = ``server_lr``)."""
+        return params + self.server_lr * delta.to(params.dtype)
+
     def _next(self, state: ServerState, params: torch.Tensor, **tensors: torch.Tensor) -> ServerState:
         merged = dict(state.tensors)
         merged.update(tensors)

@@ -9,8 +9,6 @@ paper). ``weighted=False`` gives every client the same weight.
 
 from __future__ import annotations
 
-import torch
-
 from fedloom.core.errors import ConfigError
 from fedloom.core.types import Aggregate, TrainConfig
 from fedloom.strategies.base import Aggregator, ServerState, Strategy, WeightedMeanAggregator
@@ -47,7 +45,3 @@ class FedAvg(Strategy):
 
     def apply(self, state: ServerState, aggregate: Aggregate) -> ServerState:
         return self._next(state, self.step(state.params, aggregate.delta))
-
-    def step(self, params: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
-        """``params + η_g · delta`` (shared by the robust subclasses)."""
-        return params + self.server_lr * delta.to(params.dtype)

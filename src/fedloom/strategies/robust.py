@@ -40,10 +40,9 @@ import math
 import torch
 
 from fedloom.core.errors import StrategyError
-from fedloom.core.types import TrainConfig
+from fedloom.core.types import Aggregate, TrainConfig
 from fedloom.strategies._checks import check_int, check_real
-from fedloom.strategies.base import Aggregator, BufferingAggregator, ServerState
-from fedloom.strategies.fedavg import FedAvg
+from fedloom.strategies.base import Aggregator, BufferingAggregator, ServerState, Strategy
 
 __all__ = [
     "FedMedian",
@@ -132,21 +131,13 @@ class KrumAggregator(_Float64Buffer):
         return x[order].mean(dim=0).to(self._out_dtype)
 
 
-class RobustStrategy(FedAvg):
+class RobustStrategy(Strategy):
     """FedAvg's server step over a robust aggregator; no ``weighted`` option (counts are ignored)."""
 
     name = "robust"
 
-    def __init__(
-        self,
-        *,
-        train: TrainConfig | None = None,
-        fraction: float = 0.1,
-        min_clients: int = 1,
-        seed: int = 0,
-        server_lr: float = 1.0,
-    ) -> None:
-        super().__init__(train=train, fraction=fraction, min_clients=min_clients, seed=seed, server_lr=server_lr)
+    def apply(self, state: ServerState, aggregate: Aggregate) -> ServerState:
+        return self._next(state, self.step(state.params, aggregate.delta))
 
 
 class FedMedian(RobustStrategy):
