@@ -32,7 +32,7 @@ def _fmt(v: float) -> str:
 def run(
     config: Annotated[Path, typer.Argument(help="TOML run configuration")],
     set_: Annotated[list[str] | None, typer.Option("--set", help="override: section.key=value (repeatable)")] = None,
-    engine: Annotated[str | None, typer.Option("--engine", help="sequential | vectorized | ray (default: auto)")] = None,
+    engine: Annotated[str | None, typer.Option("--engine", help="sequential | vectorized | ray | remote (default: auto)")] = None,
     out: Annotated[Path | None, typer.Option("--out", help="output directory (default runs/<name>)")] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="no per-round table")] = False,
     resume: Annotated[
@@ -58,8 +58,147 @@ def run(
     try:
         _run_and_report(r, out or Path("runs") / cfg.run.name, quiet=quiet)
     finally:
+        r.engine.close()
         if r.federation.store is not None:
             r.federation.store.close()
+
+
+@app.command()
+def server(
+    config: Annotated[Path, typer.Argument(help="TOML run configuration (its [deploy] table: address, credentials, ...)")],
+    set_: Annotated[list[str] | None, typer.Option("--set", help="override: section.key=value (repeatable)")] = None,
+    out: Annotated[Path | None, typer.Option("--out", help="output directory (default runs/<name>)")] = None,
+    insecure: Annotated[
+        bool, typer.Option("--insecure", help="no TLS, no client authentication: loopback development ONLY")
+    ] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="no per-round lines")] = False,
+    resume: Annotated[bool, typer.Option("--resume/--fresh", help="with run.store set: resume (default) or start over")] = True,
+) -> None:
+    """Serve CONFIG's run to real clients over gRPC (`fedloom client` on each site)."""
+    overrides = list(set_ or [])
+    if insecure:
+        overrides.append("deploy.insecure=true")
+        console.print("[bold red]WARNING: --insecure: no TLS, clients unauthenticated. Loopback development only.[/]")
+    run(config, set_=overrides, engine="remote", out=out, quiet=quiet, resume=resume)
+
+
+@app.command()
+def client(
+    server: Annotated[str, typer.Option("--server", help="HOST:PORT of the fedloom server")],
+    data: Annotated[
+        str,
+        typer.Option(
+            "--data",
+            help="this site's data: FILE.npz (x_train, y_train[, x_test, y_test]) or CONFIG.toml "
+            "(the partition named by --partition or the client id, for demos and tests)",
+        ),
+    ],
+    credentials: Annotated[
+        Path | None, typer.Option("--credentials", help="this client's directory from `fedloom certs client`")
+    ] = None,
+    insecure: Annotated[bool, typer.Option("--insecure", help="no TLS (loopback development only)")] = False,
+    client_id: Annotated[str | None, typer.Option("--client-id", help="client id (insecure mode; else the certificate's)")] = None,
+    partition: Annotated[str | None, typer.Option("--partition", help="with --data CONFIG.toml: which client's partition")] = None,
+    server_name: Annotated[
+        str | None, typer.Option("--server-name", help="TLS name to verify when --server is an address not in the certificate")
+    ] = None,
+    device: Annotated[str, typer.Option("--device")] = "cpu",
+    give_up_after: Annotated[float, typer.Option("--give-up-after", help="seconds without the server before exiting")] = 300.0,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
+) -> None:
+    """Join a deployed run: train on this site's data whenever the server asks."""
+    from fedloom.server.agent import AgentOptions, ClientAgent
+    from fedloom.server.certs import load_client_credentials
+    from fedloom.server.sitedata import load_site_data
+
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    if insecure == (credentials is not None):
+        console.print("[bold red]error:[/] give exactly one of --credentials DIR or --insecure")
+        raise typer.Exit(2)
+    if insecure:
+        console.print("[bold red]WARNING: --insecure: no TLS, no authentication. Loopback development only.[/]")
+    try:
+        cid = client_id if insecure else load_client_credentials(credentials).client_id  # type: ignore[arg-type]
+        if not cid:
+            raise FedloomError("insecure mode needs --client-id")
+        site = load_site_data(data, partition or cid)
+        agent = ClientAgent(
+            site,
+            AgentOptions(
+                server=server,
+                credentials=credentials,
+                client_id=cid,
+                device=device,
+                give_up_after=give_up_after,
+                server_name=server_name,
+            ),
+        )
+        report = agent.run()
+    except FedloomError as exc:
+        console.print(f"[bold red]error:[/] {exc}")
+        raise typer.Exit(1) from None
+    console.print(
+        f"client {cid}: {report.tasks} training tasks, {report.evaluations} evaluations, "
+        f"{report.reconnects} reconnects, {len(report.refused)} results refused"
+    )
+
+
+certs_app = typer.Typer(help="Create the CA, server and client credentials for TLS deployments.")
+app.add_typer(certs_app, name="certs")
+
+
+@certs_app.command("init")
+def certs_init(
+    directory: Annotated[Path, typer.Argument(help="where to create ca/, server/ and clients/")] = Path("certs"),
+    hosts: Annotated[list[str] | None, typer.Option("--host", help="server host name or IP (repeatable)")] = None,
+    clients: Annotated[list[str] | None, typer.Option("--client", help="client id to issue credentials for (repeatable)")] = None,
+) -> None:
+    """A new CA in DIR/ca, the server's credentials in DIR/server, and DIR/clients/<id> per --client."""
+    from fedloom.server import certs
+
+    try:
+        certs.create_ca(directory / "ca")
+        certs.issue_server(directory / "ca", directory / "server", hosts=hosts or [])
+        for cid in clients or []:
+            certs.issue_client(directory / "ca", directory / "clients" / cid, cid)
+    except certs.CertError as exc:
+        console.print(f"[bold red]error:[/] {exc}")
+        raise typer.Exit(2) from None
+    console.print(f"CA: {directory / 'ca'} (keep ca.key secret)\nserver: {directory / 'server'}")
+    for cid in clients or []:
+        console.print(f"client {cid}: {directory / 'clients' / cid}")
+
+
+@certs_app.command("client")
+def certs_client(
+    client_id: Annotated[str, typer.Argument(help="the new client's id")],
+    directory: Annotated[Path, typer.Option("--dir", help="the directory given to `fedloom certs init`")] = Path("certs"),
+) -> None:
+    """Issue credentials for one more client (DIR/clients/<id>): hand that directory to the site."""
+    from fedloom.server import certs
+
+    try:
+        certs.issue_client(directory / "ca", directory / "clients" / client_id, client_id)
+    except certs.CertError as exc:
+        console.print(f"[bold red]error:[/] {exc}")
+        raise typer.Exit(2) from None
+    console.print(f"client {client_id}: {directory / 'clients' / client_id}")
+
+
+@certs_app.command("revoke")
+def certs_revoke(
+    client_id: Annotated[str, typer.Argument(help="the client to shut out")],
+    directory: Annotated[Path, typer.Option("--dir", help="the directory given to `fedloom certs init`")] = Path("certs"),
+) -> None:
+    """Revoke a client's certificate (DIR/ca/revoked.txt; set deploy.revoked to it): the server refuses it at once."""
+    from fedloom.server import certs
+
+    try:
+        serial = certs.revoke(directory / "ca", directory / "clients" / client_id / certs.CLIENT_CERT)
+    except certs.CertError as exc:
+        console.print(f"[bold red]error:[/] {exc}")
+        raise typer.Exit(2) from None
+    console.print(f"revoked {client_id} (serial {serial:x}) in {directory / 'ca' / certs.REVOKED}")
 
 
 def _run_and_report(r: Run, out_dir: Path, *, quiet: bool) -> None:

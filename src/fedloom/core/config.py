@@ -1,6 +1,6 @@
 """Run configuration: TOML files validated with pydantic into frozen, typed sections.
 
-A config has five tables: ``[run]`` (seed, rounds, engine, evaluation cadence, and the
+A config has five tables (and ``[deploy]`` for ``fedloom server``): ``[run]`` (seed, rounds, engine, evaluation cadence, and the
 optional run store with its checkpoint cadence),
 ``[data]`` (dataset name and its options), ``[model]`` (model name and options),
 ``[strategy]`` (name, selection, and the strategy's own hyperparameters) and ``[client]``
@@ -24,6 +24,7 @@ from fedloom.core.types import TrainConfig
 __all__ = [
     "ClientSection",
     "DataSection",
+    "DeploySection",
     "ModelSection",
     "RunConfig",
     "RunSection",
@@ -103,22 +104,43 @@ class ClientSection(_Strict):
         )
 
 
+class DeploySection(_Strict):
+    """``[deploy]``: the server side of a deployment over gRPC (``fedloom server``)."""
+
+    address: str = "0.0.0.0:8765"
+    insecure: bool = False  # plaintext, clients unauthenticated: loopback development only
+    credentials: str | None = None  # directory with server.pem, server.key, ca.pem (fedloom certs)
+    revoked: str | None = None  # revocation list (fedloom certs revoke), re-read when it changes
+    round_timeout: float = Field(600.0, gt=0.0)  # seconds a round waits for updates
+    min_clients: int = Field(1, ge=1)  # live clients needed before a round is selected
+    wait_timeout: float = Field(3600.0, gt=0.0)  # how long to wait for them
+    heartbeat_interval: float = Field(5.0, gt=0.0)
+    heartbeat_timeout: float = Field(30.0, gt=0.0)  # a client silent this long is not live
+    over_selection: float = Field(0.0, ge=0.0, le=10.0)  # extra fraction of clients asked each round
+    round_retries: int = Field(2, ge=0)  # retries of a round with too few updates
+    max_workers: int = Field(256, ge=4)  # gRPC worker threads (long polls hold one each)
+    max_pull_wait: float = Field(10.0, gt=0.0)
+
+
 class RunConfig(_Strict):
     run: RunSection = RunSection()
     data: DataSection
     model: ModelSection
     strategy: StrategySection = StrategySection()
     client: ClientSection = ClientSection()
+    deploy: DeploySection = DeploySection()
 
     def identity(self) -> dict[str, Any]:
         """The settings that determine the run's results, as JSON-able data.
 
         The whole config minus where and how often it is persisted (``run.store``,
         ``run.checkpoint_every``, ``run.keep_checkpoints``) and the number of rounds (rounds
-        1..k do not depend on it, so a finished run can be extended by raising it): a store
-        resumes a run only if this is unchanged.
+        1..k do not depend on it, so a finished run can be extended by raising it), and the
+        ``[deploy]`` settings (network, credentials, timeouts): a store resumes a run only if
+        this is unchanged.
         """
         data = self.model_dump(mode="json")
+        data.pop("deploy")
         for key in ("store", "checkpoint_every", "keep_checkpoints", "rounds"):
             data["run"].pop(key)
         return data

@@ -75,5 +75,13 @@ class Engine(ABC):
     ) -> Iterator[tuple[str, int, dict[str, float]]]:
         """Federated evaluation: (client id, test examples, metrics) on each client's own test split."""
 
+    def take_rejections(self) -> dict[str, str]:
+        """Results refused before they became updates during the last cohort (client id -> reason).
+
+        Remote engines refuse malformed or forged results at the door; the round loop records
+        them with its own rejections. Simulation engines have none.
+        """
+        return {}
+
     def close(self) -> None:
         """Release resources (processes, sockets). The default has none."""

@@ -24,6 +24,7 @@ from fedloom.engines.sequential import SequentialEngine
 from fedloom.engines.vectorized import VectorizedEngine, lockstep_program
 from fedloom.federation.loop import Federation
 from fedloom.models.registry import build_model
+from fedloom.server.deploy import run_info, start_remote_engine
 from fedloom.server.store import RunHandle, Store
 from fedloom.strategies.base import Strategy
 from fedloom.strategies.registry import build_strategy
@@ -87,7 +88,9 @@ def build_engine(
 def build_run(cfg: RunConfig, *, engine: str | None = None, fresh: bool = False) -> Run:
     """Build dataset, model, strategy, engine and the :class:`Federation` for ``cfg``.
 
-    With ``run.store`` set, the run is opened in that :class:`Store` and resumes from its
+    Engine ``remote`` starts the gRPC server of ``[deploy]`` and trains on the clients that
+    connect to it (``fedloom server``); the dataset then only provides the task and the
+    server's test split. With ``run.store`` set, the run is opened in that :class:`Store` and resumes from its
     latest checkpoint if the store holds it with the same config; ``fresh`` starts it over.
     """
     try:
@@ -112,14 +115,24 @@ def build_run(cfg: RunConfig, *, engine: str | None = None, fresh: bool = False)
         seed=cfg.run.seed,
         **cfg.strategy.options(),
     )
-    eng = build_engine(
-        engine or cfg.run.engine,
-        model_fn=model_fn,
-        dataset=dataset,
-        spec=spec,
-        device=cfg.run.device,
-        chunk_size=cfg.run.chunk_size,
-    )
+    engine_name = engine or cfg.run.engine
+    remote = engine_name == "remote"
+    if remote:
+        eng: Engine = start_remote_engine(
+            cfg.deploy,
+            spec=spec,
+            dtype=init_vec.dtype,
+            info=run_info(cfg.model.name, cfg.model.options(), task),
+        )
+    else:
+        eng = build_engine(
+            engine_name,
+            model_fn=model_fn,
+            dataset=dataset,
+            spec=spec,
+            device=cfg.run.device,
+            chunk_size=cfg.run.chunk_size,
+        )
 
     evaluator = None
     if dataset.server_test is not None:
@@ -146,5 +159,7 @@ def build_run(cfg: RunConfig, *, engine: str | None = None, fresh: bool = False)
         store=store,
         run_handle=handle,
         checkpoint_every=cfg.run.checkpoint_every,
+        over_selection=cfg.deploy.over_selection if remote else 0.0,
+        round_retries=cfg.deploy.round_retries if remote else 0,
     )
     return Run(cfg, dataset, model_fn, spec, strategy, eng, federation)

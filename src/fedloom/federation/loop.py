@@ -4,7 +4,13 @@ Each round: select a cohort, build each client's instruction, stream the engine'
 through validation into the strategy's aggregator, apply the aggregate, evaluate, record.
 A malformed update (wrong shape, NaN, unknown or duplicate client) is rejected with a
 logged reason and the round goes on; a round with fewer valid updates than
-``min_updates`` leaves the global model unchanged and is recorded as ``insufficient``.
+``min_updates`` is retried up to ``round_retries`` times (a fresh selection among the
+clients available then); if it still falls short the global model is left unchanged and the
+round is recorded as ``insufficient``: the run goes on either way.
+
+Over-selection (``over_selection`` > 0, for deployments with dropouts) asks
+``ceil(m * over_selection)`` extra clients besides the ``m`` selected, and closes the round
+once ``m`` valid updates are in; the engine cancels the remaining clients' work.
 
 With a :class:`~fedloom.server.store.Store`, construction resumes from the run's latest
 valid checkpoint (server state, client states, history up to it; later records are dropped
@@ -16,20 +22,23 @@ at round k therefore always has records for rounds 1..k.
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import Callable
 from contextlib import suppress
 from dataclasses import replace
 from typing import TYPE_CHECKING
 
+import numpy as np
 import torch
 
 from fedloom.core.errors import InvalidUpdateError, StoreError, StrategyError
 from fedloom.core.params import ParamSpec
+from fedloom.core.seeding import derive_seed
 from fedloom.core.types import ClientUpdate
 from fedloom.engines.base import Engine
 from fedloom.federation.history import History, RoundRecord
-from fedloom.strategies.base import ServerState, Strategy
+from fedloom.strategies.base import Aggregator, ServerState, Strategy
 
 if TYPE_CHECKING:  # the store imports the history module; the loop only calls it
     from fedloom.server.store import RunHandle, Store
@@ -73,11 +82,19 @@ class Federation:
         store: Store | None = None,
         run_handle: RunHandle | None = None,
         checkpoint_every: int = 1,
+        over_selection: float = 0.0,
+        round_retries: int = 0,
     ) -> None:
         if (store is None) != (run_handle is None):
             raise ValueError("store and run_handle go together: run_handle = store.start_or_resume_run(...)")
         if checkpoint_every < 1:
             raise ValueError(f"checkpoint_every must be >= 1, got {checkpoint_every}")
+        if not (0.0 <= over_selection <= 10.0):
+            raise ValueError(f"over_selection must be in [0, 10], got {over_selection}")
+        if round_retries < 0:
+            raise ValueError(f"round_retries must be >= 0, got {round_retries}")
+        self.over_selection = over_selection
+        self.round_retries = round_retries
         self.strategy = strategy
         self.engine = engine
         self.spec = spec
@@ -135,31 +152,24 @@ class Federation:
         """
         t0 = time.perf_counter()
         rnd = self.state.round + 1
-        cohort = self.strategy.select(rnd, self.engine.available_clients())
-        instructions = [self.strategy.client_config(self.state, rnd, cid) for cid in cohort]
-        expected = set(cohort)
-        aggregator = self.strategy.aggregator(self.state, rnd)
-        params_bytes = _nbytes(self.state.params)
-        bytes_down = sum(params_bytes + sum(_nbytes(t) for t in ins.payload.values()) for ins in instructions)
-        bytes_up = 0
-        accepted: list[str] = []
+        bytes_down = bytes_up = 0
         rejected: dict[str, str] = {}
-        for update in self.engine.run_cohort(self.state.params, instructions):
-            bytes_up += _nbytes(update.delta) + sum(_nbytes(t) for t in update.extras.values())
-            try:
-                self._check(update, expected, rnd)
-                aggregator.add(update)
-            except (InvalidUpdateError, StrategyError) as exc:
-                reason = getattr(exc, "reason", str(exc))
-                rejected[update.client_id] = reason
-                log.warning("round %d: rejected update from %r: %s", rnd, update.client_id, reason)
-                continue
-            expected.discard(update.client_id)
-            accepted.append(update.client_id)
+        attempt = 0
+        while True:
+            aggregator, accepted, down, up = self._attempt(rnd, attempt, rejected)
+            bytes_down += down
+            bytes_up += up
+            if len(accepted) >= self.min_updates or attempt >= self.round_retries:
+                break
+            attempt += 1
+            log.warning(
+                "round %d: %d valid updates < min_updates %d; retrying (attempt %d of %d)",
+                rnd, len(accepted), self.min_updates, attempt + 1, self.round_retries + 1,
+            )  # fmt: skip
 
         metrics: dict[str, float] = {}
         status = "ok"
-        if len(accepted) >= self.min_updates:
+        if aggregator is not None and len(accepted) >= self.min_updates:
             aggregate = aggregator.result()
             self.state = self.strategy.apply(self.state, aggregate)
             metrics.update({f"train_{k}" if not k.startswith("train_") else k: v for k, v in aggregate.metrics.items()})
@@ -192,6 +202,56 @@ class Federation:
                     self.run_handle, self.state, self.engine.client_states.to_tensors(), self.spec
                 )
         return record
+
+    def _attempt(
+        self, rnd: int, attempt: int, rejected: dict[str, str]
+    ) -> tuple[Aggregator | None, list[str], int, int]:
+        """One try at round ``rnd``: select, dispatch, stream the updates into a fresh aggregator."""
+        try:
+            available = self.engine.available_clients()
+            cohort = self.strategy.select(rnd, available)
+        except StrategyError as exc:
+            if not self.round_retries:
+                raise  # nothing will change: a configuration error, not a dropout
+            log.warning("round %d: cannot select a cohort: %s", rnd, exc)
+            return None, [], 0, 0
+        target = len(cohort)
+        if self.over_selection > 0.0:
+            rest = sorted(set(available) - set(cohort))
+            extra = min(len(rest), math.ceil(target * self.over_selection))
+            if extra:
+                rng = np.random.default_rng([derive_seed(self.strategy.seed, "over-selection"), rnd, attempt])
+                cohort = cohort + sorted(rest[i] for i in rng.choice(len(rest), size=extra, replace=False))
+        instructions = [self.strategy.client_config(self.state, rnd, cid) for cid in cohort]
+        expected = set(cohort)
+        aggregator = self.strategy.aggregator(self.state, rnd)
+        params_bytes = _nbytes(self.state.params)
+        bytes_down = sum(params_bytes + sum(_nbytes(t) for t in ins.payload.values()) for ins in instructions)
+        bytes_up = 0
+        accepted: list[str] = []
+        stream = self.engine.run_cohort(self.state.params, instructions)
+        try:
+            for update in stream:
+                bytes_up += _nbytes(update.delta) + sum(_nbytes(t) for t in update.extras.values())
+                try:
+                    self._check(update, expected, rnd)
+                    aggregator.add(update)
+                except (InvalidUpdateError, StrategyError) as exc:
+                    reason = getattr(exc, "reason", str(exc))
+                    rejected[update.client_id] = reason
+                    log.warning("round %d: rejected update from %r: %s", rnd, update.client_id, reason)
+                    continue
+                expected.discard(update.client_id)
+                accepted.append(update.client_id)
+                if self.over_selection > 0.0 and len(accepted) >= target:
+                    break  # over-selection: enough updates, the engine cancels the rest
+        finally:
+            close = getattr(stream, "close", None)
+            if close is not None:
+                close()
+            for cid, reason in self.engine.take_rejections().items():
+                rejected[cid] = reason
+        return aggregator, accepted, bytes_down, bytes_up
 
     def federated_evaluation(self) -> dict[str, float]:
         """Example-weighted mean of every client's metrics on its own test split (``fed_*``)."""

@@ -1,0 +1,288 @@
+"""The client process of a deployment: connect, pull work, train locally, push the result.
+
+:class:`ClientAgent` dials the server (so a site behind a firewall only needs outbound
+access), registers, and loops: long-poll for a task, run the same
+:func:`~fedloom.client.training.train_local` the simulation engines run, sign and stream
+the update back. A background thread heartbeats. If the server goes away (crash, restart,
+network cut) the agent reconnects with exponential backoff and registers again, up to
+``give_up_after`` seconds without contact; it stops when the server says the run is over.
+Client state that must survive rounds (SCAFFOLD's c_i) stays in the agent.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import grpc
+import torch
+from torch import nn
+
+from fedloom.client.evaluate import evaluate_vector
+from fedloom.client.training import train_local
+from fedloom.core.errors import FedloomError
+from fedloom.core.params import ParamSpec
+from fedloom.core.types import ClientInstruction, TrainConfig
+from fedloom.data.base import ClientData, TaskSpec
+from fedloom.models.registry import build_model
+from fedloom.server import certs
+from fedloom.server.proto import fedloom_pb2 as pb
+from fedloom.server.proto import fedloom_pb2_grpc as pb_grpc
+from fedloom.server.service import GRPC_OPTIONS, spec_digest
+from fedloom.server.wire import Message, WireError, decode, encode
+
+__all__ = ["AgentError", "AgentOptions", "AgentReport", "ClientAgent", "task_from_dict"]
+
+log = logging.getLogger("fedloom.client")
+
+_RETRYABLE = {
+    grpc.StatusCode.UNAVAILABLE,
+    grpc.StatusCode.DEADLINE_EXCEEDED,
+    grpc.StatusCode.INTERNAL,
+    grpc.StatusCode.UNKNOWN,
+    grpc.StatusCode.CANCELLED,
+    grpc.StatusCode.RESOURCE_EXHAUSTED,
+    grpc.StatusCode.ABORTED,
+}
+
+
+class AgentError(FedloomError):
+    """The client cannot go on (refused credentials, incompatible model, server gone for good)."""
+
+
+@dataclass(frozen=True)
+class AgentOptions:
+    """How a client connects. ``credentials`` is a directory from ``fedloom certs client``;
+    None means insecure mode, where ``client_id`` must be given."""
+
+    server: str
+    credentials: Path | None = None
+    client_id: str | None = None
+    device: str = "cpu"
+    pull_wait: float = 10.0
+    retry_initial: float = 0.2
+    retry_max: float = 5.0
+    give_up_after: float = 300.0
+    server_name: str | None = None  # TLS name to check if ``server`` is an address not in the certificate
+
+
+@dataclass
+class AgentReport:
+    """What an agent did before it stopped."""
+
+    tasks: int = 0
+    evaluations: int = 0
+    refused: list[str] = field(default_factory=list)
+    reconnects: int = 0
+    bytes_up: int = 0
+    bytes_down: int = 0
+
+
+def task_from_dict(data: dict[str, Any]) -> TaskSpec:
+    """A :class:`TaskSpec` from its JSON form (lists back to tuples)."""
+    d = dict(data)
+    for key in ("input_shape", "metrics", "feature_names"):
+        if key in d:
+            d[key] = tuple(d[key])
+    return TaskSpec(**d)
+
+
+class ClientAgent:
+    """One data holder's process (see the module docstring)."""
+
+    def __init__(self, data: ClientData, options: AgentOptions) -> None:
+        self.data = data
+        self.options = options
+        self.creds = certs.load_client_credentials(options.credentials) if options.credentials is not None else None
+        if self.creds is None and not options.client_id:
+            raise AgentError("insecure mode needs a client id (--client-id)")
+        if self.creds is not None and options.client_id and options.client_id != self.creds.client_id:
+            raise AgentError(f"--client-id {options.client_id!r} differs from the certificate's {self.creds.client_id!r}")
+        self.client_id = self.creds.client_id if self.creds is not None else str(options.client_id)
+        self.device = torch.device(options.device)
+        self.state: dict[str, torch.Tensor] = {}
+        self.report = AgentReport()
+        self._session: str | None = None
+        self._model: nn.Module | None = None
+        self._spec: ParamSpec | None = None
+        self._task: TaskSpec | None = None
+        self._stop = threading.Event()
+        self._channel: grpc.Channel | None = None
+        self._stub: pb_grpc.FleetStub | None = None
+        self._hb_interval = 5.0
+
+    # ------------------------------------------------------------ connection
+    def _connect(self) -> pb_grpc.FleetStub:
+        if self._stub is None:
+            if self.creds is None:
+                self._channel = grpc.insecure_channel(self.options.server, options=GRPC_OPTIONS)
+            else:
+                tls = grpc.ssl_channel_credentials(
+                    root_certificates=self.creds.ca_pem,
+                    private_key=self.creds.key_pem,
+                    certificate_chain=self.creds.cert_pem,
+                )
+                opts = list(GRPC_OPTIONS)
+                if self.options.server_name:
+                    opts.append(("grpc.ssl_target_name_override", self.options.server_name))
+                self._channel = grpc.secure_channel(self.options.server, tls, options=opts)
+            self._stub = pb_grpc.FleetStub(self._channel)
+        return self._stub
+
+    def _register(self) -> None:
+        stub = self._connect()
+        test_n = len(self.data.test) if self.data.test is not None else 0
+        reply = stub.Register(
+            pb.RegisterRequest(
+                client_id=self.client_id, num_examples=self.data.num_examples, num_test_examples=test_n, version="0.1.0"
+            ),
+            timeout=30,
+        )
+        info = json.loads(reply.run_json)
+        if self._model is None:
+            self._task = task_from_dict(info["task"])
+            self._model = build_model(info["model"]["name"], self._task, **info["model"].get("options", {})).to(self.device)
+            self._spec = ParamSpec.from_module(self._model)
+        assert self._spec is not None
+        if spec_digest(self._spec) != reply.spec_digest:
+            raise AgentError("the server's model layout differs from the one this client built (version mismatch?)")
+        self._session = reply.session
+        self._hb_interval = max(0.5, reply.heartbeat_interval)
+        log.info("client %r registered with %s", self.client_id, self.options.server)
+
+    def _heartbeat_loop(self) -> None:
+        while not self._stop.wait(self._hb_interval):
+            session, stub = self._session, self._stub
+            if session is None or stub is None:
+                continue
+            try:
+                if not stub.Heartbeat(pb.HeartbeatRequest(session=session), timeout=10).known:
+                    self._session = None  # the main loop registers again
+            except grpc.RpcError:
+                pass  # the main loop handles reconnection
+
+    # ------------------------------------------------------------ main loop
+    def run(self, *, max_tasks: int | None = None) -> AgentReport:
+        """Serve the run until the server ends it (or ``max_tasks`` training tasks are done)."""
+        hb = threading.Thread(target=self._heartbeat_loop, name="heartbeat", daemon=True)
+        hb.start()
+        delay = self.options.retry_initial
+        last_contact = time.monotonic()
+        try:
+            while max_tasks is None or self.report.tasks < max_tasks:
+                try:
+                    if self._session is None:
+                        self._register()
+                    if not self._serve_one():
+                        break
+                    delay = self.options.retry_initial
+                    last_contact = time.monotonic()
+                except grpc.RpcError as exc:
+                    code = exc.code()
+                    if code == grpc.StatusCode.NOT_FOUND:
+                        self._session = None
+                        continue
+                    if code not in _RETRYABLE:
+                        raise AgentError(f"server refused this client: {code.name}: {exc.details()}") from None
+                    if time.monotonic() - last_contact > self.options.give_up_after:
+                        raise AgentError(
+                            f"no contact with {self.options.server} for {self.options.give_up_after:.0f} s: giving up"
+                        ) from None
+                    log.info("server unreachable (%s); retrying in %.1f s", code.name, delay)
+                    self._reset_channel()
+                    self.report.reconnects += 1
+                    time.sleep(delay * (0.5 + random.random()))
+                    delay = min(delay * 2, self.options.retry_max)
+        finally:
+            self._stop.set()
+            self._leave()
+        return self.report
+
+    def _reset_channel(self) -> None:
+        if self._channel is not None:
+            self._channel.close()
+        self._channel = self._stub = None
+        self._session = None
+
+    def _leave(self) -> None:
+        if self._stub is not None and self._session is not None:
+            try:
+                self._stub.Leave(pb.LeaveRequest(session=self._session), timeout=5)
+            except grpc.RpcError:
+                pass
+        if self._channel is not None:
+            self._channel.close()
+
+    def _serve_one(self) -> bool:
+        """Pull one message and act on it; False when the run is over."""
+        stub = self._connect()
+        assert self._spec is not None and self._session is not None
+        wait = self.options.pull_wait
+        max_bytes = 2 * self._spec.numel * 8 + (1 << 20)
+        chunks = stub.PullTask(pb.PullTaskRequest(session=self._session, wait_seconds=wait), timeout=wait + 120)
+        try:
+            msg = decode(chunks, max_bytes=max_bytes, kinds={"task", "evaluate", "idle", "shutdown"})
+        except WireError as exc:
+            log.warning("malformed message from the server (%s); pulling again", exc)
+            return True
+        if msg.kind == "idle":
+            return True
+        if msg.kind == "shutdown":
+            log.info("the server ended the run")
+            return False
+        self.report.bytes_down += sum(t.numel() * t.element_size() for t in msg.tensors.values())
+        try:
+            kind, meta, tensors = self._work(msg)
+        except (FedloomError, ValueError, TypeError, KeyError, RuntimeError) as exc:
+            log.warning("task failed: %s", exc)
+            kind, meta, tensors = "failure", {"reason": f"{type(exc).__name__}: {exc}"}, {}
+        meta = {**meta, "session": self._session, "task_id": msg.meta.get("task_id", "")}
+        sign = (lambda data: certs.sign(self.creds.key_pem, data)) if self.creds is not None else None
+        reply = stub.PushResult(self._counted(encode(kind, meta, tensors, sign=sign)), timeout=600)
+        if not reply.accepted:
+            log.warning("server refused our %s: %s", kind, reply.reason)
+            self.report.refused.append(reply.reason)
+        return True
+
+    def _counted(self, chunks: Iterator[pb.Chunk]) -> Iterator[pb.Chunk]:
+        for c in chunks:
+            self.report.bytes_up += len(c.data.payload)
+            yield c
+
+    def _work(self, msg: Message) -> tuple[str, dict[str, Any], dict[str, torch.Tensor]]:
+        assert self._spec is not None and self._model is not None and self._task is not None
+        params = msg.tensors.get("params")
+        if params is None:
+            raise ValueError("task without params")
+        self._spec.check_vector(params)
+        g = params.to(self.device)
+        if msg.kind == "evaluate":
+            test = self.data.test
+            if test is None or len(test) == 0:
+                self.report.evaluations += 1
+                return "eval_result", {"num_examples": 0, "metrics": {}}, {}
+            metrics = evaluate_vector(self._model, self._spec, g, test, self._task)
+            self.report.evaluations += 1
+            return "eval_result", {"num_examples": len(test), "metrics": metrics}, {}
+        m = msg.meta
+        train = dict(m["train"])
+        train["betas"] = tuple(train.get("betas", (0.9, 0.999)))
+        payload = {k.removeprefix("payload/"): v.to(self.device) for k, v in msg.tensors.items() if k.startswith("payload/")}
+        ins = ClientInstruction(
+            round=int(m["round"]), client_id=self.client_id, train=TrainConfig(**train), seed=int(m["seed"]), payload=payload
+        )
+        result = train_local(self._model, self._spec, g, self.data.train, ins, client_state=self.state)
+        self.state = dict(result.state)
+        up = result.update
+        tensors = {"delta": up.delta.cpu(), **{f"extras/{k}": v.cpu() for k, v in up.extras.items()}}
+        self.report.tasks += 1
+        log.info("round %d: trained on %d examples (%d steps)", ins.round, up.num_examples, up.num_steps)
+        meta = {"round": up.round, "num_examples": up.num_examples, "num_steps": up.num_steps, "metrics": dict(up.metrics)}
+        return "update", meta, tensors

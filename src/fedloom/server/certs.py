@@ -1,0 +1,651 @@
+"""PKI for remote deployment: a private CA, server and per-client certificates, revocation, signatures.
+
+fedloom's remote mode runs over gRPC with mutual TLS: the server proves who it is with a
+certificate for its host names, and every client proves who it is with a certificate whose
+subject common name (CN) is its client id. All of them are signed by one private CA that
+the operator of the federation keeps. This module makes and reads those files::
+
+    ca/ca.pem  ca/ca.key  ca/revoked.txt           create_ca, revoke
+    server/server.pem  server/server.key  server/ca.pem    issue_server
+    creds/site-a/client.pem  creds/site-a/client.key  creds/site-a/ca.pem   issue_client
+
+Keys are ECDSA on P-256 (SECG secp256r1), certificates are signed with SHA-256 (X.509 as
+in RFC 5280). Private keys are written unencrypted as PKCS#8 PEM with file mode ``0o600``,
+and a new directory is created with mode ``0o700``; nothing is ever overwritten unless
+``overwrite=True``.
+
+Revocation is a plain list: ``revoked.txt`` holds one certificate serial number per line,
+in hexadecimal. The server loads it with :func:`load_revoked` and refuses a peer whose
+serial (see :func:`peer_identity`) is in it; TLS itself does not consult it.
+
+:func:`sign` and :func:`verify` sign client updates with the client's TLS key, so an update
+can be attributed to a client certificate independently of the channel it came over.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import re
+import tempfile
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+
+from cryptography import x509
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric.types import CertificatePublicKeyTypes
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from fedloom.core.errors import FedloomError
+
+__all__ = [
+    "CA_CERT",
+    "CA_KEY",
+    "CLIENT_CERT",
+    "CLIENT_KEY",
+    "REVOKED",
+    "SERVER_CERT",
+    "SERVER_KEY",
+    "CertError",
+    "CertPaths",
+    "ClientCredentials",
+    "PeerIdentity",
+    "ServerCredentials",
+    "create_ca",
+    "issue_client",
+    "issue_server",
+    "load_client_credentials",
+    "load_revoked",
+    "load_server_credentials",
+    "peer_identity",
+    "revoke",
+    "sign",
+    "validate_client_id",
+    "verify",
+    "verify_issued_by",
+]
+
+CA_CERT = "ca.pem"
+CA_KEY = "ca.key"
+SERVER_CERT = "server.pem"
+SERVER_KEY = "server.key"
+CLIENT_CERT = "client.pem"
+CLIENT_KEY = "client.key"
+REVOKED = "revoked.txt"
+
+_CLIENT_ID = re.compile(r"[A-Za-z0-9._-]{1,64}")
+_LABEL = r"[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?"
+_DNS_NAME = re.compile(rf"(?:\*\.)?{_LABEL}(?:\.{_LABEL})*\.?")  # optional leading wildcard label
+_CLOCK_SKEW = timedelta(minutes=5)  # not_valid_before is backdated this much
+_KEY_MODE = 0o600
+_CERT_MODE = 0o644
+_DIR_MODE = 0o700
+
+
+class CertError(FedloomError):
+    """A certificate or key cannot be made, read or used (missing file, bad id, wrong CA, ...)."""
+
+
+@dataclass(frozen=True)
+class CertPaths:
+    """Where :func:`create_ca`, :func:`issue_server` or :func:`issue_client` wrote its files."""
+
+    cert: Path
+    key: Path
+    ca: Path
+
+
+@dataclass(frozen=True)
+class ClientCredentials:
+    """A client's TLS material, as PEM bytes ready for ``grpc.ssl_channel_credentials``."""
+
+    client_id: str
+    cert_pem: bytes
+    key_pem: bytes = field(repr=False)
+    ca_pem: bytes
+
+
+@dataclass(frozen=True)
+class ServerCredentials:
+    """The server's TLS material, as PEM bytes ready for ``grpc.ssl_server_credentials``."""
+
+    cert_pem: bytes
+    key_pem: bytes = field(repr=False)
+    ca_pem: bytes
+
+
+@dataclass(frozen=True)
+class PeerIdentity:
+    """Who a certificate names: its subject CN (a client id), serial number and public key."""
+
+    common_name: str
+    serial: int
+    public_key: CertificatePublicKeyTypes
+
+
+# --------------------------------------------------------------------------- creation
+
+
+def create_ca(
+    directory: Path,
+    *,
+    name: str = "fedloom CA",
+    days: int = 3650,
+    overwrite: bool = False,
+) -> CertPaths:
+    """Create a self-signed CA: ``ca.pem`` and ``ca.key`` (mode 0o600) in ``directory``.
+
+    Raises :class:`CertError` if either file exists and ``overwrite`` is false: replacing a
+    CA invalidates every certificate it issued.
+    """
+    directory = Path(directory)
+    _check_days(days)
+    if not name or len(name) > 64:
+        raise CertError(f"CA name must be 1-64 characters, got {len(name)}: {name!r}")
+    cert_path, key_path = directory / CA_CERT, directory / CA_KEY
+    _refuse_existing([cert_path, key_path], overwrite=overwrite, what="CA")
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
+    now = datetime.now(timezone.utc)
+    ski = x509.SubjectKeyIdentifier.from_public_key(key.public_key())
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - _CLOCK_SKEW)
+        .not_valid_after(now + timedelta(days=days))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=True,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                key_cert_sign=True,
+                crl_sign=True,
+                encipher_only=False,
+                decipher_only=False,
+            ),
+            critical=True,
+        )
+        .add_extension(ski, critical=False)
+        .sign(key, hashes.SHA256())
+    )
+    _make_dir(directory)
+    _write(key_path, _key_bytes(key), mode=_KEY_MODE)
+    _write(cert_path, cert.public_bytes(serialization.Encoding.PEM), mode=_CERT_MODE)
+    return CertPaths(cert=cert_path, key=key_path, ca=cert_path)
+
+
+def issue_server(
+    ca_dir: Path,
+    out_dir: Path,
+    *,
+    hosts: Sequence[str],
+    days: int = 825,
+    overwrite: bool = False,
+) -> CertPaths:
+    """Issue the server's certificate: ``server.pem``, ``server.key`` and ``ca.pem`` in ``out_dir``.
+
+    Each host becomes a SubjectAlternativeName: an IP address if it parses as one, else a DNS
+    name. ``localhost`` and ``127.0.0.1`` are always added. The subject CN is the first host
+    (``localhost`` if none is given). The validity is clipped to the CA's.
+    """
+    if isinstance(hosts, (str, bytes)):
+        raise CertError(f"hosts must be a sequence of host names, not a single string: {hosts!r}")
+    names: list[x509.GeneralName] = []
+    for host in [*hosts, "localhost", "127.0.0.1"]:
+        general = _general_name(host)
+        if general not in names:
+            names.append(general)
+    first = str(hosts[0]).strip() if hosts else "localhost"
+    cn = first if len(first) <= 64 else "fedloom server"
+    out_dir = Path(out_dir)
+    return _issue(
+        ca_dir,
+        out_dir / SERVER_CERT,
+        out_dir / SERVER_KEY,
+        cn=cn,
+        eku=ExtendedKeyUsageOID.SERVER_AUTH,
+        san=names,
+        days=days,
+        overwrite=overwrite,
+        what="server",
+    )
+
+
+def issue_client(
+    ca_dir: Path,
+    out_dir: Path,
+    client_id: str,
+    *,
+    days: int = 825,
+    overwrite: bool = False,
+) -> CertPaths:
+    """Issue one client's credentials: ``client.pem``, ``client.key`` and ``ca.pem`` in ``out_dir``.
+
+    The certificate's subject CN is ``client_id`` (see :func:`validate_client_id`) and its
+    extended key usage is clientAuth. ``out_dir`` is that client's credentials directory,
+    for example ``creds/site-a/``.
+    """
+    validate_client_id(client_id)
+    out_dir = Path(out_dir)
+    return _issue(
+        ca_dir,
+        out_dir / CLIENT_CERT,
+        out_dir / CLIENT_KEY,
+        cn=client_id,
+        eku=ExtendedKeyUsageOID.CLIENT_AUTH,
+        san=None,
+        days=days,
+        overwrite=overwrite,
+        what=f"client {client_id!r}",
+    )
+
+
+def validate_client_id(client_id: str) -> str:
+    """Return ``client_id`` if it is 1-64 characters of ``[A-Za-z0-9._-]``, else raise :class:`CertError`.
+
+    ``.`` and ``..`` are refused too: a client id also names a credentials directory.
+    """
+    if not isinstance(client_id, str):
+        raise CertError(f"client id must be a string, got {type(client_id).__name__}")
+    if not client_id:
+        raise CertError("client id is empty: it must be 1-64 characters of A-Z a-z 0-9 . _ -")
+    if len(client_id) > 64:
+        raise CertError(f"client id {client_id!r} is {len(client_id)} characters long: at most 64 allowed")
+    if not _CLIENT_ID.fullmatch(client_id):
+        bad = sorted({c for c in client_id if not re.fullmatch(r"[A-Za-z0-9._-]", c)})
+        raise CertError(
+            f"client id {client_id!r} contains {''.join(bad)!r}: only A-Z a-z 0-9 . _ - are allowed"
+        )
+    if client_id in (".", ".."):
+        raise CertError(f"client id {client_id!r} is not allowed: it is a path component")
+    return client_id
+
+
+# --------------------------------------------------------------------------- revocation
+
+
+def revoke(ca_dir: Path, cert_pem: Path | bytes) -> int:
+    """Add the certificate's serial number to ``ca_dir/revoked.txt``; return the serial.
+
+    The certificate (PEM bytes, or a path to a PEM file) must have been signed by the CA in
+    ``ca_dir``. Revoking the same certificate twice leaves one line.
+    """
+    ca_dir = Path(ca_dir)
+    if isinstance(cert_pem, str) and "-----BEGIN" in cert_pem:
+        pem = cert_pem.encode()
+    elif isinstance(cert_pem, (str, os.PathLike)):
+        pem = _read(Path(cert_pem), "certificate to revoke")
+    else:
+        pem = bytes(cert_pem)
+    cert = _parse_cert(pem, "certificate to revoke")
+    ca_cert = _parse_cert(_read(ca_dir / CA_CERT, "CA certificate"), str(ca_dir / CA_CERT))
+    if not _signed_by(ca_cert, cert):
+        raise CertError(f"certificate {_cn_or_none(cert)!r} was not issued by the CA in {ca_dir}")
+    serial = cert.serial_number
+    path = ca_dir / REVOKED
+    existing = load_revoked(path)
+    if serial in existing:
+        return serial
+    prefix = b""
+    if path.exists():
+        text = path.read_bytes()
+        if text and not text.endswith(b"\n"):
+            prefix = b"\n"
+    try:
+        with open(path, "ab") as f:
+            f.write(prefix + f"{serial:x}\n".encode())
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as exc:
+        raise CertError(f"cannot write revocation list {path}: {exc.strerror or exc}") from exc
+    return serial
+
+
+def load_revoked(path: Path | None) -> frozenset[int]:
+    """The revoked serial numbers in ``path`` (hex, one per line; ``#`` starts a comment).
+
+    ``None`` or a file that does not exist yet (nothing revoked) gives an empty set.
+    """
+    if path is None:
+        return frozenset()
+    path = Path(path)
+    if not path.exists():
+        return frozenset()
+    text = _read(path, "revocation list").decode("utf-8", errors="replace")
+    serials: set[int] = set()
+    for lineno, raw in enumerate(text.splitlines(), start=1):
+        line = raw.split("#", 1)[0].strip()
+        if not line:
+            continue
+        try:
+            serials.add(int(line.removeprefix("0x").removeprefix("0X"), 16))
+        except ValueError:
+            raise CertError(f"{path}:{lineno}: not a hexadecimal serial number: {line!r}") from None
+    return frozenset(serials)
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def load_client_credentials(directory: Path) -> ClientCredentials:
+    """Read ``client.pem``, ``client.key`` and ``ca.pem`` from a client's credentials directory.
+
+    The client id is the certificate's subject CN. Raises :class:`CertError` if a file is
+    missing or unreadable, or if the key does not belong to the certificate.
+    """
+    directory = Path(directory)
+    cert_pem = _read(directory / CLIENT_CERT, "client certificate")
+    key_pem = _read(directory / CLIENT_KEY, "client private key")
+    ca_pem = _read(directory / CA_CERT, "CA certificate")
+    cert = _parse_cert(cert_pem, str(directory / CLIENT_CERT))
+    _parse_cert(ca_pem, str(directory / CA_CERT))
+    _check_pair(cert, _parse_key(key_pem, str(directory / CLIENT_KEY)), directory / CLIENT_CERT)
+    client_id = _common_name(cert, str(directory / CLIENT_CERT))
+    validate_client_id(client_id)
+    return ClientCredentials(client_id=client_id, cert_pem=cert_pem, key_pem=key_pem, ca_pem=ca_pem)
+
+
+def load_server_credentials(directory: Path) -> ServerCredentials:
+    """Read ``server.pem``, ``server.key`` and ``ca.pem`` from the server's credentials directory.
+
+    Raises :class:`CertError` if a file is missing or unreadable, or if the key does not
+    belong to the certificate.
+    """
+    directory = Path(directory)
+    cert_pem = _read(directory / SERVER_CERT, "server certificate")
+    key_pem = _read(directory / SERVER_KEY, "server private key")
+    ca_pem = _read(directory / CA_CERT, "CA certificate")
+    cert = _parse_cert(cert_pem, str(directory / SERVER_CERT))
+    _parse_cert(ca_pem, str(directory / CA_CERT))
+    _check_pair(cert, _parse_key(key_pem, str(directory / SERVER_KEY)), directory / SERVER_CERT)
+    return ServerCredentials(cert_pem=cert_pem, key_pem=key_pem, ca_pem=ca_pem)
+
+
+# --------------------------------------------------------------------------- peers and signatures
+
+
+def peer_identity(cert_pem: bytes) -> PeerIdentity:
+    """The subject CN, serial number and public key of a PEM certificate.
+
+    On the server, ``cert_pem`` is ``context.auth_context()["x509_pem_cert"][0]``. Raises
+    :class:`CertError` if it is not a certificate or has no single subject CN.
+    """
+    cert = _parse_cert(cert_pem, "peer certificate")
+    return PeerIdentity(
+        common_name=_common_name(cert, "peer certificate"),
+        serial=cert.serial_number,
+        public_key=cert.public_key(),
+    )
+
+
+def sign(key_pem: bytes, data: bytes) -> bytes:
+    """An ECDSA/SHA-256 signature (DER) of ``data`` with the EC private key in ``key_pem``."""
+    key = _parse_key(key_pem, "signing key")
+    return key.sign(bytes(data), ec.ECDSA(hashes.SHA256()))
+
+
+def verify(cert_pem: bytes, signature: bytes, data: bytes) -> bool:
+    """Whether ``signature`` is a valid ECDSA/SHA-256 signature of ``data`` by ``cert_pem``'s key.
+
+    False for a wrong or malformed signature, never an exception; a ``cert_pem`` that is not
+    an EC certificate raises :class:`CertError`. This checks the signature only: whether the
+    certificate is trusted is :func:`verify_issued_by` and :func:`load_revoked`'s business.
+    """
+    cert = _parse_cert(cert_pem, "certificate")
+    public_key = cert.public_key()
+    if not isinstance(public_key, ec.EllipticCurvePublicKey):
+        raise CertError(f"certificate {_cn_or_none(cert)!r} does not hold an EC public key")
+    if not isinstance(signature, (bytes, bytearray, memoryview)) or not isinstance(
+        data, (bytes, bytearray, memoryview)
+    ):
+        return False
+    try:
+        public_key.verify(bytes(signature), bytes(data), ec.ECDSA(hashes.SHA256()))
+    except (InvalidSignature, ValueError):
+        return False
+    return True
+
+
+def verify_issued_by(ca_pem: bytes, cert_pem: bytes, *, at: datetime | None = None) -> bool:
+    """Whether ``cert_pem`` was signed by the CA in ``ca_pem`` and both are valid at ``at`` (now).
+
+    False, not an exception, for a malformed, foreign, not-yet-valid or expired certificate
+    (and for a ``ca_pem`` that is not a CA certificate).
+    """
+    try:
+        ca = x509.load_pem_x509_certificate(bytes(ca_pem))
+        cert = x509.load_pem_x509_certificate(bytes(cert_pem))
+    except (ValueError, TypeError):
+        return False
+    if not _is_ca(ca) or not _signed_by(ca, cert):
+        return False
+    when = at if at is not None else datetime.now(timezone.utc)
+    if when.tzinfo is None:
+        raise CertError("verify_issued_by(at=...) needs a timezone-aware datetime")
+    return all(c.not_valid_before_utc <= when <= c.not_valid_after_utc for c in (ca, cert))
+
+
+# --------------------------------------------------------------------------- internals
+
+
+def _issue(
+    ca_dir: Path,
+    cert_path: Path,
+    key_path: Path,
+    *,
+    cn: str,
+    eku: x509.ObjectIdentifier,
+    san: list[x509.GeneralName] | None,
+    days: int,
+    overwrite: bool,
+    what: str,
+) -> CertPaths:
+    _check_days(days)
+    ca_dir = Path(ca_dir)
+    ca_cert_pem = _read(ca_dir / CA_CERT, "CA certificate")
+    ca_cert = _parse_cert(ca_cert_pem, str(ca_dir / CA_CERT))
+    ca_key = _parse_key(_read(ca_dir / CA_KEY, "CA private key"), str(ca_dir / CA_KEY))
+    if not _is_ca(ca_cert):
+        raise CertError(f"{ca_dir / CA_CERT} is not a CA certificate")
+    _check_pair(ca_cert, ca_key, ca_dir / CA_CERT)
+    now = datetime.now(timezone.utc)
+    if ca_cert.not_valid_after_utc <= now:
+        raise CertError(f"the CA in {ca_dir} expired on {ca_cert.not_valid_after_utc:%Y-%m-%d}")
+
+    ca_copy = cert_path.parent / CA_CERT
+    copy_ca = True
+    if ca_copy.exists() and ca_copy.read_bytes() == ca_cert_pem:
+        copy_ca = False  # the same CA (or ca_dir itself): nothing to write
+    _refuse_existing([cert_path, key_path, *([ca_copy] if copy_ca else [])], overwrite=overwrite, what=what)
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    try:
+        ca_ski = ca_cert.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value
+        aki = x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ca_ski)
+    except x509.ExtensionNotFound:  # a CA made elsewhere, without a SubjectKeyIdentifier
+        aki = x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key())
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)]))
+        .issuer_name(ca_cert.subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - _CLOCK_SKEW)
+        .not_valid_after(min(now + timedelta(days=days), ca_cert.not_valid_after_utc))
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=True,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                key_cert_sign=False,
+                crl_sign=False,
+                encipher_only=False,
+                decipher_only=False,
+            ),
+            critical=True,
+        )
+        .add_extension(x509.ExtendedKeyUsage([eku]), critical=False)
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
+        .add_extension(aki, critical=False)
+    )
+    if san is not None:
+        builder = builder.add_extension(x509.SubjectAlternativeName(san), critical=False)
+    cert = builder.sign(ca_key, hashes.SHA256())
+
+    _make_dir(cert_path.parent)
+    _write(key_path, _key_bytes(key), mode=_KEY_MODE)
+    _write(cert_path, cert.public_bytes(serialization.Encoding.PEM), mode=_CERT_MODE)
+    if copy_ca:
+        _write(ca_copy, ca_cert_pem, mode=_CERT_MODE)
+    return CertPaths(cert=cert_path, key=key_path, ca=ca_copy)
+
+
+def _general_name(host: str) -> x509.GeneralName:
+    if not isinstance(host, str):
+        raise CertError(f"host must be a string, got {type(host).__name__}: {host!r}")
+    name = host.strip()
+    try:
+        return x509.IPAddress(ipaddress.ip_address(name.strip("[]")))
+    except ValueError:
+        pass
+    if (
+        not name
+        or len(name) > 253
+        or not name.isascii()
+        or not _DNS_NAME.fullmatch(name)
+    ):
+        raise CertError(f"host {host!r} is neither an IP address nor a valid DNS name")
+    return x509.DNSName(name.rstrip(".").lower())
+
+
+def _check_days(days: int) -> None:
+    if isinstance(days, bool) or not isinstance(days, int) or days < 1:
+        raise CertError(f"days must be a positive integer, got {days!r}")
+
+
+def _refuse_existing(paths: Sequence[Path], *, overwrite: bool, what: str) -> None:
+    if overwrite:
+        return
+    existing = [str(p) for p in paths if p.exists()]
+    if existing:
+        raise CertError(
+            f"refusing to overwrite the existing {what} files {', '.join(existing)} (pass overwrite=True)"
+        )
+
+
+def _make_dir(directory: Path) -> None:
+    try:
+        directory.mkdir(mode=_DIR_MODE, parents=True, exist_ok=True)
+    except OSError as exc:
+        raise CertError(f"cannot create directory {directory}: {exc.strerror or exc}") from exc
+
+
+def _write(path: Path, data: bytes, *, mode: int) -> None:
+    """Write ``data`` to ``path`` atomically (temp file, fsync, rename), with ``mode``."""
+    tmp = None
+    try:
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        try:
+            os.fchmod(fd, mode)
+            os.write(fd, data)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+        tmp = None
+    except OSError as exc:
+        raise CertError(f"cannot write {path}: {exc.strerror or exc}") from exc
+    finally:
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
+
+
+def _read(path: Path, what: str) -> bytes:
+    try:
+        return path.read_bytes()
+    except FileNotFoundError:
+        raise CertError(f"missing {what}: {path} does not exist") from None
+    except IsADirectoryError:
+        raise CertError(f"{what} {path} is a directory, not a file") from None
+    except OSError as exc:
+        raise CertError(f"cannot read {what} {path}: {exc.strerror or exc}") from exc
+
+
+def _key_bytes(key: ec.EllipticCurvePrivateKey) -> bytes:
+    return key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    )
+
+
+def _parse_cert(pem: bytes, where: str) -> x509.Certificate:
+    try:
+        return x509.load_pem_x509_certificate(bytes(pem))
+    except (ValueError, TypeError) as exc:
+        raise CertError(f"{where} is not a PEM certificate: {exc}") from None
+
+
+def _parse_key(pem: bytes, where: str) -> ec.EllipticCurvePrivateKey:
+    try:
+        key = serialization.load_pem_private_key(bytes(pem), password=None)
+    except TypeError:  # "Password was not given but private key is encrypted"
+        raise CertError(f"{where} is encrypted with a password; fedloom needs an unencrypted key") from None
+    except ValueError as exc:
+        raise CertError(f"{where} is not a PEM private key: {exc}") from None
+    if not isinstance(key, ec.EllipticCurvePrivateKey):
+        raise CertError(f"{where} is a {type(key).__name__}, not an EC private key")
+    return key
+
+
+def _check_pair(cert: x509.Certificate, key: ec.EllipticCurvePrivateKey, cert_path: Path) -> None:
+    def spki(k: CertificatePublicKeyTypes) -> bytes:
+        return k.public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+
+    if spki(cert.public_key()) != spki(key.public_key()):
+        raise CertError(f"the private key next to {cert_path} does not belong to that certificate")
+
+
+def _common_name(cert: x509.Certificate, where: str) -> str:
+    attrs = cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+    if len(attrs) != 1:
+        raise CertError(f"{where} has {len(attrs)} subject common names, expected exactly one")
+    value = attrs[0].value
+    return value if isinstance(value, str) else value.decode("utf-8", errors="replace")
+
+
+def _cn_or_none(cert: x509.Certificate) -> str | None:
+    try:
+        return _common_name(cert, "certificate")
+    except CertError:
+        return None
+
+
+def _is_ca(cert: x509.Certificate) -> bool:
+    try:
+        return bool(cert.extensions.get_extension_for_class(x509.BasicConstraints).value.ca)
+    except x509.ExtensionNotFound:
+        return False
+
+
+def _signed_by(ca: x509.Certificate, cert: x509.Certificate) -> bool:
+    """Issuer name matches and the signature verifies (no date or revocation check)."""
+    try:
+        cert.verify_directly_issued_by(ca)
+    except (InvalidSignature, ValueError, TypeError):
+        return False
+    return True

@@ -1,0 +1,280 @@
+"""The server's view of its clients: registry, liveness, tasks and the results they return.
+
+Thread-safe; the gRPC service calls into it from its worker threads and the
+:class:`~fedloom.server.remote.RemoteEngine` from the round loop.
+
+* A client **registers** (a new session; a re-registration after a crash replaces the old
+  one), **heartbeats** (any call counts), and **leaves** at any time. It is *live* while it
+  was seen within ``heartbeat_timeout`` seconds.
+* The engine **posts** a batch of tasks (one per client, each with a fresh random
+  ``task_id``) and gets a :class:`Collector`. A client **pulls** its task (long poll; a
+  client that reconnects pulls it again) and **delivers** the result, which must name an
+  outstanding task of that very client: a result for an unknown, cancelled or already
+  answered task (late, replayed or forged) is refused with a reason.
+* Results reach the round loop through the collector's bounded queue, so pushes wait
+  (backpressure) instead of piling up decoded updates: server memory stays O(model x
+  workers), whatever the number of clients.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import secrets
+import threading
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Any
+
+from fedloom.server.wire import Body
+
+__all__ = ["ClientInfo", "Collector", "Coordinator", "Result", "Task"]
+
+log = logging.getLogger("fedloom.server")
+
+
+@dataclass
+class ClientInfo:
+    """A registered client."""
+
+    client_id: str
+    session: str
+    num_examples: int
+    num_test_examples: int
+    registered_at: float
+    last_seen: float
+    peer: str = ""
+
+
+@dataclass
+class Task:
+    """Work for one client: ``kind`` (``task`` = train, ``evaluate``), metadata and tensor body."""
+
+    task_id: str
+    client_id: str
+    kind: str
+    meta: dict[str, Any]
+    body: Body
+    collector: Collector
+    pulled: int = 0
+
+
+@dataclass(frozen=True)
+class Result:
+    """What came back for a task: a payload (a ``ClientUpdate``, or ``(num_examples, metrics)`` of an
+    evaluation), or a failure reason (client error, rejected result, dropout)."""
+
+    client_id: str
+    task_id: str
+    payload: Any = None
+    failure: str = ""
+
+
+@dataclass
+class Collector:
+    """The results of one posted batch of tasks, in arrival order."""
+
+    task_ids: frozenset[str]
+    deadline: float
+    queue: queue.Queue[Result] = field(default_factory=lambda: queue.Queue(maxsize=4))
+    closed: bool = False
+
+    def get(self, timeout: float) -> Result | None:
+        try:
+            return self.queue.get(timeout=max(0.0, timeout))
+        except queue.Empty:
+            return None
+
+
+class Coordinator:
+    """Registry of clients and the tasks they owe (see the module docstring)."""
+
+    def __init__(self, *, heartbeat_timeout: float = 30.0, remember_closed: int = 100_000) -> None:
+        self.heartbeat_timeout = heartbeat_timeout
+        self._lock = threading.Condition()
+        self._clients: dict[str, ClientInfo] = {}
+        self._sessions: dict[str, str] = {}
+        self._tasks: dict[str, Task] = {}  # outstanding, by task id
+        self._by_client: dict[str, str] = {}  # client id -> its outstanding task id
+        self._closed: OrderedDict[str, str] = OrderedDict()  # recently finished task id -> why
+        self._remember = remember_closed
+        self._shutdown = False
+
+    # ------------------------------------------------------------ registry
+    def register(self, client_id: str, *, num_examples: int, num_test_examples: int = 0, peer: str = "") -> str:
+        """Register (or re-register) ``client_id``; return its new session token."""
+        now = time.monotonic()
+        with self._lock:
+            old = self._clients.get(client_id)
+            if old is not None:
+                self._sessions.pop(old.session, None)
+                log.info("client %r registered again (new session)", client_id)
+            else:
+                log.info("client %r registered (%d examples)", client_id, num_examples)
+            session = secrets.token_hex(16)
+            self._clients[client_id] = ClientInfo(client_id, session, num_examples, num_test_examples, now, now, peer)
+            self._sessions[session] = client_id
+            self._lock.notify_all()
+            return session
+
+    def client_of(self, session: str) -> str | None:
+        """The client a session belongs to (None if unknown); counts as a sign of life."""
+        with self._lock:
+            cid = self._sessions.get(session)
+            if cid is not None:
+                self._clients[cid].last_seen = time.monotonic()
+            return cid
+
+    def leave(self, session: str) -> None:
+        """The client leaves: it is no longer live; its outstanding task fails now."""
+        with self._lock:
+            cid = self._sessions.pop(session, None)
+            if cid is None:
+                return
+            self._clients.pop(cid, None)
+            log.info("client %r left", cid)
+            tid = self._by_client.get(cid)
+        if tid is not None:
+            self._fail(tid, "client left")
+
+    def live_clients(self) -> list[str]:
+        """Ids of the clients seen within ``heartbeat_timeout`` seconds."""
+        cutoff = time.monotonic() - self.heartbeat_timeout
+        with self._lock:
+            return sorted(c.client_id for c in self._clients.values() if c.last_seen >= cutoff)
+
+    def clients(self) -> list[ClientInfo]:
+        with self._lock:
+            return [ClientInfo(**vars(c)) for c in self._clients.values()]
+
+    def wait_for_clients(self, n: int, timeout: float) -> list[str]:
+        """Block until ``n`` clients are live or ``timeout`` passes; return the live ones."""
+        end = time.monotonic() + timeout
+        while True:
+            live = self.live_clients()
+            left = end - time.monotonic()
+            if len(live) >= n or left <= 0 or self._shutdown:
+                return live
+            with self._lock:
+                self._lock.wait(timeout=min(left, 0.5))
+
+    # ------------------------------------------------------------ tasks
+    def post(self, tasks: list[tuple[str, str, dict[str, Any], Body]], *, deadline: float) -> Collector:
+        """Post ``(client_id, kind, meta, body)`` tasks due by ``deadline`` (monotonic time)."""
+        ids = [secrets.token_hex(16) for _ in tasks]
+        collector = Collector(task_ids=frozenset(ids), deadline=deadline, queue=queue.Queue(maxsize=4))
+        with self._lock:
+            for tid, (cid, kind, meta, body) in zip(ids, tasks, strict=True):
+                prev = self._by_client.get(cid)
+                if prev is not None:
+                    self._forget(prev, "superseded by a newer task")
+                self._tasks[tid] = Task(tid, cid, kind, {**meta, "task_id": tid}, body, collector)
+                self._by_client[cid] = tid
+            self._lock.notify_all()
+        return collector
+
+    def pull(self, client_id: str, wait: float) -> Task | None:
+        """The client's outstanding task, waiting up to ``wait`` seconds for one."""
+        end = time.monotonic() + wait
+        with self._lock:
+            while True:
+                tid = self._by_client.get(client_id)
+                if tid is not None:
+                    task = self._tasks[tid]
+                    task.pulled += 1
+                    return task
+                left = end - time.monotonic()
+                if left <= 0 or self._shutdown:
+                    return None
+                self._lock.wait(timeout=min(left, 1.0))
+
+    def outstanding(self, client_id: str, task_id: str) -> str | None:
+        """None if ``task_id`` is ``client_id``'s outstanding task, else why a result for it is refused."""
+        with self._lock:
+            task = self._tasks.get(task_id)
+            if task is None:
+                why = self._closed.get(task_id)
+                return f"task is closed ({why})" if why else "unknown task (forged or replayed?)"
+            if task.client_id != client_id:
+                return "task belongs to another client"
+            return None
+
+    def task(self, task_id: str) -> Task | None:
+        with self._lock:
+            return self._tasks.get(task_id)
+
+    def deliver(self, client_id: str, task_id: str, payload: Any, failure: str = "") -> str | None:
+        """Hand a result (or a failure) to its round; None if taken, else why it was refused."""
+        with self._lock:
+            why = self.outstanding(client_id, task_id)
+            if why is not None:
+                return why
+            task = self._tasks[task_id]
+            self._forget(task_id, "answered" if not failure else f"failed: {failure}")
+            collector = task.collector
+        result = Result(client_id, task_id, payload, failure)
+        while True:  # backpressure: wait for the round loop, unless it has moved on
+            if collector.closed:
+                return "round closed before the result could be taken (deadline passed)"
+            try:
+                collector.queue.put(result, timeout=0.2)
+                return None
+            except queue.Full:
+                continue
+
+    def close(self, collector: Collector, reason: str) -> list[str]:
+        """Cancel the collector's unanswered tasks (their late results will be refused); return their clients."""
+        dropped = []
+        with self._lock:
+            collector.closed = True
+            for tid in collector.task_ids:
+                task = self._tasks.get(tid)
+                if task is not None:
+                    dropped.append(task.client_id)
+                    self._forget(tid, reason)
+        while True:  # unblock pushers waiting on a full queue
+            try:
+                collector.queue.get_nowait()
+            except queue.Empty:
+                break
+        return sorted(dropped)
+
+    def reap(self, collector: Collector) -> list[str]:
+        """Fail the collector's tasks whose clients are no longer live (missed heartbeats)."""
+        live = set(self.live_clients())
+        with self._lock:
+            dead = [t for t in self._tasks.values() if t.collector is collector and t.client_id not in live]
+        for task in dead:
+            self._fail(task.task_id, "client stopped answering heartbeats")
+        return sorted(t.client_id for t in dead)
+
+    def shutdown(self) -> None:
+        """The run is over: pulls return at once (clients are told to stop)."""
+        with self._lock:
+            self._shutdown = True
+            self._lock.notify_all()
+
+    @property
+    def is_shutdown(self) -> bool:
+        return self._shutdown
+
+    def _fail(self, task_id: str, reason: str) -> None:
+        with self._lock:
+            task = self._tasks.get(task_id)
+            if task is None:
+                return
+            self._forget(task_id, reason)
+        if not task.collector.closed:
+            try:
+                task.collector.queue.put(Result(task.client_id, task_id, None, reason), timeout=1.0)
+            except queue.Full:
+                pass  # the deadline will account for it
+
+    def _forget(self, task_id: str, why: str) -> None:
+        task = self._tasks.pop(task_id, None)
+        if task is not None and self._by_client.get(task.client_id) == task_id:
+            del self._by_client[task.client_id]
+        self._closed[task_id] = why
+        while len(self._closed) > self._remember:
+            self._closed.popitem(last=False)

@@ -1,0 +1,98 @@
+"""Start the server side of a deployment from a config's ``[deploy]`` section.
+
+:func:`start_remote_engine` loads the server's credentials (unless ``insecure``), starts the
+gRPC :class:`~fedloom.server.service.FleetService` and returns the
+:class:`~fedloom.server.remote.RemoteEngine` the round loop drives; closing the engine tells
+the clients the run is over and stops the server.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from fedloom.core.config import DeploySection
+from fedloom.core.errors import ConfigError
+from fedloom.core.params import ParamSpec
+from fedloom.data.base import TaskSpec
+from fedloom.server import certs
+from fedloom.server.coordinator import Coordinator
+from fedloom.server.remote import RemoteEngine
+from fedloom.server.service import FleetService, RevocationList, ServiceSettings, start_server
+
+__all__ = ["run_info", "start_remote_engine"]
+
+log = logging.getLogger("fedloom.server")
+
+INSECURE_WARNING = (
+    "INSECURE MODE: no TLS, clients are not authenticated and updates are not signed. "
+    "Anyone who can reach this port can join the run. Use it on loopback for development only."
+)
+
+
+def run_info(model_name: str, model_options: dict[str, Any], task: TaskSpec) -> dict[str, Any]:
+    """What a client needs to build the model: sent at registration."""
+    return {"model": {"name": model_name, "options": model_options}, "task": dataclasses.asdict(task)}
+
+
+def start_remote_engine(
+    deploy: DeploySection,
+    *,
+    spec: ParamSpec,
+    dtype: torch.dtype,
+    info: dict[str, Any],
+) -> RemoteEngine:
+    """Listen on ``deploy.address`` and return the engine serving this run's clients."""
+    if deploy.insecure:
+        host = deploy.address.rsplit(":", 1)[0].strip("[]")
+        log.warning(INSECURE_WARNING)
+        if host not in ("127.0.0.1", "localhost", "::1"):
+            log.warning("INSECURE MODE on a non-loopback address %s", deploy.address)
+        credentials = None
+    else:
+        if deploy.credentials is None:
+            raise ConfigError(
+                "TLS is on by default: set deploy.credentials to the server's directory from `fedloom certs` "
+                "(or deploy.insecure = true for loopback development)",
+                key="deploy.credentials",
+            )
+        try:
+            credentials = certs.load_server_credentials(Path(deploy.credentials))
+        except certs.CertError as exc:
+            raise ConfigError(str(exc), key="deploy.credentials") from None
+    coordinator = Coordinator(heartbeat_timeout=deploy.heartbeat_timeout)
+    service = FleetService(
+        coordinator,
+        spec=spec,
+        dtype=dtype,
+        settings=ServiceSettings(
+            run_info=info,
+            heartbeat_interval=deploy.heartbeat_interval,
+            max_pull_wait=deploy.max_pull_wait,
+            secure=credentials is not None,
+        ),
+        revoked=RevocationList(Path(deploy.revoked) if deploy.revoked else None),
+    )
+    server, port = start_server(service, deploy.address, credentials=credentials, max_workers=deploy.max_workers)
+    log.warning("fedloom server listening on %s (port %d, %s)", deploy.address, port, "TLS" if credentials else "INSECURE")
+
+    def stop() -> None:
+        time.sleep(min(2.0, deploy.max_pull_wait))  # let long polls return "shutdown" to the clients
+        server.stop(grace=2.0).wait()
+
+    engine = RemoteEngine(
+        spec=spec,
+        coordinator=coordinator,
+        round_timeout=deploy.round_timeout,
+        min_available=deploy.min_clients,
+        wait_timeout=deploy.wait_timeout,
+        on_close=stop,
+    )
+    engine.port = port  # type: ignore[attr-defined]
+    engine.service = service  # type: ignore[attr-defined]
+    return engine

@@ -1,0 +1,1 @@
+"""Generated protobuf/gRPC modules of fedloom's wire protocol (see fedloom.proto)."""

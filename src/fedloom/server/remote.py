@@ -1,0 +1,151 @@
+"""The ``remote`` engine: a cohort's work done by real client processes over gRPC.
+
+It implements the same :class:`~fedloom.engines.base.Engine` interface as the simulation
+engines, so the round loop and the strategies run unchanged. Each round it encodes the
+global model once, posts one task per selected client to the
+:class:`~fedloom.server.coordinator.Coordinator`, and yields updates as clients push them.
+The round's deadline drops stragglers (their late updates are refused with a log line);
+clients that leave or stop heartbeating are counted out early instead of waited for.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import asdict
+from typing import Any
+
+import torch
+
+from fedloom.core.params import ParamSpec
+from fedloom.core.types import ClientInstruction, ClientUpdate
+from fedloom.engines.base import Engine
+from fedloom.server.coordinator import Collector, Coordinator
+from fedloom.server.wire import Body, encode_body
+
+__all__ = ["RemoteEngine"]
+
+log = logging.getLogger("fedloom.server")
+
+
+def instruction_meta(ins: ClientInstruction, deadline_s: float) -> dict[str, Any]:
+    """The JSON part of a training task (the tensors travel in the body)."""
+    train = asdict(ins.train)
+    train["betas"] = list(train["betas"])
+    return {"round": ins.round, "client_id": ins.client_id, "seed": ins.seed, "train": train, "deadline_s": deadline_s}
+
+
+class RemoteEngine(Engine):
+    """Dispatches each cohort to connected clients through ``coordinator``.
+
+    ``round_timeout``: seconds a round waits for updates; ``min_available``: live clients
+    needed before a round is selected, waited for up to ``wait_timeout`` seconds.
+    ``on_close`` is called by :meth:`close` (it stops the gRPC server).
+    """
+
+    name = "remote"
+
+    def __init__(
+        self,
+        *,
+        spec: ParamSpec,
+        coordinator: Coordinator,
+        round_timeout: float = 600.0,
+        min_available: int = 1,
+        wait_timeout: float = 600.0,
+        chunk_bytes: int = 1 << 20,
+        on_close: Callable[[], None] | None = None,
+    ) -> None:
+        super().__init__(spec=spec)
+        self.coordinator = coordinator
+        self.round_timeout = round_timeout
+        self.min_available = min_available
+        self.wait_timeout = wait_timeout
+        self.chunk_bytes = chunk_bytes
+        self._on_close = on_close
+        self._rejections: dict[str, str] = {}
+
+    def available_clients(self) -> list[str]:
+        live = self.coordinator.wait_for_clients(self.min_available, self.wait_timeout)
+        if len(live) < self.min_available:
+            log.warning("only %d live clients after waiting %.0f s (want %d)", len(live), self.wait_timeout, self.min_available)
+        return live
+
+    def take_rejections(self) -> dict[str, str]:
+        out, self._rejections = self._rejections, {}
+        return out
+
+    def _bodies(self, global_vec: torch.Tensor, instructions: Sequence[ClientInstruction]) -> list[Body]:
+        """One body per instruction; identical payloads (the common case) share one encoding."""
+        cache: dict[tuple[int, ...], Body] = {}
+        out = []
+        for ins in instructions:
+            key = tuple(id(v) for v in ins.payload.values())
+            if key not in cache:
+                tensors = {"params": global_vec, **{f"payload/{k}": v for k, v in ins.payload.items()}}
+                cache[key] = encode_body(tensors, chunk_bytes=self.chunk_bytes)
+            out.append(cache[key])
+        return out
+
+    def _collect(self, collector: Collector, pending: set[str], what: str) -> Iterator[Any]:
+        """Yield the results' payloads until every client answered or the deadline passed."""
+        reason = "round complete"
+        try:
+            while pending:
+                left = collector.deadline - time.monotonic()
+                if left <= 0:
+                    reason = f"deadline of {self.round_timeout:.0f} s passed"
+                    break
+                res = collector.get(min(left, 1.0))
+                if res is None:
+                    self.coordinator.reap(collector)
+                    continue
+                pending.discard(res.client_id)
+                if res.failure:
+                    log.warning("%s: client %r: %s", what, res.client_id, res.failure)
+                    if res.failure.startswith("rejected: "):
+                        self._rejections[res.client_id] = res.failure.removeprefix("rejected: ")
+                    continue
+                yield res.payload
+        except GeneratorExit:
+            reason = "round closed early (enough updates)"
+            raise
+        finally:
+            dropped = self.coordinator.close(collector, reason)
+            if dropped:
+                log.warning("%s: dropped %d unanswered client(s) %s: %s; late results will be discarded", what, len(dropped), dropped, reason)
+
+    def run_cohort(self, global_vec: torch.Tensor, instructions: Sequence[ClientInstruction]) -> Iterator[ClientUpdate]:
+        if not instructions:
+            return
+        g = global_vec.detach().cpu()
+        bodies = self._bodies(g, instructions)
+        deadline = time.monotonic() + self.round_timeout
+        tasks = [
+            (ins.client_id, "task", instruction_meta(ins, self.round_timeout), body)
+            for ins, body in zip(instructions, bodies, strict=True)
+        ]
+        collector = self.coordinator.post(tasks, deadline=deadline)
+        rnd = instructions[0].round
+        yield from self._collect(collector, {ins.client_id for ins in instructions}, f"round {rnd}")
+
+    def evaluate_clients(
+        self, global_vec: torch.Tensor, client_ids: Sequence[str]
+    ) -> Iterator[tuple[str, int, dict[str, float]]]:
+        if not client_ids:
+            return
+        body = encode_body({"params": global_vec.detach().cpu()}, chunk_bytes=self.chunk_bytes)
+        collector = self.coordinator.post(
+            [(cid, "evaluate", {"client_id": cid}, body) for cid in client_ids],
+            deadline=time.monotonic() + self.round_timeout,
+        )
+        for cid, n, metrics in self._collect(collector, set(client_ids), "federated evaluation"):
+            if n > 0:
+                yield cid, n, metrics
+
+    def close(self) -> None:
+        self.coordinator.shutdown()
+        if self._on_close is not None:
+            self._on_close()
+            self._on_close = None

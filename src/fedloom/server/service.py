@@ -1,0 +1,336 @@
+"""The gRPC service a server exposes to its clients (``fedloom.v1.Fleet``), and its startup.
+
+Every call is authenticated: with TLS (the default) the client's identity is the CN of the
+certificate it presented in the mutual-TLS handshake, which the server's CA must have
+issued and which must not be on the revocation list (re-read when the file changes).
+A result must also carry a valid ECDSA signature, by that certificate's key, over its
+header (which names the task) and its data digest, and must answer that client's
+outstanding task: a forged, tampered or replayed result is refused. ``insecure`` mode
+trusts the claimed client id and checks no signatures: loopback development only.
+
+A result is decoded defensively (:class:`~fedloom.server.wire.Decoder`), turned into a
+:class:`~fedloom.core.types.ClientUpdate` and validated against the model (shape, dtype,
+finite values, example count no larger than the client registered) before it reaches the
+round; anything wrong is refused with a logged reason, and the round goes on. At most
+``max_decoding`` results are decoded at once, so memory stays O(model) per decoder.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import threading
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import grpc
+import torch
+
+from fedloom.core.errors import FedloomError, InvalidUpdateError
+from fedloom.core.params import ParamSpec
+from fedloom.core.types import ClientUpdate
+from fedloom.server import certs
+from fedloom.server.coordinator import Coordinator
+from fedloom.server.proto import fedloom_pb2 as pb
+from fedloom.server.proto import fedloom_pb2_grpc as pb_grpc
+from fedloom.server.wire import Decoder, Message, WireError, encode
+
+__all__ = ["FleetService", "RevocationList", "ServiceSettings", "spec_digest", "start_server"]
+
+log = logging.getLogger("fedloom.server")
+
+GRPC_OPTIONS = [
+    ("grpc.max_receive_message_length", 16 << 20),
+    ("grpc.max_send_message_length", 16 << 20),
+    ("grpc.keepalive_time_ms", 30_000),
+    ("grpc.keepalive_timeout_ms", 10_000),
+    ("grpc.http2.max_pings_without_data", 0),
+    ("grpc.keepalive_permit_without_calls", 1),
+]
+
+
+def spec_digest(spec: ParamSpec) -> str:
+    """A short digest of a model's parameter layout: client and server must agree on it."""
+    return hashlib.sha256(spec.to_json().encode()).hexdigest()[:32]
+
+
+class RevocationList:
+    """Serial numbers of revoked client certificates, re-read whenever the file changes."""
+
+    def __init__(self, path: Path | None) -> None:
+        self.path = path
+        self._mtime: float | None = None
+        self._serials: frozenset[int] = frozenset()
+        self._lock = threading.Lock()
+
+    def __contains__(self, serial: int) -> bool:
+        if self.path is None:
+            return False
+        with self._lock:
+            try:
+                mtime = os.stat(self.path).st_mtime
+            except FileNotFoundError:
+                mtime = None
+            if mtime != self._mtime:
+                self._serials = certs.load_revoked(self.path) if mtime is not None else frozenset()
+                self._mtime = mtime
+            return serial in self._serials
+
+
+@dataclass(frozen=True)
+class ServiceSettings:
+    """What the service tells clients and how much it accepts."""
+
+    run_info: dict[str, Any]  # model + task description sent at registration
+    heartbeat_interval: float = 5.0
+    max_pull_wait: float = 10.0
+    max_decoding: int = 4
+    secure: bool = True
+
+
+class _Refused(Exception):
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+class FleetService(pb_grpc.FleetServicer):
+    """Implements the Fleet RPCs on top of a :class:`Coordinator`."""
+
+    def __init__(
+        self,
+        coordinator: Coordinator,
+        *,
+        spec: ParamSpec,
+        dtype: torch.dtype,
+        settings: ServiceSettings,
+        revoked: RevocationList | None = None,
+    ) -> None:
+        self.coordinator = coordinator
+        self.spec = spec
+        self.dtype = dtype
+        self.settings = settings
+        self.revoked = revoked or RevocationList(None)
+        self._decoding = threading.BoundedSemaphore(settings.max_decoding)
+        self._param_bytes = spec.numel * torch.empty((), dtype=dtype).element_size()
+        self.bytes_received = 0
+        self.bytes_sent = 0
+        self._count_lock = threading.Lock()
+
+    # ----------------------------------------------------------- identity
+    def _peer(self, context: grpc.ServicerContext) -> tuple[str | None, bytes | None]:
+        """(certificate CN, certificate PEM) under TLS; (None, None) in insecure mode."""
+        if not self.settings.secure:
+            return None, None
+        pems = context.auth_context().get("x509_pem_cert")
+        if not pems:
+            context.abort(grpc.StatusCode.UNAUTHENTICATED, "a client certificate is required")
+        pem = pems[0]
+        ident = certs.peer_identity(pem)
+        if ident.serial in self.revoked:
+            log.warning("refused revoked certificate %r (serial %x) from %s", ident.common_name, ident.serial, context.peer())
+            context.abort(grpc.StatusCode.PERMISSION_DENIED, "certificate revoked")
+        return ident.common_name, pem
+
+    def _session_client(self, session: str, context: grpc.ServicerContext) -> tuple[str, bytes | None]:
+        cn, pem = self._peer(context)
+        cid = self.coordinator.client_of(session)
+        if cid is None:
+            context.abort(grpc.StatusCode.NOT_FOUND, "unknown session: register again")
+        if cn is not None and cn != cid:
+            log.warning("certificate %r used the session of client %r: refused", cn, cid)
+            context.abort(grpc.StatusCode.PERMISSION_DENIED, "session belongs to another client")
+        return cid, pem
+
+    # ----------------------------------------------------------- RPCs
+    def Register(self, request: pb.RegisterRequest, context: grpc.ServicerContext) -> pb.RegisterReply:
+        cn, _ = self._peer(context)
+        cid = request.client_id
+        if cn is not None:
+            if cid and cid != cn:
+                context.abort(grpc.StatusCode.PERMISSION_DENIED, f"client id {cid!r} does not match the certificate ({cn!r})")
+            cid = cn
+        try:
+            certs.validate_client_id(cid)
+        except certs.CertError as exc:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        session = self.coordinator.register(
+            cid, num_examples=request.num_examples, num_test_examples=request.num_test_examples, peer=context.peer()
+        )
+        return pb.RegisterReply(
+            session=session,
+            heartbeat_interval=self.settings.heartbeat_interval,
+            run_json=json.dumps(self.settings.run_info),
+            spec_digest=spec_digest(self.spec),
+        )
+
+    def Heartbeat(self, request: pb.HeartbeatRequest, context: grpc.ServicerContext) -> pb.HeartbeatReply:
+        self._peer(context)
+        return pb.HeartbeatReply(known=self.coordinator.client_of(request.session) is not None)
+
+    def Leave(self, request: pb.LeaveRequest, context: grpc.ServicerContext) -> pb.LeaveReply:
+        self._session_client(request.session, context)
+        self.coordinator.leave(request.session)
+        return pb.LeaveReply()
+
+    def PullTask(self, request: pb.PullTaskRequest, context: grpc.ServicerContext) -> Iterator[pb.Chunk]:
+        cid, _ = self._session_client(request.session, context)
+        wait = min(max(request.wait_seconds, 0.0), self.settings.max_pull_wait)
+        task = self.coordinator.pull(cid, wait)
+        if task is None:
+            kind = "shutdown" if self.coordinator.is_shutdown else "idle"
+            yield from encode(kind, {})
+            return
+        sent = 0
+        for chunk in encode(task.kind, task.meta, task.body):
+            sent += len(chunk.data.payload)
+            yield chunk
+        with self._count_lock:
+            self.bytes_sent += sent
+
+    def PushResult(self, request_iterator: Iterator[pb.Chunk], context: grpc.ServicerContext) -> pb.PushReply:
+        cn, pem = self._peer(context)
+        who = cn or "?"
+        try:
+            cid, task_id, msg = self._receive(request_iterator, cn, pem)
+            who = cid
+        except _Refused as exc:
+            log.warning("refused a result from %r (%s): %s", who, context.peer(), exc.reason)
+            return pb.PushReply(accepted=False, reason=exc.reason)
+        except WireError as exc:
+            log.warning("refused a malformed result from %r (%s): %s", who, context.peer(), exc)
+            return pb.PushReply(accepted=False, reason=f"malformed: {exc}")
+        try:
+            payload = self._payload(cid, task_id, msg)
+        except (InvalidUpdateError, FedloomError) as exc:
+            reason = getattr(exc, "reason", str(exc))
+            log.warning("rejected result from %r: %s", cid, reason)
+            self.coordinator.deliver(cid, task_id, None, failure=f"rejected: {reason}")
+            return pb.PushReply(accepted=False, reason=reason)
+        if isinstance(payload, str):  # the client reports that it failed
+            why = self.coordinator.deliver(cid, task_id, None, failure=f"client error: {payload}")
+        else:
+            why = self.coordinator.deliver(cid, task_id, payload)
+        if why is not None:
+            log.warning("discarded result from %r for task %s: %s", cid, task_id[:8], why)
+            return pb.PushReply(accepted=False, reason=why)
+        return pb.PushReply(accepted=True)
+
+    # ----------------------------------------------------------- results
+    def _receive(self, chunks: Iterator[pb.Chunk], cn: str | None, pem: bytes | None) -> tuple[str, str, Message]:
+        """Decode a pushed result, checking who sends it before reading the data."""
+        dec = Decoder(max_bytes=3 * self._param_bytes + (1 << 20), kinds={"update", "eval_result", "failure"})
+        it = iter(chunks)
+        first = next(it, None)
+        if first is None:
+            raise WireError("empty stream: no header")
+        dec.feed(first)
+        header = dec.header
+        assert header is not None
+        meta = json.loads(header.meta_json or "{}")
+        session, task_id = meta.get("session"), meta.get("task_id")
+        if not isinstance(session, str) or not isinstance(task_id, str):
+            raise _Refused("result metadata needs a session and a task_id")
+        cid = self.coordinator.client_of(session)
+        if cid is None:
+            raise _Refused("unknown session")
+        if cn is not None and cn != cid:
+            raise _Refused(f"certificate {cn!r} sent a result for client {cid!r}")
+        why = self.coordinator.outstanding(cid, task_id)
+        if why is not None:
+            raise _Refused(why)
+        received = 0
+        with self._decoding:
+            for chunk in it:
+                received += len(chunk.data.payload)
+                dec.feed(chunk)
+            msg = dec.finish()
+        with self._count_lock:
+            self.bytes_received += received
+        if pem is not None and not certs.verify(pem, msg.signature, msg.signed):
+            raise _Refused("bad signature (forged or tampered result)")
+        return cid, task_id, msg
+
+    def _payload(self, cid: str, task_id: str, msg: Message) -> Any:
+        meta = msg.meta
+        if msg.kind == "failure":
+            return str(meta.get("reason", "unspecified"))[:500]
+        task = self.coordinator.task(task_id)
+        if task is None:
+            raise _Refused("task closed")
+        expected = {"task": "update", "evaluate": "eval_result"}[task.kind]
+        if msg.kind != expected:
+            raise InvalidUpdateError(f"a {task.kind} task needs a {expected!r} message, got {msg.kind!r}", client_id=cid)
+        registered = {c.client_id: c for c in self.coordinator.clients()}.get(cid)
+        limit = registered.num_examples if registered else None
+        metrics = meta.get("metrics", {})
+        if not isinstance(metrics, dict):
+            raise InvalidUpdateError("metrics must be a JSON object", client_id=cid)
+        if msg.kind == "eval_result":
+            n = meta.get("num_examples")
+            if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+                raise InvalidUpdateError(f"num_examples must be an integer >= 0, got {n!r}", client_id=cid)
+            if registered is not None and n > registered.num_test_examples:
+                raise InvalidUpdateError(f"num_examples {n} exceeds the registered {registered.num_test_examples}", client_id=cid)
+            for k, v in metrics.items():
+                if isinstance(v, bool) or not isinstance(v, (int, float)) or v != v or v in (float("inf"), float("-inf")):
+                    raise InvalidUpdateError(f"metric {k!r} is not a finite number", client_id=cid)
+            return cid, n, {str(k): float(v) for k, v in metrics.items()}
+        if meta.get("round") != task.meta["round"]:
+            raise InvalidUpdateError(f"update is for round {meta.get('round')!r}, not {task.meta['round']}", client_id=cid)
+        unknown = [k for k in msg.tensors if k != "delta" and not k.startswith("extras/")]
+        if unknown:
+            raise InvalidUpdateError(f"unexpected tensors {unknown[:5]}", client_id=cid)
+        if "delta" not in msg.tensors:
+            raise InvalidUpdateError("update has no delta", client_id=cid)
+        steps = meta.get("num_steps", 0)
+        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
+            raise InvalidUpdateError(f"num_steps must be an integer >= 0, got {steps!r}", client_id=cid)
+        update = ClientUpdate(
+            client_id=cid,
+            round=task.meta["round"],
+            delta=msg.tensors["delta"],
+            num_examples=meta.get("num_examples"),  # type: ignore[arg-type]  # validated next
+            num_steps=steps,
+            metrics=metrics,
+            extras={k.removeprefix("extras/"): v for k, v in msg.tensors.items() if k.startswith("extras/")},
+        )
+        update.validate(numel=self.spec.numel, dtype=self.dtype, max_examples=limit)
+        return update
+
+
+def start_server(
+    service: FleetService,
+    address: str,
+    *,
+    credentials: certs.ServerCredentials | None,
+    max_workers: int = 256,
+) -> tuple[grpc.Server, int]:
+    """Start a gRPC server for ``service`` on ``address`` (``host:port``, port 0 = any); return it and its port.
+
+    ``credentials`` None means plaintext (insecure mode). Long polls hold a worker thread
+    each, so ``max_workers`` should exceed the number of clients.
+    """
+    server = grpc.server(ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="fleet"), options=GRPC_OPTIONS)
+    pb_grpc.add_FleetServicer_to_server(service, server)
+    try:
+        if credentials is None:
+            port = server.add_insecure_port(address)
+        else:
+            creds = grpc.ssl_server_credentials(
+                [(credentials.key_pem, credentials.cert_pem)],
+                root_certificates=credentials.ca_pem,
+                require_client_auth=True,
+            )
+            port = server.add_secure_port(address, creds)
+    except RuntimeError as exc:
+        raise FedloomError(f"cannot listen on {address}: {exc}") from None
+    if port == 0:
+        raise FedloomError(f"cannot listen on {address} (address in use or invalid)")
+    server.start()
+    return server, port
