@@ -94,9 +94,10 @@ class ServiceSettings:
 
 
 class _Refused(Exception):
-    def __init__(self, reason: str) -> None:
+    def __init__(self, reason: str, client: str | None = None) -> None:
         super().__init__(reason)
         self.reason = reason
+        self.client = client
 
 
 class FleetService(pb_grpc.FleetServicer):
@@ -200,7 +201,7 @@ class FleetService(pb_grpc.FleetServicer):
             cid, task_id, msg = self._receive(request_iterator, cn, pem)
             who = cid
         except _Refused as exc:
-            log.warning("refused a result from %r (%s): %s", who, context.peer(), exc.reason)
+            log.warning("refused a result from %r (%s): %s", exc.client or who, context.peer(), exc.reason)
             return pb.PushReply(accepted=False, reason=exc.reason)
         except WireError as exc:
             log.warning("refused a malformed result from %r (%s): %s", who, context.peer(), exc)
@@ -243,7 +244,7 @@ class FleetService(pb_grpc.FleetServicer):
             raise _Refused(f"certificate {cn!r} sent a result for client {cid!r}")
         why = self.coordinator.outstanding(cid, task_id)
         if why is not None:
-            raise _Refused(why)
+            raise _Refused(why, cid)
         received = 0
         with self._decoding:
             for chunk in it:
@@ -253,7 +254,7 @@ class FleetService(pb_grpc.FleetServicer):
         with self._count_lock:
             self.bytes_received += received
         if pem is not None and not certs.verify(pem, msg.signature, msg.signed):
-            raise _Refused("bad signature (forged or tampered result)")
+            raise _Refused("bad signature (forged or tampered result)", cid)
         return cid, task_id, msg
 
     def _payload(self, cid: str, task_id: str, msg: Message) -> Any:

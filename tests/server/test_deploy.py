@@ -1,0 +1,142 @@
+"""A whole deployed run in one process: the real gRPC server, the round loop and client agents in threads.
+
+Deployment must give the simulation's result for the same config; stragglers are dropped
+at the deadline, failed rounds retried, over-selection closes a round early.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+import torch
+
+from fedloom.core.config import parse_config
+from fedloom.federation.builder import Run, build_run
+from fedloom.server.agent import AgentOptions, ClientAgent
+from fedloom.server.wire import Message
+
+SITES = ["hospital-A", "hospital-B", "hospital-C"]
+
+
+def _config(rounds: int = 3, **deploy: Any):  # type: ignore[no-untyped-def]
+    return parse_config(
+        {
+            "run": {"name": "deploy-test", "seed": 3, "rounds": rounds, "engine": "sequential"},
+            "data": {"name": "hospital"},
+            "model": {"name": "mlp", "hidden": [16]},
+            "strategy": {"name": "fedavg", "fraction": 1.0},
+            "client": {"epochs": 1, "batch_size": 64, "lr": 0.01},
+            "deploy": {
+                "address": "127.0.0.1:0",
+                "insecure": True,
+                "min_clients": 3,
+                "wait_timeout": 30,
+                "round_timeout": 30,
+                "heartbeat_interval": 0.5,
+                "max_pull_wait": 0.5,
+                **deploy,
+            },
+        }
+    )
+
+
+def _deploy(
+    cfg, agent_cls: Callable[..., ClientAgent] = ClientAgent, sites: list[str] = SITES  # type: ignore[no-untyped-def]
+) -> tuple[Run, list[ClientAgent]]:
+    run = build_run(cfg, engine="remote")
+    port = run.engine.port  # type: ignore[attr-defined]
+    agents = [
+        agent_cls(run.dataset.clients[s], AgentOptions(server=f"127.0.0.1:{port}", client_id=s, pull_wait=0.5))
+        for s in sites
+    ]
+    threads = [threading.Thread(target=a.run, daemon=True) for a in agents]
+    for t in threads:
+        t.start()
+    try:
+        run.federation.run(cfg.run.rounds)
+    finally:
+        run.engine.close()
+    for t in threads:
+        t.join(timeout=30)
+        assert not t.is_alive(), "a client agent did not stop when the run ended"
+    return run, agents
+
+
+def test_deployment_equals_simulation() -> None:
+    cfg = _config()
+    deployed, agents = _deploy(cfg)
+    sim = build_run(cfg, engine="sequential")
+    sim.federation.run(cfg.run.rounds)
+    assert torch.equal(deployed.federation.state.params, sim.federation.state.params)
+    for d, s in zip(deployed.federation.history, sim.federation.history, strict=True):
+        assert sorted(d.clients) == sorted(s.clients) == SITES
+        assert d.metrics["test_mae"] == s.metrics["test_mae"]
+        assert d.bytes_down == s.bytes_down and d.bytes_up == s.bytes_up
+    assert [a.report.tasks for a in agents] == [3, 3, 3]
+
+
+class _Straggler(ClientAgent):
+    """hospital-C is slower than the deadline in round 1."""
+
+    def _work(self, msg: Message):  # type: ignore[no-untyped-def]
+        if self.client_id == "hospital-C" and msg.meta.get("round") == 1:
+            time.sleep(2.6)
+        return super()._work(msg)
+
+
+def test_straggler_is_dropped_and_its_late_update_discarded(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.WARNING)
+    cfg = _config(rounds=2, round_timeout=2.0)
+    run, agents = _deploy(cfg, _Straggler)
+    h = run.federation.history
+    assert sorted(h[0].clients) == ["hospital-A", "hospital-B"] and h[0].status == "ok"
+    assert sorted(h[1].clients) == SITES  # it is back for the next round
+    assert "dropped 1 unanswered client(s) ['hospital-C']: deadline of 2 s passed" in caplog.text
+    straggler = agents[2]
+    assert straggler.report.refused == ["task is closed (deadline of 2 s passed)"]
+    assert "refused a result from 'hospital-C'" in caplog.text
+
+
+class _FailsOnce(ClientAgent):
+    """Every client fails its first task: round 1 has no update, then is retried."""
+
+    def _work(self, msg: Message):  # type: ignore[no-untyped-def]
+        if not getattr(self, "_failed", False):
+            self._failed = True
+            raise RuntimeError("disk full")
+        return super()._work(msg)
+
+
+def test_round_with_too_few_updates_is_retried(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.WARNING)
+    cfg = _config(rounds=2, round_retries=1)
+    run, _ = _deploy(cfg, _FailsOnce)
+    h = run.federation.history
+    assert [r.status for r in h] == ["ok", "ok"] and sorted(h[0].clients) == SITES
+    assert "round 1: 0 valid updates < min_updates 1; retrying (attempt 2 of 2)" in caplog.text
+    assert "client error: RuntimeError: disk full" in caplog.text
+
+
+def test_exhausted_retries_leave_the_model_unchanged_and_the_run_goes_on() -> None:
+    class _AlwaysFails(ClientAgent):
+        def _work(self, msg: Message):  # type: ignore[no-untyped-def]
+            raise RuntimeError("broken")
+
+    cfg = _config(rounds=2, round_retries=1)
+    run, _ = _deploy(cfg, _AlwaysFails)
+    assert [r.status for r in run.federation.history] == ["insufficient", "insufficient"]
+    assert torch.equal(run.federation.state.params, build_run(cfg, engine="sequential").federation.state.params)
+
+
+def test_over_selection_closes_the_round_at_the_target() -> None:
+    cfg = _config(rounds=2, over_selection=0.5)
+    cfg = cfg.model_copy(update={"strategy": cfg.strategy.model_copy(update={"fraction": 0.67})})
+    run, _ = _deploy(cfg)
+    for rec in run.federation.history:  # 2 selected + 1 over-selected; the round takes the first 2
+        assert len(rec.clients) == 2 and rec.status == "ok"
+        assert rec.bytes_down == 3 * run.spec.numel * 4
