@@ -85,3 +85,36 @@ def test_scenarios_and_strategies_lists() -> None:
         assert name in res.output
     res = runner.invoke(app, ["strategies"])
     assert res.exit_code == 0 and "scaffold" in res.output and "krum" in res.output
+
+
+def test_certs_commands_create_revoke_and_refuse(tmp_path: Path) -> None:
+    from fedloom.server import certs
+
+    d = tmp_path / "pki"
+    res = runner.invoke(app, ["certs", "init", str(d), "--host", "10.1.2.3", "--client", "site-a"])
+    assert res.exit_code == 0, res.output
+    creds = certs.load_client_credentials(d / "clients" / "site-a")
+    assert creds.client_id == "site-a"
+    assert certs.verify_issued_by((d / "ca" / "ca.pem").read_bytes(), creds.cert_pem)
+    assert runner.invoke(app, ["certs", "client", "site-b", "--dir", str(d)]).exit_code == 0
+    res = runner.invoke(app, ["certs", "revoke", "site-b", "--dir", str(d)])
+    assert res.exit_code == 0, res.output
+    serial = certs.peer_identity((d / "clients" / "site-b" / "client.pem").read_bytes()).serial
+    assert certs.load_revoked(d / "ca" / "revoked.txt") == frozenset({serial})
+    again = runner.invoke(app, ["certs", "init", str(d)])  # never overwrites a CA
+    assert again.exit_code == 2 and "error" in again.output
+    bad = runner.invoke(app, ["certs", "client", "no spaces", "--dir", str(d)])
+    assert bad.exit_code == 2 and "no spaces" in bad.output
+
+
+def test_client_needs_exactly_one_of_credentials_or_insecure(tmp_path: Path) -> None:
+    res = runner.invoke(app, ["client", "--server", "127.0.0.1:1", "--data", "x.npz"])
+    assert res.exit_code == 2 and "exactly one of --credentials DIR or --insecure" in res.output
+
+
+def test_server_without_credentials_explains_tls_default(tmp_path: Path) -> None:
+    cfg = tmp_path / "c.toml"
+    cfg.write_text('[data]\nname = "hospital"\n[model]\nname = "linear"\n')
+    res = runner.invoke(app, ["server", str(cfg), "--out", str(tmp_path / "o")])
+    assert res.exit_code == 2
+    assert "deploy.credentials" in res.output and "TLS is on by default" in res.output
