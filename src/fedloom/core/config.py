@@ -59,6 +59,8 @@ class RunSection(_Strict):
     federated_eval_every: int = Field(0, ge=0)
     min_updates: int = Field(1, ge=1)
     chunk_size: int | None = Field(None, ge=1)  # vectorized engine: clients per lockstep chunk (None: automatic)
+    ray_address: str | None = None  # ray engine: cluster to join ("auto", "HOST:6379", "ray://HOST:10001"); None: local
+    ray_workers: int | None = Field(None, ge=1)  # ray engine: number of workers (None: one per CPU of the cluster)
     store: str | None = None
     checkpoint_every: int = Field(1, ge=1)
     keep_checkpoints: int = Field(3, ge=1)
@@ -134,14 +136,15 @@ class RunConfig(_Strict):
         """The settings that determine the run's results, as JSON-able data.
 
         The whole config minus where and how often it is persisted (``run.store``,
-        ``run.checkpoint_every``, ``run.keep_checkpoints``) and the number of rounds (rounds
-        1..k do not depend on it, so a finished run can be extended by raising it), and the
-        ``[deploy]`` settings (network, credentials, timeouts): a store resumes a run only if
-        this is unchanged.
+        ``run.checkpoint_every``, ``run.keep_checkpoints``), the number of rounds (rounds
+        1..k do not depend on it, so a finished run can be extended by raising it), where
+        the ray engine runs (``run.ray_address``, ``run.ray_workers``) and the ``[deploy]``
+        settings (network, credentials, timeouts): a store resumes a run only if this is
+        unchanged.
         """
         data = self.model_dump(mode="json")
         data.pop("deploy")
-        for key in ("store", "checkpoint_every", "keep_checkpoints", "rounds"):
+        for key in ("store", "checkpoint_every", "keep_checkpoints", "rounds", "ray_address", "ray_workers"):
             data["run"].pop(key)
         return data
 

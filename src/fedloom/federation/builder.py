@@ -20,6 +20,7 @@ from fedloom.core.seeding import derive_seed
 from fedloom.data.base import FederatedDataset
 from fedloom.data.registry import load_dataset
 from fedloom.engines.base import Engine
+from fedloom.engines.ray import RayEngine
 from fedloom.engines.sequential import SequentialEngine
 from fedloom.engines.vectorized import VectorizedEngine, lockstep_program
 from fedloom.federation.loop import Federation
@@ -31,7 +32,7 @@ from fedloom.strategies.registry import build_strategy
 
 __all__ = ["ENGINES", "Run", "build_engine", "build_run", "initial_model"]
 
-ENGINES = ("auto", "sequential", "vectorized")
+ENGINES = ("auto", "sequential", "vectorized", "ray")
 
 
 @dataclass
@@ -68,12 +69,16 @@ def build_engine(
     spec: ParamSpec,
     device: str,
     chunk_size: int | None = None,
+    ray_address: str | None = None,
+    ray_workers: int | None = None,
 ) -> Engine:
     """The simulation engine called ``name``.
 
     ``auto`` picks the fastest that applies: ``vectorized`` when the model can be trained in
     lockstep (:func:`~fedloom.engines.vectorized.lockstep_program`), else ``sequential``.
-    ``chunk_size`` overrides the vectorized engine's automatic chunk size.
+    ``chunk_size`` overrides the vectorized engine's automatic chunk size. ``ray`` shards
+    cohorts over ``ray_workers`` Ray workers (default: one per CPU) of the cluster at
+    ``ray_address`` (default: a local Ray instance started in this process).
     """
     if name == "auto":
         program, _ = lockstep_program(model_fn, spec, dataset, device)
@@ -82,6 +87,16 @@ def build_engine(
         return SequentialEngine(model_fn=model_fn, dataset=dataset, spec=spec, device=device)
     if name == "vectorized":
         return VectorizedEngine(model_fn=model_fn, dataset=dataset, spec=spec, device=device, chunk_size=chunk_size)
+    if name == "ray":
+        return RayEngine(
+            model_fn=model_fn,
+            dataset=dataset,
+            spec=spec,
+            device=device,
+            chunk_size=chunk_size,
+            address=ray_address,
+            num_workers=ray_workers,
+        )
     raise ConfigError(f"engine {name!r} is not available in simulation; known: {ENGINES}", key="run.engine")
 
 
@@ -132,6 +147,8 @@ def build_run(cfg: RunConfig, *, engine: str | None = None, fresh: bool = False)
             spec=spec,
             device=cfg.run.device,
             chunk_size=cfg.run.chunk_size,
+            ray_address=cfg.run.ray_address,
+            ray_workers=cfg.run.ray_workers,
         )
 
     evaluator = None
