@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import logging
+from importlib.metadata import PackageNotFoundError, version
 import random
 import threading
 import time
@@ -51,6 +52,13 @@ _RETRYABLE = {
     grpc.StatusCode.RESOURCE_EXHAUSTED,
     grpc.StatusCode.ABORTED,
 }
+
+
+def _version() -> str:
+    try:
+        return version("fedloom")
+    except PackageNotFoundError:
+        return "unknown"
 
 
 class AgentError(FedloomError):
@@ -141,7 +149,7 @@ class ClientAgent:
         test_n = len(self.data.test) if self.data.test is not None else 0
         reply = stub.Register(
             pb.RegisterRequest(
-                client_id=self.client_id, num_examples=self.data.num_examples, num_test_examples=test_n, version="0.1.0"
+                client_id=self.client_id, num_examples=self.data.num_examples, num_test_examples=test_n, version=_version()
             ),
             timeout=30,
         )
