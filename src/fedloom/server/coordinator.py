@@ -100,6 +100,7 @@ class Coordinator:
         self._closed: OrderedDict[str, str] = OrderedDict()  # recently finished task id -> why
         self._remember = remember_closed
         self._shutdown = False
+        self._told: set[str] = set()  # clients told that the run is over
 
     # ------------------------------------------------------------ registry
     def register(self, client_id: str, *, num_examples: int, num_test_examples: int = 0, peer: str = "") -> str:
@@ -133,6 +134,7 @@ class Coordinator:
             if cid is None:
                 return
             self._clients.pop(cid, None)
+            self._lock.notify_all()
             log.info("client %r left", cid)
             tid = self._by_client.get(cid)
         if tid is not None:
@@ -258,6 +260,23 @@ class Coordinator:
     @property
     def is_shutdown(self) -> bool:
         return self._shutdown
+
+    def told_shutdown(self, client_id: str) -> None:
+        """Record that ``client_id`` was told the run is over."""
+        with self._lock:
+            self._told.add(client_id)
+            self._lock.notify_all()
+
+    def wait_all_told(self, timeout: float) -> bool:
+        """After :meth:`shutdown`: wait until every live client was told (or ``timeout``)."""
+        end = time.monotonic() + timeout
+        while True:
+            with self._lock:
+                missing = set(self.live_clients()) - self._told
+                left = end - time.monotonic()
+                if not missing or left <= 0:
+                    return not missing
+                self._lock.wait(timeout=min(left, 0.2))
 
     def _fail(self, task_id: str, reason: str) -> None:
         with self._lock:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import time
 from pathlib import Path
 from typing import Any
 
@@ -82,7 +81,9 @@ def start_remote_engine(
     log.warning("fedloom server listening on %s (port %d, %s)", deploy.address, port, "TLS" if credentials else "INSECURE")
 
     def stop() -> None:
-        time.sleep(min(2.0, deploy.max_pull_wait))  # let long polls return "shutdown" to the clients
+        # Tell every live client the run is over (their next pull says so), then stop.
+        if not coordinator.wait_all_told(timeout=deploy.max_pull_wait + 2 * deploy.heartbeat_interval + 5.0):
+            log.warning("stopping although some clients were not told the run is over (busy or gone)")
         server.stop(grace=2.0).wait()
 
     engine = RemoteEngine(

@@ -184,8 +184,11 @@ class FleetService(pb_grpc.FleetServicer):
         wait = min(max(request.wait_seconds, 0.0), self.settings.max_pull_wait)
         task = self.coordinator.pull(cid, wait)
         if task is None:
-            kind = "shutdown" if self.coordinator.is_shutdown else "idle"
-            yield from encode(kind, {})
+            if self.coordinator.is_shutdown:
+                self.coordinator.told_shutdown(cid)
+                yield from encode("shutdown", {})
+            else:
+                yield from encode("idle", {})
             return
         sent = 0
         for chunk in encode(task.kind, task.meta, task.body):
