@@ -7,6 +7,7 @@ at the deadline, failed rounds retried, over-selection closes a round early.
 from __future__ import annotations
 
 import logging
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -19,6 +20,9 @@ from fedloom.core.config import parse_config
 from fedloom.federation.builder import Run, build_run
 from fedloom.server.agent import AgentOptions, ClientAgent
 from fedloom.server.wire import Message
+
+sys.path.insert(0, str(__import__("pathlib").Path(__file__).parent))
+from faultproxy import FaultProxy, Faults  # noqa: E402
 
 SITES = ["hospital-A", "hospital-B", "hospital-C"]
 
@@ -140,3 +144,24 @@ def test_over_selection_closes_the_round_at_the_target() -> None:
     for rec in run.federation.history:  # 2 selected + 1 over-selected; the round takes the first 2
         assert len(rec.clients) == 2 and rec.status == "ok"
         assert rec.bytes_down == 3 * run.spec.numel * 4
+
+
+def test_client_on_a_slow_uplink_is_not_written_off_while_uploading() -> None:
+    """An upload longer than heartbeat_timeout (heartbeats queue behind it) is a sign of life."""
+    cfg = _config(rounds=1, heartbeat_interval=0.5, heartbeat_timeout=1.5, min_clients=1)
+    cfg = cfg.model_copy(update={"model": cfg.model.model_copy(update={"hidden": [128, 128]})})  # 19,457 values: 78 kB
+    run = build_run(cfg, engine="remote")
+    port = run.engine.port  # type: ignore[attr-defined]
+    with FaultProxy(target=("127.0.0.1", port), faults=Faults(rate=30_000)) as proxy:  # ~2.6 s per update
+        host, pport = proxy.address
+        agent = ClientAgent(run.dataset.clients["hospital-A"], AgentOptions(server=f"{host}:{pport}", client_id="hospital-A", pull_wait=0.5))
+        t = threading.Thread(target=agent.run, daemon=True)
+        t.start()
+        try:
+            run.federation.run(1)
+        finally:
+            run.engine.close()
+        t.join(timeout=30)
+    rec = run.federation.history[0]
+    assert rec.clients == ["hospital-A"] and rec.status == "ok"
+    assert agent.report.refused == []

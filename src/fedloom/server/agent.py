@@ -124,23 +124,23 @@ class ClientAgent:
         self._stop = threading.Event()
         self._channel: grpc.Channel | None = None
         self._stub: pb_grpc.FleetStub | None = None
-        self._hb_interval = 5.0
+        self._hb_interval = 0.5  # until the server says otherwise at registration
 
     # ------------------------------------------------------------ connection
+    def _open_channel(self, *extra: tuple[str, Any]) -> grpc.Channel:
+        opts = [*GRPC_OPTIONS, *extra]
+        if self.creds is None:
+            return grpc.insecure_channel(self.options.server, options=opts)
+        tls = grpc.ssl_channel_credentials(
+            root_certificates=self.creds.ca_pem, private_key=self.creds.key_pem, certificate_chain=self.creds.cert_pem
+        )
+        if self.options.server_name:
+            opts.append(("grpc.ssl_target_name_override", self.options.server_name))
+        return grpc.secure_channel(self.options.server, tls, options=opts)
+
     def _connect(self) -> pb_grpc.FleetStub:
         if self._stub is None:
-            if self.creds is None:
-                self._channel = grpc.insecure_channel(self.options.server, options=GRPC_OPTIONS)
-            else:
-                tls = grpc.ssl_channel_credentials(
-                    root_certificates=self.creds.ca_pem,
-                    private_key=self.creds.key_pem,
-                    certificate_chain=self.creds.cert_pem,
-                )
-                opts = list(GRPC_OPTIONS)
-                if self.options.server_name:
-                    opts.append(("grpc.ssl_target_name_override", self.options.server_name))
-                self._channel = grpc.secure_channel(self.options.server, tls, options=opts)
+            self._channel = self._open_channel()
             self._stub = pb_grpc.FleetStub(self._channel)
         return self._stub
 
@@ -166,15 +166,22 @@ class ClientAgent:
         log.info("client %r registered with %s", self.client_id, self.options.server)
 
     def _heartbeat_loop(self) -> None:
-        while not self._stop.wait(self._hb_interval):
-            session, stub = self._session, self._stub
-            if session is None or stub is None:
-                continue
-            try:
-                if not stub.Heartbeat(pb.HeartbeatRequest(session=session), timeout=10).known:
-                    self._session = None  # the main loop registers again
-            except grpc.RpcError:
-                pass  # the main loop handles reconnection
+        # Its own TCP connection, so heartbeats never queue behind a model transfer on a slow link.
+        channel = self._open_channel(("grpc.use_local_subchannel_pool", 1))
+        stub = pb_grpc.FleetStub(channel)
+        try:
+            while not self._stop.wait(self._hb_interval):
+                session = self._session
+                if session is None:
+                    continue
+                try:
+                    if not stub.Heartbeat(pb.HeartbeatRequest(session=session), timeout=10).known:
+                        if self._session == session:
+                            self._session = None  # the main loop registers again
+                except grpc.RpcError:
+                    pass  # the main loop handles reconnection
+        finally:
+            channel.close()
 
     # ------------------------------------------------------------ main loop
     def run(self, *, max_tasks: int | None = None) -> AgentReport:
@@ -188,6 +195,7 @@ class ClientAgent:
                 try:
                     if self._session is None:
                         self._register()
+                        delay = self.options.retry_initial
                     if not self._serve_one():
                         break
                     delay = self.options.retry_initial

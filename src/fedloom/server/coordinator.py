@@ -146,6 +146,19 @@ class Coordinator:
         with self._lock:
             return sorted(c.client_id for c in self._clients.values() if c.last_seen >= cutoff)
 
+    def info(self, client_id: str) -> ClientInfo | None:
+        """A copy of one client's record (None if not registered)."""
+        with self._lock:
+            c = self._clients.get(client_id)
+            return ClientInfo(**vars(c)) if c is not None else None
+
+    def touch(self, client_id: str) -> None:
+        """A sign of life from ``client_id`` (e.g. each chunk of an upload in progress)."""
+        with self._lock:
+            c = self._clients.get(client_id)
+            if c is not None:
+                c.last_seen = time.monotonic()
+
     def clients(self) -> list[ClientInfo]:
         with self._lock:
             return [ClientInfo(**vars(c)) for c in self._clients.values()]

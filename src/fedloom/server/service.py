@@ -22,6 +22,7 @@ import json
 import logging
 import os
 import threading
+import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -57,6 +58,12 @@ GRPC_OPTIONS = [
 def spec_digest(spec: ParamSpec) -> str:
     """A short digest of a model's parameter layout: client and server must agree on it."""
     return hashlib.sha256(spec.to_json().encode()).hexdigest()[:32]
+
+
+# A fixed 1 MiB flow-control window per stream instead of BDP probing: otherwise each push
+# stream waiting for a decoder slot buffers megabytes in the transport (grpc/grpc#29836) and
+# server memory grows with the number of clients. 1 MiB per round trip still fills a WAN link.
+SERVER_OPTIONS = [("grpc.http2.bdp_probe", 0), ("grpc.http2.lookahead_bytes", 1 << 20)]
 
 
 class RevocationList:
@@ -210,6 +217,12 @@ class FleetService(pb_grpc.FleetServicer):
             log.warning("refused a malformed result from %r (%s): %s", who, context.peer(), exc)
             return pb.PushReply(accepted=False, reason=f"malformed: {exc}")
         try:
+            return self._hand_over(cid, task_id, msg)
+        finally:
+            self._decoding.release()
+
+    def _hand_over(self, cid: str, task_id: str, msg: Message) -> pb.PushReply:
+        try:
             payload = self._payload(cid, task_id, msg)
         except (InvalidUpdateError, FedloomError) as exc:
             reason = getattr(exc, "reason", str(exc))
@@ -249,16 +262,26 @@ class FleetService(pb_grpc.FleetServicer):
         if why is not None:
             raise _Refused(why, cid)
         received = 0
-        with self._decoding:
+        while not self._decoding.acquire(timeout=0.5):  # waiting for a decoder slot is a sign of life too
+            self.coordinator.touch(cid)
+        last_touch = time.monotonic()
+        try:
             for chunk in it:
                 received += len(chunk.data.payload)
                 dec.feed(chunk)
+                now = time.monotonic()
+                if now - last_touch > 0.5:  # an upload in progress is a sign of life (slow links)
+                    self.coordinator.touch(cid)
+                    last_touch = now
             msg = dec.finish()
-        with self._count_lock:
-            self.bytes_received += received
-        if pem is not None and not certs.verify(pem, msg.signature, msg.signed):
-            raise _Refused("bad signature (forged or tampered result)", cid)
-        return cid, task_id, msg
+            with self._count_lock:
+                self.bytes_received += received
+            if pem is not None and not certs.verify(pem, msg.signature, msg.signed):
+                raise _Refused("bad signature (forged or tampered result)", cid)
+        except BaseException:
+            self._decoding.release()
+            raise
+        return cid, task_id, msg  # the decoder slot stays held until the result is delivered
 
     def _payload(self, cid: str, task_id: str, msg: Message) -> Any:
         meta = msg.meta
@@ -270,7 +293,7 @@ class FleetService(pb_grpc.FleetServicer):
         expected = {"task": "update", "evaluate": "eval_result"}[task.kind]
         if msg.kind != expected:
             raise InvalidUpdateError(f"a {task.kind} task needs a {expected!r} message, got {msg.kind!r}", client_id=cid)
-        registered = {c.client_id: c for c in self.coordinator.clients()}.get(cid)
+        registered = self.coordinator.info(cid)
         limit = registered.num_examples if registered else None
         metrics = meta.get("metrics", {})
         if not isinstance(metrics, dict):
@@ -320,7 +343,9 @@ def start_server(
     ``credentials`` None means plaintext (insecure mode). Long polls hold a worker thread
     each, so ``max_workers`` should exceed the number of clients.
     """
-    server = grpc.server(ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="fleet"), options=GRPC_OPTIONS)
+    server = grpc.server(
+        ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="fleet"), options=GRPC_OPTIONS + SERVER_OPTIONS
+    )
     pb_grpc.add_FleetServicer_to_server(service, server)
     try:
         if credentials is None:

@@ -158,6 +158,7 @@ class Decoder:
         self._meta: dict[str, Any] = {}
         self._layout: list[tuple[str, torch.dtype, tuple[int, ...], int]] = []
         self._buf = bytearray()
+        self._total = 0  # announced data bytes; the buffer is allocated at the first data chunk
         self._filled = 0
         self._digest = hashlib.sha256()
         self._trailer: pb.Trailer | None = None
@@ -181,8 +182,8 @@ class Decoder:
         elif which == "data":
             self._read_data(chunk.data)
         else:
-            if self._filled != len(self._buf):
-                raise WireError(f"truncated: {self._filled} of {len(self._buf)} data bytes before the trailer")
+            if self._filled != self._total:
+                raise WireError(f"truncated: {self._filled} of {self._total} data bytes before the trailer")
             if chunk.trailer.sha256 != self._digest.digest():
                 raise WireError("data digest mismatch (SHA-256)")
             self._trailer = chunk.trailer
@@ -223,15 +224,17 @@ class Decoder:
             raise WireError(f"header total_bytes {h.total_bytes} != {total} from the tensor table")
         self._header = h
         self._meta = meta
-        self._buf = bytearray(total)
+        self._total = total
 
     def _read_data(self, d: pb.Data) -> None:
         payload = d.payload
         if zlib.crc32(payload) != d.crc32:
             raise WireError(f"chunk at byte {self._filled}: CRC-32 mismatch")
         end = self._filled + len(payload)
-        if end > len(self._buf):
-            raise WireError(f"more data than announced ({end} > {len(self._buf)} bytes)")
+        if end > self._total:
+            raise WireError(f"more data than announced ({end} > {self._total} bytes)")
+        if not self._buf:
+            self._buf = bytearray(self._total)
         self._buf[self._filled : end] = payload
         self._filled = end
         self._digest.update(payload)
@@ -241,7 +244,7 @@ class Decoder:
         if self._header is None:
             raise WireError("empty stream: no header")
         if self._trailer is None:
-            raise WireError(f"truncated: stream ended after {self._filled} of {len(self._buf)} data bytes, no trailer")
+            raise WireError(f"truncated: stream ended after {self._filled} of {self._total} data bytes, no trailer")
         tensors: dict[str, torch.Tensor] = {}
         flat = torch.frombuffer(self._buf, dtype=torch.uint8) if self._buf else torch.empty(0, dtype=torch.uint8)
         off = 0
