@@ -53,7 +53,7 @@ def _deploy(
     cfg, agent_cls: Callable[..., ClientAgent] = ClientAgent, sites: list[str] = SITES  # type: ignore[no-untyped-def]
 ) -> tuple[Run, list[ClientAgent]]:
     run = build_run(cfg, engine="remote")
-    port = run.engine.port  # type: ignore[attr-defined]
+    port = run.engine.port  # type: ignore[attr-defined]  # a RemoteEngine
     agents = [
         agent_cls(run.dataset.clients[s], AgentOptions(server=f"127.0.0.1:{port}", client_id=s, pull_wait=0.5))
         for s in sites
@@ -151,7 +151,7 @@ def test_client_on_a_slow_uplink_is_not_written_off_while_uploading() -> None:
     cfg = _config(rounds=1, heartbeat_interval=0.5, heartbeat_timeout=1.5, min_clients=1)
     cfg = cfg.model_copy(update={"model": cfg.model.model_copy(update={"hidden": [128, 128]})})  # 19,457 values: 78 kB
     run = build_run(cfg, engine="remote")
-    port = run.engine.port  # type: ignore[attr-defined]
+    port = run.engine.port  # type: ignore[attr-defined]  # a RemoteEngine
     with FaultProxy(target=("127.0.0.1", port), faults=Faults(rate=30_000)) as proxy:  # ~2.6 s per update
         host, pport = proxy.address
         agent = ClientAgent(run.dataset.clients["hospital-A"], AgentOptions(server=f"{host}:{pport}", client_id="hospital-A", pull_wait=0.5))

@@ -93,7 +93,6 @@ def start_remote_engine(
         min_available=deploy.min_clients,
         wait_timeout=deploy.wait_timeout,
         on_close=stop,
+        port=port,
     )
-    engine.port = port  # type: ignore[attr-defined]
-    engine.service = service  # type: ignore[attr-defined]
     return engine

@@ -41,7 +41,8 @@ class RemoteEngine(Engine):
 
     ``round_timeout``: seconds a round waits for updates; ``min_available``: live clients
     needed before a round is selected, waited for up to ``wait_timeout`` seconds.
-    ``on_close`` is called by :meth:`close` (it stops the gRPC server).
+    ``on_close`` is called by :meth:`close` (it stops the gRPC server); ``port`` is the
+    port that server listens on.
     """
 
     name = "remote"
@@ -56,8 +57,10 @@ class RemoteEngine(Engine):
         wait_timeout: float = 600.0,
         chunk_bytes: int = 1 << 20,
         on_close: Callable[[], None] | None = None,
+        port: int = 0,
     ) -> None:
         super().__init__(spec=spec)
+        self.port = port  # where the gRPC server listens (0 if not started by this engine)
         self.coordinator = coordinator
         self.round_timeout = round_timeout
         self.min_available = min_available
