@@ -2,7 +2,12 @@
 
 * :class:`TrainConfig` — typed local-training hyperparameters (validated on creation).
 * :class:`ClientInstruction` — one client's orders for one round: config, seed, payload.
-* :class:`ClientUpdate` — a client's answer: flat delta, example count, metrics, extras.
+* :class:`ClientUpdate` — a client's answer: a dense delta or an encoded :class:`Payload`,
+  example count, aggregation weight, metrics, extras.
+* :class:`Payload` — named tensors of any dtype plus the codec's JSON metadata: what an
+  encoding stage (compression, masking) puts on the wire instead of a dense vector.
+* :class:`ComponentSpec` — a named, JSON-able recipe (a gradient transform or a stage with its
+  options) that travels in an instruction, so a client process builds the same component.
 * :class:`Aggregate` — an aggregator's result, consumed by ``Strategy.apply``.
 """
 
@@ -18,7 +23,20 @@ import torch
 
 from fedloom.core.errors import ConfigError, InvalidUpdateError
 
-__all__ = ["Aggregate", "ClientInstruction", "ClientUpdate", "LossName", "OptimizerName", "TrainConfig"]
+__all__ = [
+    "Aggregate",
+    "ClientInstruction",
+    "ClientUpdate",
+    "ComponentSpec",
+    "JSONScalar",
+    "LossName",
+    "OptimizerName",
+    "Payload",
+    "TrainConfig",
+    "tensor_bytes",
+]
+
+JSONScalar = bool | int | float | str | None
 
 OptimizerName = Literal["sgd", "adam"]
 LossName = Literal["cross_entropy", "bce", "mse", "l1", "huber"]
@@ -87,11 +105,84 @@ class TrainConfig:
 
 
 @dataclass(frozen=True)
+class ComponentSpec:
+    """A component by registry name with JSON-scalar options, hashable and wire-ready.
+
+    ``ComponentSpec.of("proximal", mu=0.01)``; ``options`` is kept sorted by key so equal
+    recipes compare (and group, in the vectorized engine) equal.
+    """
+
+    name: str
+    options: tuple[tuple[str, JSONScalar], ...] = ()
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.name, str) or not self.name:
+            raise ConfigError(f"a component name must be a non-empty string, got {self.name!r}")
+        opts = tuple(sorted((str(k), v) for k, v in self.options))
+        for k, v in opts:
+            if not (v is None or isinstance(v, (bool, int, float, str))):
+                raise ConfigError(f"option {k!r} of {self.name!r} must be a JSON scalar, got {type(v).__name__}")
+        object.__setattr__(self, "options", opts)
+
+    @classmethod
+    def of(cls, name: str, **options: JSONScalar) -> ComponentSpec:
+        return cls(name, tuple(options.items()))
+
+    @property
+    def kwargs(self) -> dict[str, JSONScalar]:
+        return dict(self.options)
+
+    def to_json(self) -> dict[str, object]:
+        return {"name": self.name, "options": dict(self.options)}
+
+    @classmethod
+    def from_json(cls, data: object) -> ComponentSpec:
+        if not isinstance(data, Mapping) or not isinstance(data.get("name"), str):
+            raise ConfigError(f"a component must be an object with a name, got {data!r}")
+        opts = data.get("options") or {}
+        if not isinstance(opts, Mapping):
+            raise ConfigError(f"options of {data['name']!r} must be an object")
+        return cls(data["name"], tuple(opts.items()))
+
+
+@dataclass(frozen=True)
+class Payload:
+    """An encoded update or model: named tensors (any dtype) plus the codec's metadata.
+
+    ``codec`` names the stage that made it (the one that can decode it); ``meta`` holds
+    JSON scalars (bit width, bucket size, ...). :attr:`nbytes` is the tensor data's size: the
+    bytes the encoding actually costs on the wire, framing aside.
+    """
+
+    codec: str
+    tensors: Mapping[str, torch.Tensor]
+    meta: Mapping[str, JSONScalar] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "tensors", _frozen_map(self.tensors))
+        object.__setattr__(self, "meta", _frozen_map(self.meta))
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.tensors.values())
+
+
+def tensor_bytes(t: torch.Tensor | None) -> int:
+    """Bytes of a tensor's element data (0 for None)."""
+    return 0 if t is None else t.numel() * t.element_size()
+
+
+@dataclass(frozen=True)
 class ClientInstruction:
     """One client's orders for one round.
 
     ``seed`` drives the client's data shuffling and dropout, so a round is reproducible.
     ``payload`` holds strategy tensors the client needs (SCAFFOLD's server control variate).
+    ``transforms`` are the gradient transforms local training applies (FedProx's proximal
+    term, SCAFFOLD's correction), ``stages`` the client halves of the update pipeline, run in
+    order after training; both are recipes, so a client process builds the same components.
+    ``model_version`` is the version of the global model the client starts from (the number
+    of rounds applied to it; ``round - 1`` in synchronous FL).
     """
 
     round: int
@@ -99,35 +190,65 @@ class ClientInstruction:
     train: TrainConfig
     seed: int
     payload: Mapping[str, torch.Tensor] = field(default_factory=dict)
+    transforms: tuple[ComponentSpec, ...] = ()
+    stages: tuple[ComponentSpec, ...] = ()
+    model_version: int | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "payload", _frozen_map(self.payload))
+        object.__setattr__(self, "transforms", tuple(self.transforms))
+        object.__setattr__(self, "stages", tuple(self.stages))
+        if self.model_version is None:
+            object.__setattr__(self, "model_version", self.round - 1)
 
 
 @dataclass(frozen=True)
 class ClientUpdate:
     """A client's answer for one round.
 
-    ``delta`` is the flat vector ``local - global`` (possibly post-processed). ``extras``
-    carries strategy-specific tensors (SCAFFOLD's ``control_delta``). ``metrics`` are the
-    client's training metrics; ``num_steps`` the local optimizer steps it took.
+    Exactly one of ``delta`` (the flat vector ``local - global``, possibly post-processed) and
+    ``payload`` (the same, encoded by a stage; the server's half of that stage decodes it) is
+    set. ``weight`` is the aggregation weight a weighting stage applied to the delta (None:
+    none applied). ``extras`` carries strategy-specific tensors (SCAFFOLD's
+    ``control_delta``). ``metrics`` are the client's training metrics; ``num_steps`` the local
+    optimizer steps it took; ``model_version`` the global version it started from.
     """
 
     client_id: str
     round: int
-    delta: torch.Tensor
+    delta: torch.Tensor | None
     num_examples: int
     num_steps: int = 0
     metrics: Mapping[str, float] = field(default_factory=dict)
     extras: Mapping[str, torch.Tensor] = field(default_factory=dict)
+    payload: Payload | None = None
+    weight: float | None = None
+    model_version: int | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "metrics", _frozen_map(self.metrics))
         object.__setattr__(self, "extras", _frozen_map(self.extras))
+        if (self.delta is None) == (self.payload is None):
+            raise InvalidUpdateError("an update carries exactly one of a dense delta and a payload", client_id=self.client_id)
+        if self.model_version is None:
+            object.__setattr__(self, "model_version", self.round - 1)
+
+    @property
+    def nbytes(self) -> int:
+        """The bytes this update's tensors cost as encoded: payload or dense delta, plus extras."""
+        body = self.payload.nbytes if self.payload is not None else tensor_bytes(self.delta)
+        return body + sum(tensor_bytes(t) for t in self.extras.values())
 
     def validate(self, *, numel: int, dtype: torch.dtype | None = None, max_examples: int | None = None) -> None:
-        """Raise :class:`InvalidUpdateError` unless this update is well-formed for a model of ``numel``."""
+        """Raise :class:`InvalidUpdateError` unless this update is well-formed for a model of ``numel``.
+
+        Checks the header (:meth:`validate_header`) and the dense delta and extras; an update
+        that still carries a payload is refused (its codec's stage must decode it first).
+        """
         cid = self.client_id
+        if self.delta is None:
+            codec = self.payload.codec if self.payload is not None else "?"
+            raise InvalidUpdateError(f"payload of codec {codec!r} was not decoded", client_id=cid)
 
         def check_vec(name: str, t: object) -> None:
             if not isinstance(t, torch.Tensor):
@@ -142,6 +263,11 @@ class ClientUpdate:
         check_vec("delta", self.delta)
         for k, v in self.extras.items():
             check_vec(f"extras[{k!r}]", v)
+        self.validate_header(max_examples=max_examples)
+
+    def validate_header(self, *, max_examples: int | None = None) -> None:
+        """Check what does not depend on the encoding: example count, weight, metrics."""
+        cid = self.client_id
         if isinstance(self.num_examples, bool) or not isinstance(self.num_examples, int) or self.num_examples < 1:
             raise InvalidUpdateError(f"num_examples must be an integer >= 1, got {self.num_examples!r}", client_id=cid)
         if max_examples is not None and self.num_examples > max_examples:
@@ -149,6 +275,12 @@ class ClientUpdate:
         for k, m in self.metrics.items():
             if not isinstance(m, (int, float)) or not math.isfinite(float(m)):
                 raise InvalidUpdateError(f"metric {k!r} is not a finite number: {m!r}", client_id=cid)
+        if self.weight is not None and (
+            isinstance(self.weight, bool)
+            or not isinstance(self.weight, (int, float))
+            or not (math.isfinite(self.weight) and self.weight >= 0)
+        ):
+            raise InvalidUpdateError(f"weight must be a finite number >= 0, got {self.weight!r}", client_id=cid)
 
 
 @dataclass(frozen=True)
@@ -157,7 +289,9 @@ class Aggregate:
 
     ``delta`` is the aggregated update (a pseudo-gradient pointing downhill, i.e. to add).
     ``extras`` are aggregated extras (mean over clients, unweighted); ``metrics`` are the
-    example-weighted means of the clients' training metrics.
+    example-weighted means of the clients' training metrics. ``weight`` is the total
+    aggregation weight of a sum (before a weighting stage's finalize divides by it);
+    ``num_available`` the number of clients the round could select from (SCAFFOLD's N).
     """
 
     delta: torch.Tensor
@@ -166,6 +300,8 @@ class Aggregate:
     extras: Mapping[str, torch.Tensor] = field(default_factory=dict)
     metrics: Mapping[str, float] = field(default_factory=dict)
     client_ids: tuple[str, ...] = ()
+    weight: float | None = None
+    num_available: int | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "extras", _frozen_map(self.extras))

@@ -16,9 +16,11 @@ round-trips through :meth:`ServerState.to_tensors` for checkpoints.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+import json
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from types import MappingProxyType
+from typing import Any
 
 import torch
 
@@ -46,15 +48,38 @@ class ServerState:
     """Explicit, checkpointable server state.
 
     ``round`` counts completed rounds; ``params`` is the global flat vector; ``tensors``
-    holds the server optimizer's named state (empty for plain FedAvg).
+    holds the server optimizer's and the pipeline stages' named tensor state (empty for plain
+    FedAvg); ``meta`` their state that is not a tensor (an accountant's history, a stage's
+    settings), JSON-serializable, saved in a checkpoint's metadata (:meth:`meta_json`).
     """
 
     params: torch.Tensor
     round: int = 0
     tensors: Mapping[str, torch.Tensor] = field(default_factory=dict)
+    meta: Mapping[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "tensors", MappingProxyType(dict(self.tensors)))
+        object.__setattr__(self, "meta", MappingProxyType(dict(self.meta)))
+
+    def meta_json(self) -> str:
+        """``meta`` as JSON text (raises :class:`StrategyError` if it is not JSON-serializable)."""
+        try:
+            return json.dumps(dict(self.meta), sort_keys=True, allow_nan=False)
+        except (TypeError, ValueError) as exc:
+            raise StrategyError(f"server state meta is not JSON-serializable: {exc}") from None
+
+    def with_meta_json(self, text: str | None) -> ServerState:
+        """This state with ``meta`` read from :meth:`meta_json`'s text (None or empty: no meta)."""
+        if not text:
+            return replace(self, meta={})
+        try:
+            meta = json.loads(text)
+        except ValueError as exc:
+            raise StrategyError(f"server state meta is not valid JSON: {exc}") from None
+        if not isinstance(meta, dict):
+            raise StrategyError("server state meta must be a JSON object")
+        return replace(self, meta=meta)
 
     def to_tensors(self) -> dict[str, torch.Tensor]:
         """Flat name -> tensor mapping (for safetensors); ``round`` is stored as a tensor too."""
