@@ -7,11 +7,11 @@ client's data, :func:`train_local` runs ``epochs`` passes of minibatch training:
   with ``instruction.seed`` (the last batch may be smaller: no sample dropped or repeated);
 * dropout and other randomness use the same seed (the global RNG is forked, not disturbed);
 * the optimizer (SGD with momentum / Nesterov / weight decay, or Adam) is fresh each round;
-* FedProx (Li et al. 2020) adds ``mu · (w − w_global)`` to each gradient, the gradient of
-  ``(mu/2)·||w − w_global||²``;
-* SCAFFOLD (Karimireddy et al. 2020) adds ``c − c_i`` to each gradient and, after K steps
-  with learning rate η, sets ``c_i⁺ = c_i − c + (x − y_i)/(K·η)`` (option II); the update
-  carries ``extras["control_delta"] = c_i⁺ − c_i`` and the new ``c_i`` is client state.
+* the instruction's gradient transforms (:mod:`fedloom.client.transforms`: FedProx's
+  proximal term, SCAFFOLD's correction) edit each step's gradients; the vectorized engine
+  applies the very same transform code to its stacked gradients;
+* after training, each transform's ``finish`` adds its extras (SCAFFOLD's
+  ``control_delta``) and updates the client state.
 
 The result is the delta ``local − global`` over the WHOLE state (buffers such as BatchNorm
 statistics included), the number of examples and steps, and the mean training loss.
@@ -19,13 +19,14 @@ statistics included), the number of examples and steps, and the mean training lo
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
 from fedloom.client.losses import get_loss
+from fedloom.client.transforms import GradientTransform, Proximal, ScaffoldCorrection, build_transforms
 from fedloom.core.errors import ConfigError
 from fedloom.core.params import ParamSpec
 from fedloom.core.types import ClientInstruction, ClientUpdate, TrainConfig
@@ -33,16 +34,13 @@ from fedloom.data.base import Split
 
 __all__ = [
     "LocalResult",
+    "active_transforms",
     "batch_order",
     "finish_local",
     "make_optimizer",
-    "scaffold_controls",
     "train_local",
 ]
 
-SERVER_CONTROL = "server_control"
-CLIENT_CONTROL = "control"
-CONTROL_DELTA = "control_delta"
 
 
 @dataclass(frozen=True)
@@ -86,6 +84,17 @@ def _trainable_views(spec: ParamSpec, vec: torch.Tensor, model: nn.Module) -> li
     return [views[n] for n, p in model.named_parameters() if p.requires_grad]
 
 
+def active_transforms(instruction: ClientInstruction) -> list[GradientTransform]:
+    """The gradient transforms an instruction asks for."""
+    found = build_transforms(instruction.transforms)
+    cfg = instruction.train  # TRANSITIONAL: TrainConfig's algorithm switches, until strategies send recipes
+    if getattr(cfg, "proximal_mu", 0.0) > 0.0:
+        found.append(Proximal(mu=cfg.proximal_mu))
+    if getattr(cfg, "scaffold", False):
+        found.append(ScaffoldCorrection())
+    return found
+
+
 def train_local(
     model: nn.Module,
     spec: ParamSpec,
@@ -110,14 +119,10 @@ def train_local(
     opt = make_optimizer(params, cfg)
     loss_fn = get_loss(cfg.loss)
 
-    corrections: list[torch.Tensor] | None = None
-    anchor: list[torch.Tensor] | None = None
-    if cfg.proximal_mu > 0.0:
-        anchor = _trainable_views(spec, global_vec, model)
-    controls: tuple[torch.Tensor, torch.Tensor] | None = None
-    if cfg.scaffold:
-        controls = scaffold_controls(spec, global_vec, instruction, client_state)
-        corrections = _trainable_views(spec, controls[0] - controls[1], model)
+    state = client_state or {}
+    transforms = active_transforms(instruction)
+    prepared = [t.prepare(spec, global_vec, instruction, state) for t in transforms]
+    laid = [{k: _trainable_views(spec, v[k], model) for k in t.laid_out} for t, v in zip(transforms, prepared, strict=True)]
 
     batches = batch_order(n, cfg, instruction.seed)
     x, y = data.x.to(device), data.y.to(device)
@@ -130,13 +135,15 @@ def train_local(
             opt.zero_grad(set_to_none=False)
             loss = loss_fn(model(x[idx]), y[idx])
             loss.backward()
-            grads = [p.grad for p in params]
-            if anchor is not None:
-                diffs = torch._foreach_sub([p.detach() for p in params], anchor)
-                torch._foreach_add_(grads, diffs, alpha=cfg.proximal_mu)
-            if corrections is not None:
-                torch._foreach_add_(grads, corrections)
+            if transforms:
+                grads = [p.grad for p in params]
+                for t, vecs in zip(transforms, laid, strict=True):
+                    t.apply(params, grads, vecs)  # type: ignore[arg-type]
             opt.step()
+            if transforms:
+                with torch.no_grad():
+                    for t, vecs in zip(transforms, laid, strict=True):
+                        t.after_step(params, vecs)
             loss_sum += loss.detach().to(torch.float64) * len(idx)
             seen += len(idx)
 
@@ -150,26 +157,8 @@ def train_local(
         loss_sum=float(loss_sum),
         seen=seen,
         client_state=client_state,
-        controls=controls,
+        transforms=list(zip(transforms, prepared, strict=True)),
     )
-
-
-def scaffold_controls(
-    spec: ParamSpec,
-    global_vec: torch.Tensor,
-    instruction: ClientInstruction,
-    client_state: Mapping[str, torch.Tensor] | None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """SCAFFOLD's ``(c, c_i)``: the server control from the payload and the client's own (zero at first)."""
-    device = global_vec.device
-    try:
-        c_server = instruction.payload[SERVER_CONTROL].to(device=device, dtype=global_vec.dtype)
-    except KeyError:
-        raise ConfigError("SCAFFOLD needs the server control variate in the payload", key="strategy") from None
-    spec.check_vector(c_server)
-    prev = (client_state or {}).get(CLIENT_CONTROL)
-    c_local = torch.zeros_like(global_vec) if prev is None else prev.to(device=device, dtype=global_vec.dtype)
-    return c_server, c_local
 
 
 def finish_local(
@@ -182,24 +171,20 @@ def finish_local(
     loss_sum: float,
     seen: int,
     client_state: Mapping[str, torch.Tensor] | None,
-    controls: tuple[torch.Tensor, torch.Tensor] | None,
+    transforms: Sequence[tuple[GradientTransform, Mapping[str, torch.Tensor]]] = (),
 ) -> LocalResult:
     """The :class:`LocalResult` of a finished local run whose state moved by ``delta``.
 
     ``loss_sum`` is the float64 sum of the steps' mean losses times their batch sizes and
-    ``seen`` the number of samples of all steps. ``controls`` is SCAFFOLD's ``(c, c_i)``
-    (None without SCAFFOLD); the update then carries ``extras["control_delta"]`` and the
-    returned state the new ``c_i``. Every engine builds its results here.
+    ``seen`` the number of samples of all steps. ``transforms`` pairs each gradient transform
+    with the vectors it prepared for this client; their :meth:`~GradientTransform.finish`
+    gives the update's extras (SCAFFOLD's ``control_delta``) and the new client state.
+    Every engine builds its results here.
     """
     extras: dict[str, torch.Tensor] = {}
     state: dict[str, torch.Tensor] = dict(client_state or {})
-    if controls is not None:
-        c_server, c_local = controls
-        mask = spec.trainable_mask(delta.device)
-        # c_i+ - c_i = -c + (x - y_i) / (K * lr)  on trainable entries, 0 on buffers.
-        c_delta = torch.where(mask, -c_server - delta / (num_steps * instruction.train.lr), torch.zeros_like(delta))
-        extras[CONTROL_DELTA] = c_delta
-        state[CLIENT_CONTROL] = c_local + c_delta
+    for t, vecs in transforms:
+        extras.update(t.finish(spec, instruction, delta, num_steps, vecs, state))
     update = ClientUpdate(
         client_id=instruction.client_id,
         round=instruction.round,
@@ -208,5 +193,6 @@ def finish_local(
         num_steps=num_steps,
         metrics={"train_loss": loss_sum / max(seen, 1)},
         extras=extras,
+        model_version=instruction.model_version,
     )
     return LocalResult(update=update, state=state)

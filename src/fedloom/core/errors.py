@@ -30,6 +30,7 @@ class ConfigError(FedloomError, ValueError):
 
     def __init__(self, message: str, *, key: str | None = None) -> None:
         self.key = key
+        self.detail = message
         super().__init__(f"{key}: {message}" if key else message)
 
 

@@ -14,7 +14,8 @@ import torch
 from torch import nn
 
 from fedloom.core.params import ParamSpec
-from fedloom.core.types import ClientInstruction, ClientUpdate
+from fedloom.core.types import ClientInstruction, ClientUpdate, Payload
+from fedloom.pipeline import ClientBatch, StageContext, run_client_stages
 
 __all__ = ["ClientStateStore", "Engine", "ModelFn"]
 
@@ -66,8 +67,48 @@ class Engine(ABC):
         """Ids of the clients that can take part now."""
 
     @abstractmethod
-    def run_cohort(self, global_vec: torch.Tensor, instructions: Sequence[ClientInstruction]) -> Iterator[ClientUpdate]:
-        """Train every instructed client from ``global_vec``; yield each update when ready."""
+    def run_cohort(
+        self,
+        global_vec: torch.Tensor,
+        instructions: Sequence[ClientInstruction],
+        *,
+        broadcast: Payload | None = None,
+    ) -> Iterator[ClientUpdate]:
+        """Train every instructed client from ``global_vec``; yield each update when ready.
+
+        ``global_vec`` is the model exactly as the clients receive it; ``broadcast``, when the
+        pipeline encodes the model sent down, is the encoded form (what a remote engine puts
+        on the wire; simulation engines train from ``global_vec`` directly).
+        """
+
+    def finish_clients(
+        self,
+        instructions: Sequence[ClientInstruction],
+        updates: Sequence[ClientUpdate],
+        states: Sequence[Mapping[str, torch.Tensor]],
+        deltas: torch.Tensor | None = None,
+    ) -> list[ClientUpdate]:
+        """Run the instructions' client stages on trained clients as one batch; keep their states.
+
+        ``deltas`` (k, numel), if given, are the updates' deltas as one matrix (no copy).
+        Instructions of one call must share their stage recipes (engines group by them).
+        """
+        if not instructions:
+            return []
+        recipes = instructions[0].stages
+        if any(ins.stages != recipes for ins in instructions):
+            raise ValueError("finish_clients: instructions of one batch must share their stages")
+        if not recipes:
+            out = list(updates)
+            new_states: Sequence[Mapping[str, torch.Tensor]] = states
+        else:
+            batch = ClientBatch.of(list(updates), [ins.seed for ins in instructions], list(states), deltas)
+            dtype = batch.deltas.dtype if batch.deltas is not None else self.spec.dtype
+            out = run_client_stages(batch, recipes, StageContext(self.spec, instructions[0].round, dtype))
+            new_states = batch.states
+        for ins, st in zip(instructions, new_states, strict=True):
+            self.client_states.put(ins.client_id, st)
+        return out
 
     @abstractmethod
     def evaluate_clients(

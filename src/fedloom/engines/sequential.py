@@ -13,7 +13,7 @@ from fedloom.client.evaluate import evaluate_vector
 from fedloom.client.training import train_local
 from fedloom.core.errors import EngineError
 from fedloom.core.params import ParamSpec
-from fedloom.core.types import ClientInstruction, ClientUpdate
+from fedloom.core.types import ClientInstruction, ClientUpdate, Payload
 from fedloom.data.base import FederatedDataset
 from fedloom.engines.base import Engine, ModelFn
 
@@ -40,15 +40,16 @@ class SequentialEngine(Engine):
         except KeyError:
             raise EngineError(f"unknown client {cid!r}") from None
 
-    def run_cohort(self, global_vec: torch.Tensor, instructions: Sequence[ClientInstruction]) -> Iterator[ClientUpdate]:
+    def run_cohort(
+        self, global_vec: torch.Tensor, instructions: Sequence[ClientInstruction], *, broadcast: Payload | None = None
+    ) -> Iterator[ClientUpdate]:
         g = global_vec.to(self.device)
         for ins in instructions:
             data = self._client(ins.client_id).train
             result = train_local(
                 self.model, self.spec, g, data, ins, client_state=self.client_states.get(ins.client_id)
             )
-            self.client_states.put(ins.client_id, result.state)
-            yield result.update
+            yield from self.finish_clients([ins], [result.update], [result.state])
 
     def evaluate_clients(
         self, global_vec: torch.Tensor, client_ids: Sequence[str]

@@ -7,8 +7,10 @@ BatchNorm statistics) as the rows of a ``(k, numel)`` matrix. At step t every cl
 still has a batch takes one optimizer step: a lockstep program (:mod:`fedloom.engines._lockstep`) computes
 all their losses and gradients at once — stacked-weight ``baddbmm`` / grouped convolutions
 for models made of supported layers, ``torch.func.vmap`` for other buffer-free models — and
-the optimizer, FedProx's proximal gradient and SCAFFOLD's correction are a few fused
-operations on the stacked buffers. Plain SGD (FedAvg's local solver) is fused further: each
+the optimizer is a few fused operations on the stacked buffers, and the gradient transforms
+(FedProx's proximal term, SCAFFOLD's correction) are the very objects the sequential trainer
+applies, run on the stacked gradients. After training, the update pipeline's client stages
+run on the chunk's (clients x parameters) delta matrix in one operation each. Plain SGD (FedAvg's local solver) is fused further: each
 Linear layer applies ``W -= lr * dW`` inside its weight-gradient product, so gradients never
 go through memory. Cohorts are cut into chunks whose working set fits a memory budget (the
 CPU cache by default), so weights stay cache-resident.
@@ -42,11 +44,12 @@ from dataclasses import dataclass
 
 import torch
 
-from fedloom.client.training import LocalResult, batch_order, finish_local, scaffold_controls
+from fedloom.client.training import LocalResult, active_transforms, batch_order, finish_local
+from fedloom.client.transforms import GradientTransform
 from fedloom.core.errors import ConfigError, EngineError
 from fedloom.core.params import ParamSpec
 from fedloom.core.seeding import derive_seed
-from fedloom.core.types import ClientInstruction, ClientUpdate, TrainConfig
+from fedloom.core.types import ClientInstruction, ClientUpdate, Payload, TrainConfig
 from fedloom.data.base import FederatedDataset, Split
 from fedloom.engines._lockstep import (
     LockstepProgram,
@@ -172,39 +175,44 @@ class VectorizedEngine(Engine):
         except KeyError:
             raise EngineError(f"unknown client {cid!r}") from None
 
-    def chunk_size_for(self, cfg: TrainConfig) -> int:
+    def chunk_size_for(self, cfg: TrainConfig, transforms: Sequence[GradientTransform] = ()) -> int:
         """Clients per chunk for ``cfg``: ``chunk_size`` if set, else as many as fit the memory budget.
 
         A client's working set: its state row, its trainable parameters, gradients, optimizer
-        state and SCAFFOLD correction, its batch and the activations (and their gradients).
+        state and per-client transform vectors (SCAFFOLD's correction), its batch and the
+        activations (and their gradients).
         """
         if self.chunk_size is not None:
             return self.chunk_size
         p = sum(s.numel for s in self._slots.values())
         opt_states = 2 if cfg.optimizer == "adam" else int(cfg.momentum > 0.0)
-        matrices = 2 + opt_states + int(cfg.scaffold)
+        per_client_vectors = sum(len(set(t.laid_out) - t.shared) for t in transforms)
+        matrices = 2 + opt_states + per_client_vectors
         per_client = self.spec.numel + p * matrices + cfg.batch_size * (self._sample_numel + 3 * self._act_numel)
         return max(1, self.memory_budget_bytes // (per_client * self.spec.dtype.itemsize))
 
     # ----------------------------------------------------------------- training
-    def run_cohort(self, global_vec: torch.Tensor, instructions: Sequence[ClientInstruction]) -> Iterator[ClientUpdate]:
+    def run_cohort(
+        self, global_vec: torch.Tensor, instructions: Sequence[ClientInstruction], *, broadcast: Payload | None = None
+    ) -> Iterator[ClientUpdate]:
         if self.program is None:
             yield from self._sequential.run_cohort(global_vec, instructions)
             return
         g = global_vec.to(self.device)
-        by_config: dict[TrainConfig, list[ClientInstruction]] = {}
+        groups: dict[tuple, list[ClientInstruction]] = {}
         for ins in instructions:
-            by_config.setdefault(ins.train, []).append(ins)
-        for cfg, group in by_config.items():
-            size = self.chunk_size_for(cfg)
+            groups.setdefault((ins.train, ins.transforms, ins.stages), []).append(ins)
+        for (cfg, _, _), group in groups.items():
+            size = self.chunk_size_for(cfg, active_transforms(group[0]))
             for start in range(0, len(group), size):
-                for ins, result in self._train_chunk(g, cfg, group[start : start + size]):
-                    self.client_states.put(ins.client_id, result.state)
-                    yield result.update
+                chunk = group[start : start + size]
+                results, deltas = self._train_chunk(g, cfg, chunk)
+                yield from self.finish_clients(chunk, [r.update for r in results], [r.state for r in results], deltas)
 
     def _train_chunk(
         self, g: torch.Tensor, cfg: TrainConfig, chunk: list[ClientInstruction]
-    ) -> list[tuple[ClientInstruction, LocalResult]]:
+    ) -> tuple[list[LocalResult], torch.Tensor]:
+        """Train a chunk in lockstep: each client's result, and all deltas as a (k, numel) matrix (chunk order)."""
         assert self.program is not None
         device, spec = self.device, self.spec
         splits = [self._split(ins.client_id) for ins in chunk]
@@ -220,21 +228,34 @@ class VectorizedEngine(Engine):
         theta = stack.stack(theta_g.unsqueeze(0).expand(k, -1))
         state = g.unsqueeze(0).repeat(k, 1)
         grad = torch.empty_like(theta)
-        controls: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * k
-        correction: torch.Tensor | None = None
-        if cfg.scaffold:
-            diffs = []
-            for r, i in enumerate(rows):
-                c_server, c_local = scaffold_controls(spec, g, chunk[i], self.client_states.get(chunk[i].client_id))
-                controls[r] = (c_server, c_local)
-                diff = c_server - c_local
-                diffs.append(torch.cat([diff[c] for c in self._cols]))
-            correction = stack.stack(torch.stack(diffs))
-        anchor = SlotStack(self._slots, 1).views(theta_g, 1) if cfg.proximal_mu > 0.0 else None
+        # Gradient transforms (the same code as the sequential trainer's): per-client vectors
+        # stacked like theta, shared ones as a (1, *shape) view broadcasting over the chunk.
+        transforms = active_transforms(chunk[0])
+        prepared = [
+            [t.prepare(spec, g, chunk[i], self.client_states.get(chunk[i].client_id)) for t in transforms] for i in rows
+        ]
+        one = SlotStack(self._slots, 1)
+        stacked: list[dict[str, torch.Tensor]] = []
+        for j, t in enumerate(transforms):
+            bufs = {}
+            for name in t.laid_out:
+                if name in t.shared:
+                    bufs[name] = one.stack(self._trainable(prepared[0][j][name]).unsqueeze(0))
+                else:
+                    bufs[name] = stack.stack(torch.stack([self._trainable(prepared[r][j][name]) for r in range(k)]))
+            stacked.append(bufs)
+
+        def laid(j: int, ka: int) -> dict[str, list[torch.Tensor]]:
+            t = transforms[j]
+            return {
+                name: list((one.views(buf, 1) if name in t.shared else stack.views(buf, ka)).values())
+                for name, buf in stacked[j].items()
+            }
+
         optimizer = _StackedOptimizer(cfg, theta, stack)
         # Plain SGD (FedAvg's local solver): the program applies it, fused where it can.
-        plain = cfg.optimizer == "sgd" and cfg.momentum == 0.0 and cfg.weight_decay == 0.0 and anchor is None
-        sgd_lr = cfg.lr if plain and correction is None else None
+        plain = cfg.optimizer == "sgd" and cfg.momentum == 0.0 and cfg.weight_decay == 0.0 and not transforms
+        sgd_lr = cfg.lr if plain else None
         loss_sum = torch.zeros(k, dtype=torch.float64, device=device)
 
         seed = derive_seed("vectorized", *(ins.seed for ins in chunk))
@@ -251,12 +272,14 @@ class VectorizedEngine(Engine):
                 loss_sum[:ka] += losses.to(torch.float64) * cnt.to(torch.float64)
                 if sgd_lr is not None:
                     continue
-                if anchor is not None:
-                    for name, gr in grads.items():
-                        gr.add_(params[name] - anchor[name], alpha=cfg.proximal_mu)
-                if correction is not None:
-                    torch._foreach_add_(stack.flat(grad, ka), stack.flat(correction, ka))
+                if transforms:
+                    plist, glist = list(params.values()), list(grads.values())
+                    for j, t in enumerate(transforms):
+                        t.apply(plist, glist, laid(j, ka))
                 optimizer.step(theta, grad, ka)
+                if transforms:
+                    for j, t in enumerate(transforms):
+                        t.after_step(list(stack.views(theta, ka).values()), laid(j, ka))
 
         trained = stack.unstack(theta)
         col = 0
@@ -265,22 +288,27 @@ class VectorizedEngine(Engine):
             col += c.stop - c.start
         loss_sums = loss_sum.tolist()
         seen = [sum(c[r] for c in plan.count_lists) for r in range(k)]
-        results: list[tuple[ClientInstruction, LocalResult]] = [None] * k  # type: ignore[list-item]
+        deltas = torch.empty_like(state)
+        results: list[LocalResult] = [None] * k  # type: ignore[list-item]
         for r, i in enumerate(rows):
             ins = chunk[i]
-            result = finish_local(
+            deltas[i] = state[r] - g
+            results[i] = finish_local(
                 spec,
                 ins,
-                state[r] - g,
+                deltas[i],
                 num_examples=len(splits[i]),
                 num_steps=steps[r],
                 loss_sum=loss_sums[r],
                 seen=seen[r],
                 client_state=self.client_states.get(ins.client_id),
-                controls=controls[r],
+                transforms=list(zip(transforms, prepared[r], strict=True)),
             )
-            results[i] = (ins, result)
-        return results
+        return results, deltas
+
+    def _trainable(self, vec: torch.Tensor) -> torch.Tensor:
+        """The trainable entries of a flat vector, in slot order."""
+        return torch.cat([vec[c] for c in self._cols]) if self._cols else vec.new_zeros(0)
 
     def evaluate_clients(
         self, global_vec: torch.Tensor, client_ids: Sequence[str]

@@ -1,0 +1,155 @@
+"""Gradient transforms: the algorithm-specific part of a local step, written once.
+
+A transform edits the gradients between backward and the optimizer step. It is applied by
+both backends of local training — :func:`fedloom.client.training.train_local` (one client,
+tensors shaped like the parameters) and the vectorized engine's lockstep program (k clients,
+the same tensors stacked as ``(k, *shape)``) — with the same code: :meth:`apply` uses only
+elementwise operations, and the vectors it reads come laid out like the parameters (for one
+client) or stacked like them (for a chunk; a vector in :attr:`shared` is the same for every
+client and broadcasts as ``(1, *shape)``).
+
+* :class:`Proximal` — FedProx (Li et al. 2020): ``g += mu · (w − w_global)``, the gradient of
+  ``(mu/2)·||w − w_global||²``.
+* :class:`ScaffoldCorrection` — SCAFFOLD (Karimireddy et al. 2020, option II): ``g += c − c_i``;
+  after K steps at learning rate η the client sets ``c_i⁺ = c_i − c + (x − y_i)/(K·η)``, sends
+  ``extras["control_delta"] = c_i⁺ − c_i`` and keeps ``c_i⁺`` as client state.
+
+``after_step`` is the hook for transforms that act on the parameters after the optimizer
+(a pruning mask keeping pruned weights at exactly zero); per-sample gradient transforms
+(DP-SGD clipping) will hook into the backward of each backend. An instruction names its
+transforms as recipes (:class:`~fedloom.core.types.ComponentSpec`); :func:`build_transforms`
+makes them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+
+from fedloom.core.errors import ConfigError
+from fedloom.core.keys import CLIENT_CONTROL, CONTROL_DELTA, SERVER_CONTROL
+from fedloom.core.params import ParamSpec
+from fedloom.core.types import ClientInstruction, ComponentSpec
+
+__all__ = ["TRANSFORMS", "GradientTransform", "Proximal", "ScaffoldCorrection", "build_transforms"]
+
+Vectors = Mapping[str, torch.Tensor]
+Laid = Mapping[str, Sequence[torch.Tensor]]
+
+
+class GradientTransform:
+    """Base of the gradient transforms; subclasses are frozen dataclasses (fields = options)."""
+
+    name: ClassVar[str] = "transform"
+    laid_out: ClassVar[tuple[str, ...]] = ()
+    """Names of the :meth:`prepare` vectors :meth:`apply` reads, laid out like the parameters."""
+    shared: ClassVar[frozenset[str]] = frozenset()
+    """Names among :attr:`laid_out` that are the same for every client of a round."""
+
+    def prepare(
+        self, spec: ParamSpec, global_vec: torch.Tensor, instruction: ClientInstruction, client_state: Vectors
+    ) -> dict[str, torch.Tensor]:
+        """Flat full-length vectors this client needs this round (default: none)."""
+        return {}
+
+    def apply(self, params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor], vecs: Laid) -> None:
+        """Edit ``grads`` in place (elementwise, so it works stacked and unstacked)."""
+
+    def after_step(self, params: Sequence[torch.Tensor], vecs: Laid) -> None:
+        """Edit the parameters in place after the optimizer step (default: nothing)."""
+
+    def finish(
+        self,
+        spec: ParamSpec,
+        instruction: ClientInstruction,
+        delta: torch.Tensor,
+        num_steps: int,
+        vecs: Vectors,
+        state: dict[str, torch.Tensor],
+    ) -> dict[str, torch.Tensor]:
+        """Extras for the update after training; may update the client ``state`` in place."""
+        return {}
+
+    def recipe(self) -> ComponentSpec:
+        return ComponentSpec.of(self.name, **{f.name: getattr(self, f.name) for f in dataclasses.fields(self)})  # type: ignore[arg-type]
+
+
+@dataclass(frozen=True)
+class Proximal(GradientTransform):
+    """FedProx's proximal term with coefficient ``mu`` > 0 (Li et al. 2020)."""
+
+    name: ClassVar[str] = "proximal"
+    laid_out: ClassVar[tuple[str, ...]] = ("anchor",)
+    shared: ClassVar[frozenset[str]] = frozenset({"anchor"})
+    mu: float = 0.01
+
+    def __post_init__(self) -> None:
+        if isinstance(self.mu, bool) or not isinstance(self.mu, (int, float)) or not (math.isfinite(self.mu) and self.mu > 0):
+            raise ConfigError(f"must be a finite number > 0, got {self.mu!r}", key="mu")
+
+    def prepare(self, spec, global_vec, instruction, client_state):  # type: ignore[no-untyped-def]
+        return {"anchor": global_vec}
+
+    def apply(self, params, grads, vecs):  # type: ignore[no-untyped-def]
+        diffs = torch._foreach_sub([p.detach() for p in params], list(vecs["anchor"]))
+        torch._foreach_add_(list(grads), diffs, alpha=self.mu)
+
+
+@dataclass(frozen=True)
+class ScaffoldCorrection(GradientTransform):
+    """SCAFFOLD's control-variate correction and option-II update of c_i (Karimireddy et al. 2020)."""
+
+    name: ClassVar[str] = "scaffold"
+    laid_out: ClassVar[tuple[str, ...]] = ("correction",)
+
+    def prepare(self, spec, global_vec, instruction, client_state):  # type: ignore[no-untyped-def]
+        device = global_vec.device
+        try:
+            c_server = instruction.payload[SERVER_CONTROL].to(device=device, dtype=global_vec.dtype)
+        except KeyError:
+            raise ConfigError(f"SCAFFOLD needs the server control variate {SERVER_CONTROL!r} in the payload", key="strategy") from None
+        spec.check_vector(c_server)
+        prev = client_state.get(CLIENT_CONTROL)
+        c_local = torch.zeros_like(global_vec) if prev is None else prev.to(device=device, dtype=global_vec.dtype)
+        spec.check_vector(c_local)
+        return {"c_server": c_server, "c_local": c_local, "correction": c_server - c_local}
+
+    def apply(self, params, grads, vecs):  # type: ignore[no-untyped-def]
+        torch._foreach_add_(list(grads), list(vecs["correction"]))
+
+    def finish(self, spec, instruction, delta, num_steps, vecs, state):  # type: ignore[no-untyped-def]
+        mask = spec.trainable_mask(delta.device)
+        # c_i+ - c_i = -c + (x - y_i) / (K * lr)  on trainable entries, 0 on buffers.
+        c_delta = torch.where(
+            mask, -vecs["c_server"] - delta / (num_steps * instruction.train.lr), torch.zeros_like(delta)
+        )
+        state[CLIENT_CONTROL] = vecs["c_local"] + c_delta
+        return {CONTROL_DELTA: c_delta}
+
+
+TRANSFORMS: dict[str, type[GradientTransform]] = {"proximal": Proximal, "scaffold": ScaffoldCorrection}
+"""Name -> transform class (read-only by convention)."""
+
+_BUILT: dict[ComponentSpec, GradientTransform] = {}
+
+
+def build_transforms(recipes: Sequence[ComponentSpec]) -> list[GradientTransform]:
+    """The transforms an instruction's recipes name, in order (built once per recipe)."""
+    out = []
+    for r in recipes:
+        t = _BUILT.get(r)
+        if t is None:
+            cls = TRANSFORMS.get(r.name)
+            if cls is None:
+                raise ConfigError(f"unknown gradient transform {r.name!r}; known: {sorted(TRANSFORMS)}", key="transforms")
+            try:
+                t = _BUILT[r] = cls(**r.kwargs)
+            except TypeError as exc:
+                raise ConfigError(f"transform {r.name!r}: {exc}", key="transforms") from None
+        out.append(t)
+    return out

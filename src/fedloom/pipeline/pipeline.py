@@ -1,0 +1,150 @@
+"""A :class:`Pipeline`: the ordered stages of a run and where each half runs.
+
+``client_updates`` runs the client halves in order on a batch (engines and the deployed
+agent call it with the recipes an instruction carries, :func:`client_stages`); the server
+runs ``decode`` per update (server halves in reverse order) and ``finalize`` on the
+aggregate (finalize halves in reverse order, each stage with its own server state kept in
+:class:`~fedloom.strategies.base.ServerState` under ``stage.<index>.<name>.`` keys, tensors
+and meta alike). ``broadcast`` is the optional stage that encodes the global model sent down.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from fedloom.core.errors import ConfigError
+from fedloom.core.params import ParamSpec
+from fedloom.core.types import Aggregate, ClientUpdate, ComponentSpec, Payload
+from fedloom.pipeline.base import ClientBatch, Stage, StageContext, StageState
+from fedloom.pipeline.registry import build_stage
+
+__all__ = ["Broadcast", "Pipeline", "client_stages", "run_client_stages"]
+
+_BUILT: dict[ComponentSpec, Stage] = {}
+
+
+def client_stages(recipes: Sequence[ComponentSpec]) -> list[Stage]:
+    """The stages an instruction's recipes name (built once per recipe and cached)."""
+    out = []
+    for r in recipes:
+        st = _BUILT.get(r)
+        if st is None:
+            st = _BUILT[r] = build_stage(r)
+        out.append(st)
+    return out
+
+
+def run_client_stages(batch: ClientBatch, recipes: Sequence[ComponentSpec], ctx: StageContext) -> list[ClientUpdate]:
+    """Run the client halves named by ``recipes`` on ``batch``, in order; return the updates."""
+    for st in client_stages(recipes):
+        st.client(batch, ctx)
+    return batch.finish()
+
+
+@dataclass(frozen=True)
+class Broadcast:
+    """The global model as the clients receive it: the decoded vector and what travelled."""
+
+    vector: torch.Tensor
+    payload: Payload | None = None
+
+    @property
+    def nbytes(self) -> int:
+        if self.payload is not None:
+            return self.payload.nbytes
+        return self.vector.numel() * self.vector.element_size()
+
+
+@dataclass(frozen=True)
+class Pipeline:
+    """The run's stages in client order, and the optional broadcast stage."""
+
+    stages: tuple[Stage, ...] = ()
+    broadcast_stage: Stage | None = None
+    _recipes: tuple[ComponentSpec, ...] = field(init=False, repr=False, compare=False, default=())
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "stages", tuple(self.stages))
+        encoder: Stage | None = None
+        for st in self.stages:
+            if encoder is not None and st.runs_on_client:
+                raise ConfigError(
+                    f"stage {st.name!r} comes after {encoder.name!r}, which encodes the update: "
+                    "an encoding stage must be the last client stage",
+                    key="pipeline",
+                )
+            if getattr(st, "codec", None) is not None:
+                encoder = st
+        if self.broadcast_stage is not None and not getattr(self.broadcast_stage, "supports_broadcast", False):
+            raise ConfigError(f"stage {self.broadcast_stage.name!r} cannot encode the broadcast model", key="broadcast.name")
+        object.__setattr__(self, "_recipes", tuple(st.recipe() for st in self.stages if st.runs_on_client))
+
+    @property
+    def recipes(self) -> tuple[ComponentSpec, ...]:
+        """The client halves as recipes, for the instructions."""
+        return self._recipes
+
+    def _key(self, i: int, st: Stage) -> str:
+        return f"stage.{i}.{st.name}"
+
+    # ------------------------------------------------------------------ server
+    def decode(self, update: ClientUpdate, ctx: StageContext) -> ClientUpdate:
+        """The server halves, in reverse order, on one update."""
+        for st in reversed(self.stages):
+            update = st.server(update, ctx)
+        return update
+
+    def init_state(self, spec: ParamSpec) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        """The stages' initial server state as ServerState tensors and meta entries."""
+        tensors: dict[str, torch.Tensor] = {}
+        meta: dict[str, Any] = {}
+        for i, st in enumerate(self.stages):
+            s = st.init_state(spec)
+            key = self._key(i, st)
+            tensors.update({f"{key}.{k}": v for k, v in s.tensors.items()})
+            if s.meta:
+                meta[key] = dict(s.meta)
+        return tensors, meta
+
+    def finalize(
+        self,
+        aggregate: Aggregate,
+        ctx: StageContext,
+        tensors: Mapping[str, torch.Tensor],
+        meta: Mapping[str, Any],
+    ) -> tuple[Aggregate, dict[str, torch.Tensor], dict[str, Any], dict[str, float]]:
+        """The finalize halves, in reverse order; returns the new stage state and metrics."""
+        new_tensors = dict(tensors)
+        new_meta = dict(meta)
+        metrics: dict[str, float] = {}
+        for i in reversed(range(len(self.stages))):
+            st = self.stages[i]
+            key = self._key(i, st)
+            prefix = f"{key}."
+            state = StageState(
+                tensors={k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)},
+                meta=meta.get(key, {}),
+            )
+            aggregate, state, m = st.finalize(aggregate, ctx, state)
+            for k in [k for k in new_tensors if k.startswith(prefix)]:
+                del new_tensors[k]
+            new_tensors.update({f"{prefix}{k}": v for k, v in state.tensors.items()})
+            if state.meta:
+                new_meta[key] = dict(state.meta)
+            else:
+                new_meta.pop(key, None)
+            metrics.update(m)
+        return aggregate, new_tensors, new_meta, metrics
+
+    # --------------------------------------------------------------- broadcast
+    def broadcast(self, params: torch.Tensor, ctx: StageContext, seed: int) -> Broadcast:
+        """The global model as sent: encoded by the broadcast stage (and decoded back), or dense."""
+        st = self.broadcast_stage
+        if st is None:
+            return Broadcast(vector=params)
+        payload = st.encode_model(params, ctx, seed)  # type: ignore[attr-defined]
+        return Broadcast(vector=st.decode_model(payload, ctx), payload=payload)  # type: ignore[attr-defined]
