@@ -1,7 +1,11 @@
 """The federated round loop, identical for every engine.
 
-Each round: select a cohort, build each client's instruction, stream the engine's updates
-through validation into the strategy's aggregator, apply the aggregate, evaluate, record.
+Each round: select a cohort, build each client's instruction (with the pipeline's client
+stages as recipes), encode the global model for the broadcast if the pipeline says so, stream
+the engine's updates through the stages' server halves and validation into the strategy's
+aggregator, run the stages' finalize halves on the aggregate, apply it, evaluate, record.
+``bytes_down`` / ``bytes_up`` are the bytes of the tensors as encoded (payloads, not the
+dense vectors they stand for).
 A malformed update (wrong shape, NaN, unknown or duplicate client) is rejected with a
 logged reason and the round goes on; a round with fewer valid updates than
 ``min_updates`` is retried up to ``round_retries`` times (a fresh selection among the
@@ -35,9 +39,10 @@ import torch
 from fedloom.core.errors import InvalidUpdateError, StoreError, StrategyError
 from fedloom.core.params import ParamSpec
 from fedloom.core.seeding import derive_seed
-from fedloom.core.types import ClientUpdate
+from fedloom.core.types import ClientUpdate, tensor_bytes
 from fedloom.engines.base import Engine
 from fedloom.federation.history import History, RoundRecord
+from fedloom.pipeline import Pipeline, StageContext
 from fedloom.strategies.base import Aggregator, ServerState, Strategy
 
 if TYPE_CHECKING:  # the store imports the history module; the loop only calls it
@@ -49,10 +54,6 @@ log = logging.getLogger("fedloom.federation")
 
 Evaluator = Callable[[torch.Tensor], dict[str, float]]
 RoundCallback = Callable[[RoundRecord, ServerState], None]
-
-
-def _nbytes(t: torch.Tensor) -> int:
-    return t.numel() * t.element_size()
 
 
 class Federation:
@@ -84,6 +85,7 @@ class Federation:
         checkpoint_every: int = 1,
         over_selection: float = 0.0,
         round_retries: int = 0,
+        pipeline: Pipeline | None = None,
     ) -> None:
         if (store is None) != (run_handle is None):
             raise ValueError("store and run_handle go together: run_handle = store.start_or_resume_run(...)")
@@ -98,8 +100,17 @@ class Federation:
         self.strategy = strategy
         self.engine = engine
         self.spec = spec
+        user = pipeline or Pipeline()
+        self.pipeline = Pipeline((*strategy.stages(), *user.stages), broadcast_stage=user.broadcast_stage)
         self.state = initial if isinstance(initial, ServerState) else strategy.init(initial)
         spec.check_vector(self.state.params)
+        tensors, meta = self.pipeline.init_state(spec)
+        missing = {k: v for k, v in tensors.items() if k not in self.state.tensors}
+        missing_meta = {k: v for k, v in meta.items() if k not in self.state.meta}
+        if missing or missing_meta:
+            self.state = replace(
+                self.state, tensors={**self.state.tensors, **missing}, meta={**self.state.meta, **missing_meta}
+            )
         self.evaluate = evaluate
         self.eval_every = eval_every
         self.federated_eval_every = federated_eval_every
@@ -171,7 +182,11 @@ class Federation:
         status = "ok"
         if aggregator is not None and len(accepted) >= self.min_updates:
             aggregate = aggregator.result()
-            self.state = self.strategy.apply(self.state, aggregate)
+            aggregate, tensors, meta, stage_metrics = self.pipeline.finalize(
+                aggregate, self._ctx(rnd), self.state.tensors, self.state.meta
+            )
+            metrics.update(stage_metrics)
+            self.state = self.strategy.apply(replace(self.state, tensors=tensors, meta=meta), aggregate)
             metrics.update({f"train_{k}" if not k.startswith("train_") else k: v for k, v in aggregate.metrics.items()})
             num_examples = aggregate.num_examples
         else:
@@ -222,19 +237,24 @@ class Federation:
             if extra:
                 rng = np.random.default_rng([derive_seed(self.strategy.seed, "over-selection"), rnd, attempt])
                 cohort = cohort + sorted(rest[i] for i in rng.choice(len(rest), size=extra, replace=False))
+        recipes = self.pipeline.recipes
         instructions = [self.strategy.client_config(self.state, rnd, cid) for cid in cohort]
+        if recipes:
+            instructions = [replace(ins, stages=recipes) for ins in instructions]
         expected = set(cohort)
         aggregator = self.strategy.aggregator(self.state, rnd)
-        params_bytes = _nbytes(self.state.params)
-        bytes_down = sum(params_bytes + sum(_nbytes(t) for t in ins.payload.values()) for ins in instructions)
+        ctx = self._ctx(rnd)
+        sent = self.pipeline.broadcast(self.state.params, ctx, derive_seed(self.strategy.seed, "broadcast", rnd))
+        bytes_down = sum(sent.nbytes + sum(tensor_bytes(t) for t in ins.payload.values()) for ins in instructions)
         bytes_up = 0
         accepted: list[str] = []
-        stream = self.engine.run_cohort(self.state.params, instructions)
+        extra = {} if sent.payload is None else {"broadcast": sent.payload}  # engines written before broadcasts still work
+        stream = self.engine.run_cohort(sent.vector, instructions, **extra)
         try:
             for update in stream:
-                bytes_up += _nbytes(update.delta) + sum(_nbytes(t) for t in update.extras.values())
+                bytes_up += update.nbytes
                 try:
-                    self._check(update, expected, rnd)
+                    update = self._check(update, expected, rnd, ctx)
                     aggregator.add(update)
                 except (InvalidUpdateError, StrategyError) as exc:
                     reason = getattr(exc, "reason", str(exc))
@@ -263,9 +283,23 @@ class Federation:
                 sums[k] = sums.get(k, 0.0) + v * n
         return {f"fed_{k}": v / total for k, v in sums.items()} if total else {}
 
-    def _check(self, update: ClientUpdate, expected: set[str], rnd: int) -> None:
-        if update.client_id not in expected:
-            raise InvalidUpdateError("client not in this round's cohort (or already answered)", client_id=update.client_id)
+    def _ctx(self, rnd: int) -> StageContext:
+        return StageContext(self.spec, rnd, self.state.params.dtype)
+
+    def _check(self, update: ClientUpdate, expected: set[str], rnd: int, ctx: StageContext) -> ClientUpdate:
+        """The update decoded by the stages' server halves and validated, or InvalidUpdateError."""
+        cid = update.client_id
+        if cid not in expected:
+            raise InvalidUpdateError("client not in this round's cohort (or already answered)", client_id=cid)
         if update.round != rnd:
-            raise InvalidUpdateError(f"update is for round {update.round}, not {rnd}", client_id=update.client_id)
+            raise InvalidUpdateError(f"update is for round {update.round}, not {rnd}", client_id=cid)
+        update.validate_header(max_examples=self.max_examples)
+        try:
+            update = self.pipeline.decode(update, ctx)
+        except InvalidUpdateError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - a hostile payload must never take the server down
+            log.exception("round %d: decoding the update from %r failed", rnd, cid)
+            raise InvalidUpdateError(f"decoding failed: {type(exc).__name__}: {exc}", client_id=cid) from None
         update.validate(numel=self.spec.numel, dtype=self.state.params.dtype, max_examples=self.max_examples)
+        return update

@@ -27,6 +27,7 @@ import torch
 from fedloom.core.errors import StrategyError
 from fedloom.core.seeding import derive_seed
 from fedloom.core.types import Aggregate, ClientInstruction, ClientUpdate, TrainConfig
+from fedloom.pipeline.base import Stage
 from fedloom.strategies._checks import check_real
 from fedloom.strategies.selection import ClientSampler
 
@@ -254,6 +255,10 @@ class Strategy(ABC):
             train=self.train,
             seed=derive_seed(self.seed, "client", rnd, client_id),
         )
+
+    def stages(self) -> tuple[Stage, ...]:
+        """The pipeline stages this strategy needs before the run's own (its weighting)."""
+        return ()
 
     def aggregator(self, state: ServerState, rnd: int) -> Aggregator:
         """A fresh aggregator for round ``rnd``."""
