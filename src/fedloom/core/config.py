@@ -1,6 +1,8 @@
 """Run configuration: TOML files validated with pydantic into frozen, typed sections.
 
-A config has five tables (and ``[deploy]`` for ``fedloom server``): ``[run]`` (seed, rounds, engine, evaluation cadence, and the
+A config has five tables (plus the optional update pipeline — ``[[pipeline]]`` entries, the
+client stages in order, and a ``[broadcast]`` table, the stage encoding the model sent down
+— and ``[deploy]`` for ``fedloom server``): ``[run]`` (seed, rounds, engine, evaluation cadence, and the
 optional run store with its checkpoint cadence),
 ``[data]`` (dataset name and its options), ``[model]`` (model name and options),
 ``[strategy]`` (name, selection, and the strategy's own hyperparameters) and ``[client]``
@@ -28,6 +30,7 @@ __all__ = [
     "ModelSection",
     "RunConfig",
     "RunSection",
+    "StageSection",
     "StrategySection",
     "apply_overrides",
     "load_config",
@@ -80,6 +83,12 @@ class StrategySection(_Open):
     min_clients: int = Field(1, ge=1)
 
 
+class StageSection(_Open):
+    """One ``[[pipeline]]`` entry (or the ``[broadcast]`` table): a stage name and its options."""
+
+    name: str
+
+
 class ClientSection(_Strict):
     epochs: int = Field(1, ge=1)
     batch_size: int = Field(10, ge=1)
@@ -130,6 +139,8 @@ class RunConfig(_Strict):
     model: ModelSection
     strategy: StrategySection = StrategySection()
     client: ClientSection = ClientSection()
+    pipeline: tuple[StageSection, ...] = ()
+    broadcast: StageSection | None = None
     deploy: DeploySection = DeploySection()
 
     def identity(self) -> dict[str, Any]:

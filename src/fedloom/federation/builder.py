@@ -25,12 +25,13 @@ from fedloom.engines.sequential import SequentialEngine
 from fedloom.engines.vectorized import VectorizedEngine, lockstep_program
 from fedloom.federation.loop import Federation
 from fedloom.models.registry import build_model
+from fedloom.pipeline import Pipeline, build_stage
 from fedloom.server.deploy import run_info, start_remote_engine
 from fedloom.server.store import RunHandle, Store
 from fedloom.strategies.base import Strategy
 from fedloom.strategies.registry import build_strategy
 
-__all__ = ["ENGINES", "Run", "build_engine", "build_run", "initial_model"]
+__all__ = ["ENGINES", "Run", "build_engine", "build_pipeline", "build_run", "initial_model"]
 
 ENGINES = ("auto", "sequential", "vectorized", "ray")
 
@@ -100,6 +101,13 @@ def build_engine(
     raise ConfigError(f"engine {name!r} is not available in simulation; known: {ENGINES}", key="run.engine")
 
 
+def build_pipeline(cfg: RunConfig) -> Pipeline:
+    """The update pipeline of ``[[pipeline]]`` and ``[broadcast]`` (errors name ``pipeline.<i>.<key>``)."""
+    stages = tuple(build_stage(st.name, st.options(), key=f"pipeline.{i}") for i, st in enumerate(cfg.pipeline))
+    down = build_stage(cfg.broadcast.name, cfg.broadcast.options(), key="broadcast") if cfg.broadcast else None
+    return Pipeline(stages, broadcast_stage=down)
+
+
 def build_run(cfg: RunConfig, *, engine: str | None = None, fresh: bool = False) -> Run:
     """Build dataset, model, strategy, engine and the :class:`Federation` for ``cfg``.
 
@@ -159,6 +167,7 @@ def build_run(cfg: RunConfig, *, engine: str | None = None, fresh: bool = False)
         def evaluator(vec: torch.Tensor) -> dict[str, float]:
             return evaluate_vector(eval_model, spec, vec.cpu(), test, task)
 
+    pipeline = build_pipeline(cfg)
     store: Store | None = None
     handle: RunHandle | None = None
     if cfg.run.store is not None:
@@ -178,5 +187,6 @@ def build_run(cfg: RunConfig, *, engine: str | None = None, fresh: bool = False)
         checkpoint_every=cfg.run.checkpoint_every,
         over_selection=cfg.deploy.over_selection if remote else 0.0,
         round_retries=cfg.deploy.round_retries if remote else 0,
+        pipeline=pipeline,
     )
     return Run(cfg, dataset, model_fn, spec, strategy, eng, federation)
