@@ -90,10 +90,11 @@ def _positive_int(value: object) -> bool:
 
 def _cpu_update(update: ClientUpdate) -> ClientUpdate:
     """``update`` with its tensors on the CPU (the driver may have no accelerator)."""
-    if update.delta.device.type == "cpu" and all(t.device.type == "cpu" for t in update.extras.values()):
-        return update
+    delta = update.delta
+    if (delta is None or delta.device.type == "cpu") and all(t.device.type == "cpu" for t in update.extras.values()):
+        return update  # (a payload's tensors are on the CPU already: encoding stages put them there)
     return dataclasses.replace(
-        update, delta=update.delta.cpu(), extras={k: v.cpu() for k, v in update.extras.items()}
+        update, delta=None if delta is None else delta.cpu(), extras={k: v.cpu() for k, v in update.extras.items()}
     )
 
 
