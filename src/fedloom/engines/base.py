@@ -15,7 +15,7 @@ from torch import nn
 
 from fedloom.core.params import ParamSpec
 from fedloom.core.types import ClientInstruction, ClientUpdate, Payload
-from fedloom.pipeline import ClientBatch, StageContext, run_client_stages
+from fedloom.pipeline import finish_clients
 
 __all__ = ["ClientStateStore", "Engine", "ModelFn"]
 
@@ -88,24 +88,8 @@ class Engine(ABC):
         states: Sequence[Mapping[str, torch.Tensor]],
         deltas: torch.Tensor | None = None,
     ) -> list[ClientUpdate]:
-        """Run the instructions' client stages on trained clients as one batch; keep their states.
-
-        ``deltas`` (k, numel), if given, are the updates' deltas as one matrix (no copy).
-        Instructions of one call must share their stage recipes (engines group by them).
-        """
-        if not instructions:
-            return []
-        recipes = instructions[0].stages
-        if any(ins.stages != recipes for ins in instructions):
-            raise ValueError("finish_clients: instructions of one batch must share their stages")
-        if not recipes:
-            out = list(updates)
-            new_states: Sequence[Mapping[str, torch.Tensor]] = states
-        else:
-            batch = ClientBatch.of(list(updates), [ins.seed for ins in instructions], list(states), deltas)
-            dtype = batch.deltas.dtype if batch.deltas is not None else self.spec.dtype
-            out = run_client_stages(batch, recipes, StageContext(self.spec, instructions[0].round, dtype))
-            new_states = batch.states
+        """Run the instructions' client stages on trained clients as one batch; keep their states."""
+        out, new_states = finish_clients(self.spec, instructions, updates, states, deltas)
         for ins, st in zip(instructions, new_states, strict=True):
             self.client_states.put(ins.client_id, st)
         return out

@@ -6,7 +6,7 @@ weighting stages, and the stage registry.
 """
 
 from fedloom.pipeline.base import ClientBatch, Stage, StageContext, StageState
-from fedloom.pipeline.pipeline import Broadcast, Pipeline, client_stages, run_client_stages
+from fedloom.pipeline.pipeline import Broadcast, Pipeline, client_stages, finish_clients, run_client_stages
 from fedloom.pipeline.registry import STAGES, build_stage, list_stages
 from fedloom.pipeline.weighting import ExampleWeighting, UniformWeighting, WeightingStage
 
@@ -23,6 +23,7 @@ __all__ = [
     "WeightingStage",
     "build_stage",
     "client_stages",
+    "finish_clients",
     "list_stages",
     "run_client_stages",
 ]

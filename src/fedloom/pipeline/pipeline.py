@@ -1,7 +1,7 @@
 """A :class:`Pipeline`: the ordered stages of a run and where each half runs.
 
-``client_updates`` runs the client halves in order on a batch (engines and the deployed
-agent call it with the recipes an instruction carries, :func:`client_stages`); the server
+:func:`finish_clients` runs the client halves in order on a batch of trained clients
+(engines and the deployed agent call it with the recipes their instructions carry); the server
 runs ``decode`` per update (server halves in reverse order) and ``finalize`` on the
 aggregate (finalize halves in reverse order, each stage with its own server state kept in
 :class:`~fedloom.strategies.base.ServerState` under ``stage.<index>.<name>.`` keys, tensors
@@ -18,11 +18,11 @@ import torch
 
 from fedloom.core.errors import ConfigError
 from fedloom.core.params import ParamSpec
-from fedloom.core.types import Aggregate, ClientUpdate, ComponentSpec, Payload
+from fedloom.core.types import Aggregate, ClientInstruction, ClientUpdate, ComponentSpec, Payload
 from fedloom.pipeline.base import ClientBatch, Stage, StageContext, StageState
 from fedloom.pipeline.registry import build_stage
 
-__all__ = ["Broadcast", "Pipeline", "client_stages", "run_client_stages"]
+__all__ = ["Broadcast", "Pipeline", "client_stages", "finish_clients", "run_client_stages"]
 
 _BUILT: dict[ComponentSpec, Stage] = {}
 
@@ -43,6 +43,32 @@ def run_client_stages(batch: ClientBatch, recipes: Sequence[ComponentSpec], ctx:
     for st in client_stages(recipes):
         st.client(batch, ctx)
     return batch.finish()
+
+
+def finish_clients(
+    spec: ParamSpec,
+    instructions: Sequence[ClientInstruction],
+    updates: Sequence[ClientUpdate],
+    states: Sequence[Mapping[str, torch.Tensor]],
+    deltas: torch.Tensor | None = None,
+) -> tuple[list[ClientUpdate], list[Mapping[str, torch.Tensor]]]:
+    """Trained clients' updates after their instructions' client stages, and their new states.
+
+    The one place every engine (k clients as one batch) and the deployed agent (k = 1) run
+    the client halves. ``deltas`` (k, numel), if given, are the updates' deltas as one matrix
+    (no copy). The instructions must share their stage recipes (engines group by them).
+    """
+    if not instructions:
+        return [], []
+    recipes = instructions[0].stages
+    if any(ins.stages != recipes for ins in instructions):
+        raise ValueError("finish_clients: instructions of one batch must share their stages")
+    if not recipes:
+        return list(updates), list(states)
+    batch = ClientBatch.of(list(updates), [ins.seed for ins in instructions], list(states), deltas)
+    dtype = batch.deltas.dtype if batch.deltas is not None else spec.dtype
+    out = run_client_stages(batch, recipes, StageContext(spec, instructions[0].round, dtype))
+    return out, list(batch.states)
 
 
 @dataclass(frozen=True)
