@@ -85,6 +85,7 @@ def test_scenarios_and_strategies_lists() -> None:
         assert name in res.output
     res = runner.invoke(app, ["strategies"])
     assert res.exit_code == 0 and "scaffold" in res.output and "krum" in res.output
+    assert "mu=0.01" in res.output and "server_momentum=0.9" in res.output  # each strategy's own parameters
 
 
 def test_certs_commands_create_revoke_and_refuse(tmp_path: Path) -> None:

@@ -303,11 +303,19 @@ def scenarios() -> None:
 
 @app.command()
 def strategies() -> None:
-    """List the aggregation strategies."""
-    from fedloom.strategies.registry import list_strategies
+    """List the aggregation strategies and their own parameters (``strategy.<param>`` keys)."""
+    import inspect
 
+    from fedloom.strategies.registry import list_strategies, strategy_params
+
+    table = Table(title="strategies")
+    table.add_column("name")
+    table.add_column("parameters (default)")
     for name in list_strategies():
-        console.print(name)
+        params = strategy_params(name).values()
+        shown = [p.name if p.default is inspect.Parameter.empty else f"{p.name}={p.default!r}" for p in params]
+        table.add_row(name, ", ".join(shown))
+    console.print(table)
 
 
 def main() -> None:

@@ -11,10 +11,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from fedloom.core.params import ParamSpec
-from fedloom.core.types import ClientInstruction, ClientUpdate, TrainConfig
+from fedloom.core.types import Aggregate, ClientInstruction, ClientUpdate, TrainConfig
 from fedloom.data.base import ClientData, FederatedDataset, Split, TaskSpec
 from fedloom.engines.sequential import SequentialEngine
 from fedloom.federation.loop import Federation
+from fedloom.strategies.base import ServerState
 from fedloom.strategies.fedavg import FedAvg
 
 TASK = TaskSpec(kind="regression", input_shape=(3,), num_outputs=1, loss="mse", metrics=("mae", "loss"))
@@ -126,6 +127,20 @@ def test_too_few_updates_leaves_model_unchanged() -> None:
     rec = fed.step()
     assert rec.status == "insufficient" and rec.clients == []
     assert torch.equal(fed.state.params, before) and fed.state.round == 1
+
+
+def test_aggregate_carries_the_number_of_available_clients() -> None:
+    """The loop sets ``Aggregate.num_available`` (SCAFFOLD's N) from the attempt's selection."""
+    seen: list[tuple[int | None, int]] = []
+
+    class Recording(FedAvg):
+        def apply(self, state: ServerState, aggregate: Aggregate) -> ServerState:
+            seen.append((aggregate.num_available, aggregate.num_clients))
+            return super().apply(state, aggregate)
+
+    fed = _federation(_dataset([10, 10, 10, 10]), Recording(train=TrainConfig(loss="mse"), fraction=0.5))
+    fed.run(2)
+    assert seen == [(4, 2), (4, 2)]
 
 
 def test_bytes_are_counted() -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 
@@ -22,11 +24,12 @@ def upd(cid: str, dy: list[float], dc: list[float], n: int = 1) -> ClientUpdate:
 
 def run_round(s: Scaffold, state: ServerState, available: list[str], updates: list[ClientUpdate]) -> ServerState:
     rnd = state.round + 1
-    s.select(rnd, available)  # records N = len(available)
+    s.select(rnd, available)
     agg = s.aggregator(state, rnd)
     for u in updates:
         agg.add(u)
-    return s.apply(state, agg.result())
+    # as the round loop does: N = the number of distinct available clients
+    return s.apply(state, replace(agg.result(), num_available=len(set(available))))
 
 
 def test_two_rounds_control_variate_persists_and_accumulates() -> None:
@@ -41,7 +44,7 @@ def test_two_rounds_control_variate_persists_and_accumulates() -> None:
     #   x1 = [0, 0] + 1 * ([1, 2] + [3, -2]) / 2 = [2, 0]
     #   c1 = [0, 0] + (2/4) * ([2, -4] + [-1, 1]) / 2 = 0.5 * [0.5, -1.5] = [0.25, -0.75]
     state = run_round(s, state, ["a", "b", "c", "d"], [upd("a", [1, 2], [2, -4], n=1), upd("b", [3, -2], [-1, 1], n=3)])
-    assert s.num_available == 4
+    assert not hasattr(s, "num_available")  # N travels with the aggregate, not on the strategy
     assert torch.equal(state.params, torch.tensor([2.0, 0.0]))
     assert torch.equal(state.tensors["control"], torch.tensor([0.25, -0.75]))
     assert torch.equal(s.client_config(state, 2, "c").payload["server_control"], torch.tensor([0.25, -0.75]))
@@ -69,17 +72,22 @@ def test_weighted_and_server_lr() -> None:
     assert torch.equal(new.tensors["control"], torch.tensor([0.5, -1.5]))
 
 
-def test_fixed_num_clients_overrides_select() -> None:
+def test_fixed_num_clients_overrides_num_available() -> None:
     s = Scaffold(num_clients=10, fraction=1.0)
-    s.select(1, ["a", "b"])
-    assert s.population == 10
+    state = s.init(torch.zeros(2))
+    agg = Aggregate(
+        delta=torch.zeros(2), num_clients=2, num_examples=2, extras={"control_delta": torch.tensor([5.0, -10.0])},
+        num_available=2,
+    )  # fmt: skip
+    # c = 0 + (2/10) * [5, -10] = [1, -2]  (N = 10, not the 2 available)
+    assert torch.equal(s.apply(state, agg).tensors["control"], torch.tensor([1.0, -2.0]))
 
 
 def test_unknown_population_is_an_error() -> None:
     s = Scaffold()
     state = s.init(torch.zeros(2))
     agg = Aggregate(delta=torch.zeros(2), num_clients=1, num_examples=1, extras={"control_delta": torch.zeros(2)})
-    with pytest.raises(StrategyError, match="select"):
+    with pytest.raises(StrategyError, match="num_available"):
         s.apply(state, agg)
     s2 = Scaffold(num_clients=1)
     with pytest.raises(StrategyError, match="N=1"):

@@ -167,7 +167,7 @@ class Federation:
         rejected: dict[str, str] = {}
         attempt = 0
         while True:
-            aggregator, accepted, down, up = self._attempt(rnd, attempt, rejected)
+            aggregator, accepted, down, up, num_available = self._attempt(rnd, attempt, rejected)
             bytes_down += down
             bytes_up += up
             if len(accepted) >= self.min_updates or attempt >= self.round_retries:
@@ -181,7 +181,8 @@ class Federation:
         metrics: dict[str, float] = {}
         status = "ok"
         if aggregator is not None and len(accepted) >= self.min_updates:
-            aggregate = aggregator.result()
+            # the population this aggregate's cohort was selected from (SCAFFOLD's N)
+            aggregate = replace(aggregator.result(), num_available=num_available)
             aggregate, tensors, meta, stage_metrics = self.pipeline.finalize(
                 aggregate, self._ctx(rnd), self.state.tensors, self.state.meta
             )
@@ -220,8 +221,12 @@ class Federation:
 
     def _attempt(
         self, rnd: int, attempt: int, rejected: dict[str, str]
-    ) -> tuple[Aggregator | None, list[str], int, int]:
-        """One try at round ``rnd``: select, dispatch, stream the updates into a fresh aggregator."""
+    ) -> tuple[Aggregator | None, list[str], int, int, int]:
+        """One try at round ``rnd``: select, dispatch, stream the updates into a fresh aggregator.
+
+        Returns the aggregator, the accepted ids, bytes down and up, and the number of distinct
+        clients that were available.
+        """
         try:
             available = self.engine.available_clients()
             cohort = self.strategy.select(rnd, available)
@@ -229,7 +234,7 @@ class Federation:
             if not self.round_retries:
                 raise  # nothing will change: a configuration error, not a dropout
             log.warning("round %d: cannot select a cohort: %s", rnd, exc)
-            return None, [], 0, 0
+            return None, [], 0, 0, 0
         target = len(cohort)
         if self.over_selection > 0.0:
             rest = sorted(set(available) - set(cohort))
@@ -271,7 +276,7 @@ class Federation:
                 close()
             for cid, reason in self.engine.take_rejections().items():
                 rejected[cid] = reason
-        return aggregator, accepted, bytes_down, bytes_up
+        return aggregator, accepted, bytes_down, bytes_up, len(set(available))
 
     def federated_evaluation(self) -> dict[str, float]:
         """Example-weighted mean of every client's metrics on its own test split (``fed_*``)."""

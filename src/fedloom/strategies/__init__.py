@@ -1,7 +1,9 @@
 """Strategies: client selection, per-client configs, aggregation and the server update.
 
-Every strategy shares the :class:`~fedloom.strategies.base.Strategy` interface; each one
-overrides only the hook that makes it different (aggregator, ``apply`` or ``client_config``).
+Every strategy is a frozen, keyword-only dataclass over :class:`~fedloom.strategies.base.Strategy`
+(the common settings), declaring only its own fields and overriding only the hook that makes
+it different (aggregator, ``apply`` or ``client_config``). The server step is a composed
+:class:`~fedloom.strategies.optimizers.ServerOptimizer` (SGD, momentum, Adagrad, Adam, Yogi).
 :func:`~fedloom.strategies.registry.build_strategy` builds one by name.
 """
 
@@ -19,6 +21,7 @@ from fedloom.strategies.fedavg import FedAvg
 from fedloom.strategies.fedavgm import FedAvgM
 from fedloom.strategies.fedopt import FedAdagrad, FedAdam, FedOpt, FedYogi
 from fedloom.strategies.fedprox import FedProx
+from fedloom.strategies.optimizers import SGD, Adagrad, Adam, AdaptiveOptimizer, Momentum, ServerOptimizer, Yogi
 from fedloom.strategies.registry import STRATEGIES, build_strategy, list_strategies, strategy_params
 from fedloom.strategies.robust import (
     FedMedian,
@@ -36,7 +39,11 @@ from fedloom.strategies.selection import ClientSampler
 __all__ = [
     "CONTROL_DELTA",
     "SERVER_CONTROL",
+    "SGD",
     "STRATEGIES",
+    "Adagrad",
+    "Adam",
+    "AdaptiveOptimizer",
     "Aggregator",
     "BufferingAggregator",
     "ClientSampler",
@@ -54,15 +61,18 @@ __all__ = [
     "Krum",
     "KrumAggregator",
     "MedianAggregator",
+    "Momentum",
     "MultiKrum",
     "RobustStrategy",
     "Scaffold",
     "ScaffoldAggregator",
+    "ServerOptimizer",
     "ServerState",
     "Strategy",
     "TrimmedMeanAggregator",
     "WeightFn",
     "WeightedMeanAggregator",
+    "Yogi",
     "build_strategy",
     "example_weight",
     "list_strategies",

@@ -15,7 +15,7 @@ import torch
 
 from fedloom.core.errors import ConfigError, StrategyError
 
-__all__ = ["check_int", "check_real", "state_tensor"]
+__all__ = ["check_int", "check_real", "set_fields", "state_tensor"]
 
 
 def check_real(
@@ -50,6 +50,12 @@ def check_int(value: object, *, key: str, low: int) -> int:
     if isinstance(value, bool) or not isinstance(value, Integral) or int(value) < low:
         raise ConfigError(f"must be an integer >= {low}, got {value!r}", key=f"strategy.{key}")
     return int(value)
+
+
+def set_fields(obj: object, **values: object) -> None:
+    """Store checked (normalized) values on a frozen dataclass from its ``__post_init__``."""
+    for name, value in values.items():
+        object.__setattr__(obj, name, value)
 
 
 def state_tensor(state_tensors: object, key: str, like: torch.Tensor, *, strategy: str) -> torch.Tensor:

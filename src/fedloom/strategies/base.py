@@ -20,15 +20,16 @@ import json
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from types import MappingProxyType
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
-from fedloom.core.errors import StrategyError
+from fedloom.core.errors import ConfigError, StrategyError
 from fedloom.core.seeding import derive_seed
 from fedloom.core.types import Aggregate, ClientInstruction, ClientUpdate, TrainConfig
 from fedloom.pipeline.base import Stage
-from fedloom.strategies._checks import check_real
+from fedloom.strategies._checks import check_real, set_fields, state_tensor
+from fedloom.strategies.optimizers import SGD, ServerOptimizer
 from fedloom.strategies.selection import ClientSampler
 
 WeightFn = Callable[[ClientUpdate], float]
@@ -213,35 +214,59 @@ def example_weight(update: ClientUpdate) -> float:
     return float(update.num_examples)
 
 
-class Strategy(ABC):
-    """Base of all strategies; defaults implement FedAvg's selection and client configs.
+@dataclass(frozen=True, kw_only=True)
+class Strategy:
+    """Base of all strategies: FedAvg's selection, client configs, aggregation and server step.
 
-    Keyword arguments: ``train`` (the clients' :class:`TrainConfig`), ``fraction``,
-    ``min_clients`` and ``seed`` (client selection), ``server_lr`` (η_g in
-    ``x ← x + η_g · Δ``).
+    A frozen, keyword-only dataclass of the settings every strategy shares: ``train`` (the
+    clients' :class:`TrainConfig`), ``fraction``, ``min_clients`` and ``seed`` (client
+    selection, :class:`ClientSampler`), ``server_lr`` (η in the server step) and
+    ``server_optimizer`` (how the aggregate becomes the next global vector: plain
+    :class:`~fedloom.strategies.optimizers.SGD`, ``x ← x + η · Δ``, by default). A subclass
+    declares only its own fields, checks them in ``__post_init__`` (after
+    ``super().__post_init__()``) and overrides the hook that makes it different. Nothing is
+    kept on the object between rounds: all that changes lives in :class:`ServerState`.
     """
 
-    name: str = "strategy"
+    name: ClassVar[str] = "strategy"
 
-    def __init__(
-        self,
-        *,
-        train: TrainConfig | None = None,
-        fraction: float = 0.1,
-        min_clients: int = 1,
-        seed: int = 0,
-        server_lr: float = 1.0,
-    ) -> None:
-        server_lr = check_real(server_lr, key="server_lr", low=0.0, low_open=True)
-        self.train = train or TrainConfig()
-        self.sampler = ClientSampler(fraction=fraction, min_clients=min_clients, seed=seed)
-        self.seed = seed
-        self.server_lr = server_lr
+    train: TrainConfig = field(default_factory=TrainConfig)
+    fraction: float = 0.1
+    min_clients: int = 1
+    seed: int = 0
+    server_lr: float = 1.0
+    server_optimizer: ServerOptimizer = field(default_factory=SGD, metadata={"param": False})
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.train, TrainConfig):
+            raise ConfigError(f"must be a TrainConfig, got {type(self.train).__name__}", key="strategy.train")
+        _ = self.sampler  # checks fraction, min_clients and seed
+        set_fields(self, server_lr=check_real(self.server_lr, key="server_lr", low=0.0, low_open=True))
+        own = self._own_optimizer()
+        if own is not None:
+            set_fields(self, server_optimizer=own)
+        elif not isinstance(self.server_optimizer, ServerOptimizer):
+            got = type(self.server_optimizer).__name__
+            raise ConfigError(f"must be a ServerOptimizer, got {got}", key="strategy.server_optimizer")
+
+    @property
+    def sampler(self) -> ClientSampler:
+        """The client sampler of ``fraction``, ``min_clients`` and ``seed``."""
+        return ClientSampler(fraction=self.fraction, min_clients=self.min_clients, seed=self.seed)
+
+    def _own_optimizer(self) -> ServerOptimizer | None:
+        """The server optimizer a subclass derives from its own fields (FedAvgM, FedAdam, ...).
+
+        Such a subclass also redeclares ``server_optimizer`` with ``init=False``; None (the
+        default) keeps the ``server_optimizer`` field as given.
+        """
+        return None
 
     # ------------------------------------------------------------------ hooks
     def init(self, params: torch.Tensor) -> ServerState:
-        """Initial server state around the initial global vector."""
-        return ServerState(params=params.detach().clone(), round=0)
+        """Initial server state around the initial global vector (and the optimizer's tensors)."""
+        p = params.detach().clone()
+        return ServerState(params=p, round=0, tensors=self.server_optimizer.init(p))
 
     def select(self, rnd: int, available: Sequence[str]) -> list[str]:
         """The cohort of round ``rnd`` among ``available`` client ids."""
@@ -264,19 +289,22 @@ class Strategy(ABC):
         """A fresh aggregator for round ``rnd``."""
         return WeightedMeanAggregator()
 
-    @abstractmethod
     def apply(self, state: ServerState, aggregate: Aggregate) -> ServerState:
-        """The next server state given this round's aggregate."""
+        """The next server state given this round's aggregate: one server-optimizer step."""
+        return self._step(state, aggregate.delta)
 
     # ---------------------------------------------------------------- helpers
-    def step(self, params: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
-        """The server step ``params + η_g · delta`` (η_g = ``server_lr``)."""
-        return params + self.server_lr * delta.to(params.dtype)
+    def _step(self, state: ServerState, delta: torch.Tensor, **tensors: torch.Tensor) -> ServerState:
+        """``state`` after one ``server_optimizer`` step with ``delta`` (η = ``server_lr``).
 
-    def _next(self, state: ServerState, params: torch.Tensor, **tensors: torch.Tensor) -> ServerState:
+        ``tensors`` are further state tensors of the strategy's own (SCAFFOLD's control variate);
+        every other tensor in ``state`` is carried over.
+        """
+        opt = self.server_optimizer
+        who = type(self).__name__
+        current = {k: state_tensor(state.tensors, k, state.params, strategy=who) for k in opt.state_keys}
+        params, updated = opt.step(state.params, delta, current, lr=self.server_lr)
         merged = dict(state.tensors)
+        merged.update(updated)
         merged.update(tensors)
         return replace(state, params=params, round=state.round + 1, tensors=merged)
-
-    def __repr__(self) -> str:
-        return f"{type(self).__name__}(fraction={self.sampler.fraction}, server_lr={self.server_lr})"

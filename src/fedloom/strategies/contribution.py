@@ -47,14 +47,14 @@ client; the round goes on with the others (the aggregator records nothing of it)
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Literal
 
 import torch
 
 from fedloom.core.errors import ConfigError, InvalidUpdateError
-from fedloom.core.types import ClientUpdate, TrainConfig
-from fedloom.strategies.base import Aggregator, ServerState, WeightedMeanAggregator
-from fedloom.strategies.fedavg import FedAvg
+from fedloom.core.types import ClientUpdate
+from fedloom.strategies.base import Aggregator, ServerState, Strategy, WeightedMeanAggregator
 
 __all__ = ["ContributionAggregator", "ContributionMode", "ContributionWeighted", "squared_gradient_norm"]
 
@@ -117,25 +117,18 @@ class ContributionAggregator(WeightedMeanAggregator):
         return {cid: w / total for cid, w in self.weights.items()}
 
 
-class ContributionWeighted(FedAvg):
-    """FedAvg with contribution weights from gradient norms; ``mode`` is ``"norm"`` or ``"inverse"``."""
+@dataclass(frozen=True, kw_only=True)
+class ContributionWeighted(Strategy):
+    """FedAvg's server step with contribution weights from gradient norms; ``mode`` is ``"norm"`` or ``"inverse"``."""
 
     name = "contribution"
 
-    def __init__(
-        self,
-        *,
-        train: TrainConfig | None = None,
-        fraction: float = 0.1,
-        min_clients: int = 1,
-        seed: int = 0,
-        server_lr: float = 1.0,
-        mode: ContributionMode = "norm",
-    ) -> None:
-        super().__init__(train=train, fraction=fraction, min_clients=min_clients, seed=seed, server_lr=server_lr)
-        if mode not in _MODES:
-            raise ConfigError(f"must be one of {_MODES}, got {mode!r}", key="strategy.mode")
-        self.mode: ContributionMode = mode
+    mode: ContributionMode = "norm"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.mode not in _MODES:
+            raise ConfigError(f"must be one of {_MODES}, got {self.mode!r}", key="strategy.mode")
 
     def aggregator(self, state: ServerState, rnd: int) -> Aggregator:
         return ContributionAggregator(mode=self.mode, lr=self.train.lr)

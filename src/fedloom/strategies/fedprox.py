@@ -18,37 +18,28 @@ This strategy only *configures* the clients: its instructions carry
 
 from __future__ import annotations
 
-from dataclasses import replace
+from dataclasses import dataclass, replace
 
-from fedloom.core.types import ClientInstruction, TrainConfig
-from fedloom.strategies._checks import check_real
+from fedloom.core.types import ClientInstruction
+from fedloom.strategies._checks import check_real, set_fields
 from fedloom.strategies.base import ServerState
 from fedloom.strategies.fedavg import FedAvg
 
 __all__ = ["FedProx"]
 
 
+@dataclass(frozen=True, kw_only=True)
 class FedProx(FedAvg):
     """FedAvg aggregation; clients train with the proximal term μ > 0 (Li et al. 2020)."""
 
     name = "fedprox"
 
-    def __init__(
-        self,
-        *,
-        train: TrainConfig | None = None,
-        fraction: float = 0.1,
-        min_clients: int = 1,
-        seed: int = 0,
-        server_lr: float = 1.0,
-        weighted: bool = True,
-        mu: float = 0.01,
-    ) -> None:
-        super().__init__(
-            train=train, fraction=fraction, min_clients=min_clients, seed=seed, server_lr=server_lr, weighted=weighted
-        )
-        self.mu = check_real(mu, key="mu", low=0.0, low_open=True)
-        self._prox_train = replace(self.train, proximal_mu=self.mu)
+    mu: float = 0.01
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        set_fields(self, mu=check_real(self.mu, key="mu", low=0.0, low_open=True))
 
     def client_config(self, state: ServerState, rnd: int, client_id: str) -> ClientInstruction:
-        return replace(super().client_config(state, rnd, client_id), train=self._prox_train)
+        prox_train = replace(self.train, proximal_mu=self.mu)
+        return replace(super().client_config(state, rnd, client_id), train=prox_train)

@@ -3,11 +3,15 @@
 ``build_strategy("fedadam", train=..., fraction=0.1, min_clients=2, seed=0, tau=1e-3)``
 returns a ready :class:`~fedloom.strategies.base.Strategy`. An unknown name, an unknown or
 missing parameter, or a bad value is one :class:`~fedloom.core.errors.ConfigError` naming
-the key (``strategy.name``, ``strategy.<param>``).
+the key (``strategy.name``, ``strategy.<param>``). A strategy's parameters are the fields of
+its dataclass beyond the common selection settings (``train``, ``fraction``,
+``min_clients``, ``seed``); fields that take an object rather than a config value
+(``server_optimizer``) are not parameters here.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 from typing import Any
 
@@ -58,9 +62,23 @@ def _lookup(name: str) -> type[Strategy]:
 
 
 def strategy_params(name: str) -> dict[str, inspect.Parameter]:
-    """The strategy-specific keyword parameters of ``name`` (beyond train/fraction/min_clients/seed)."""
-    sig = inspect.signature(_lookup(name).__init__)
-    return {p.name: p for p in sig.parameters.values() if p.name != "self" and p.name not in _COMMON}
+    """The strategy-specific keyword parameters of ``name`` (beyond train/fraction/min_clients/seed).
+
+    Read from the strategy's dataclass fields; a required one has ``inspect.Parameter.empty``
+    as its default.
+    """
+    out: dict[str, inspect.Parameter] = {}
+    for f in dataclasses.fields(_lookup(name)):
+        if not f.init or f.name in _COMMON or not f.metadata.get("param", True):
+            continue
+        if f.default is not dataclasses.MISSING:
+            default: Any = f.default
+        elif f.default_factory is not dataclasses.MISSING:
+            default = f.default_factory()
+        else:
+            default = inspect.Parameter.empty
+        out[f.name] = inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=default, annotation=f.type)
+    return out
 
 
 def build_strategy(
@@ -82,4 +100,6 @@ def build_strategy(
     for key, p in accepted.items():
         if p.default is inspect.Parameter.empty and key not in params:
             raise ConfigError(f"strategy {name!r} requires this parameter", key=f"strategy.{key}")
-    return cls(train=train, fraction=fraction, min_clients=min_clients, seed=seed, **params)
+    if train is not None:
+        params["train"] = train
+    return cls(fraction=fraction, min_clients=min_clients, seed=seed, **params)

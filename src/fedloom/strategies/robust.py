@@ -3,8 +3,9 @@
 These rules need every update at once, so their aggregators buffer
 (:class:`~fedloom.strategies.base.BufferingAggregator`, O(clients × model) memory). They
 ignore example counts: weighting by a self-reported count would let one malicious client
-claim a huge count. The server step is FedAvg's, ``x ← x + η_g · agg``. Statistics are
-computed in float64 and returned in the deltas' dtype.
+claim a huge count. The server step is the strategy's server optimizer's (by default
+FedAvg's ``x ← x + η_g · agg``). Statistics are computed in float64 and returned in the
+deltas' dtype.
 
 Coordinate-wise median and trimmed mean — Yin, Chen, Ramchandran, Bartlett.
 "Byzantine-Robust Distributed Learning: Towards Optimal Statistical Rates." ICML 2018.
@@ -36,12 +37,12 @@ first) and ``scores`` for inspection and logging.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 
 from fedloom.core.errors import StrategyError
-from fedloom.core.types import Aggregate, TrainConfig
-from fedloom.strategies._checks import check_int, check_real
+from fedloom.strategies._checks import check_int, check_real, set_fields
 from fedloom.strategies.base import Aggregator, BufferingAggregator, ServerState, Strategy
 
 __all__ = [
@@ -132,12 +133,12 @@ class KrumAggregator(_Float64Buffer):
 
 
 class RobustStrategy(Strategy):
-    """FedAvg's server step over a robust aggregator; no ``weighted`` option (counts are ignored)."""
+    """Base of the robust rules: the server optimizer's step over a robust aggregator.
+
+    No ``weighted`` option: example counts are ignored.
+    """
 
     name = "robust"
-
-    def apply(self, state: ServerState, aggregate: Aggregate) -> ServerState:
-        return self._next(state, self.step(state.params, aggregate.delta))
 
 
 class FedMedian(RobustStrategy):
@@ -149,68 +150,50 @@ class FedMedian(RobustStrategy):
         return MedianAggregator()
 
 
+@dataclass(frozen=True, kw_only=True)
 class FedTrimmedMean(RobustStrategy):
     """Coordinate-wise trimmed mean, ``beta`` ∈ [0, 0.5) trimmed from each end (Yin et al. 2018)."""
 
     name = "trimmed_mean"
 
-    def __init__(
-        self,
-        *,
-        train: TrainConfig | None = None,
-        fraction: float = 0.1,
-        min_clients: int = 1,
-        seed: int = 0,
-        server_lr: float = 1.0,
-        beta: float = 0.1,
-    ) -> None:
-        super().__init__(train=train, fraction=fraction, min_clients=min_clients, seed=seed, server_lr=server_lr)
-        self.beta = check_real(beta, key="beta", low=0.0, high=0.5, high_open=True)
+    beta: float = 0.1
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        set_fields(self, beta=check_real(self.beta, key="beta", low=0.0, high=0.5, high_open=True))
 
     def aggregator(self, state: ServerState, rnd: int) -> Aggregator:
         return TrimmedMeanAggregator(self.beta)
 
 
+@dataclass(frozen=True, kw_only=True)
 class Krum(RobustStrategy):
     """Krum with ``f`` tolerated Byzantine clients (Blanchard et al. 2017); needs n > 2f + 2."""
 
     name = "krum"
 
-    def __init__(
-        self,
-        *,
-        f: int,
-        train: TrainConfig | None = None,
-        fraction: float = 0.1,
-        min_clients: int = 1,
-        seed: int = 0,
-        server_lr: float = 1.0,
-    ) -> None:
-        super().__init__(train=train, fraction=fraction, min_clients=min_clients, seed=seed, server_lr=server_lr)
-        self.f = check_int(f, key="f", low=0)
+    f: int
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        set_fields(self, f=check_int(self.f, key="f", low=0))
 
     def aggregator(self, state: ServerState, rnd: int) -> Aggregator:
         return KrumAggregator(self.f, m=1)
 
 
+@dataclass(frozen=True, kw_only=True)
 class MultiKrum(Krum):
     """Multi-Krum: mean of the ``m`` best Krum scores (default n − f; Blanchard et al. 2017)."""
 
     name = "multikrum"
 
-    def __init__(
-        self,
-        *,
-        f: int,
-        m: int | None = None,
-        train: TrainConfig | None = None,
-        fraction: float = 0.1,
-        min_clients: int = 1,
-        seed: int = 0,
-        server_lr: float = 1.0,
-    ) -> None:
-        super().__init__(f=f, train=train, fraction=fraction, min_clients=min_clients, seed=seed, server_lr=server_lr)
-        self.m = None if m is None else check_int(m, key="m", low=1)
+    m: int | None = None
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.m is not None:
+            set_fields(self, m=check_int(self.m, key="m", low=1))
 
     def aggregator(self, state: ServerState, rnd: int) -> Aggregator:
         return KrumAggregator(self.f, m=self.m)

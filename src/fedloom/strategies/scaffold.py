@@ -20,25 +20,27 @@ The server, for the set S of clients that reported, does::
 
 so that c stays the mean of all N clients' c_i. The paper averages Δy unweighted, which
 is the default here; ``weighted=True`` weights Δy by example counts instead (the control
-update stays unweighted either way, as the invariant c = mean_i c_i requires).
+update stays unweighted either way, as the invariant c = mean_i c_i requires). The x-step
+is the strategy's server optimizer's (plain ``x ← x + η_g · Δy`` by default, as in the paper).
 
-N, the total number of clients, is by default recorded in :meth:`Scaffold.select` as
-the number of distinct available clients in the latest round, so the strategy follows an
-elastic population (clients joining and leaving); pass ``num_clients`` to fix it instead.
+N, the total number of clients, is by default the aggregate's ``num_available``: the round
+loop sets it to the number of distinct clients available to the selection that produced
+the aggregate, so the strategy follows an elastic population (clients joining and
+leaving) without keeping anything on the object; pass ``num_clients`` to fix N instead.
 ``apply`` raises :class:`~fedloom.core.errors.StrategyError` when N is unknown (no
-``select`` yet and no ``num_clients``) or smaller than the number of updates.
+``num_clients`` and an aggregate without ``num_available``) or smaller than the number of
+updates.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import replace
+from dataclasses import dataclass, replace
 
 import torch
 
 from fedloom.core.errors import InvalidUpdateError, StrategyError
-from fedloom.core.types import Aggregate, ClientInstruction, ClientUpdate, TrainConfig
-from fedloom.strategies._checks import check_int, state_tensor
+from fedloom.core.types import Aggregate, ClientInstruction, ClientUpdate
+from fedloom.strategies._checks import check_int, set_fields, state_tensor
 from fedloom.strategies.base import Aggregator, ServerState, WeightedMeanAggregator
 from fedloom.strategies.fedavg import FedAvg, _unit_weight
 
@@ -59,53 +61,34 @@ class ScaffoldAggregator(WeightedMeanAggregator):
         super()._add(update)
 
 
+@dataclass(frozen=True, kw_only=True)
 class Scaffold(FedAvg):
     """SCAFFOLD, option II (Karimireddy et al. 2020).
 
-    ``num_clients`` fixes N; when None (default) N is the number of clients available in
-    the latest :meth:`select`. ``weighted`` (default False, as in the paper) weights Δy by
+    ``num_clients`` fixes N; when None (default) N is the aggregate's ``num_available``
+    (set by the round loop). ``weighted`` (default False, as in the paper) weights Δy by
     example counts.
     """
 
     name = "scaffold"
 
-    def __init__(
-        self,
-        *,
-        train: TrainConfig | None = None,
-        fraction: float = 0.1,
-        min_clients: int = 1,
-        seed: int = 0,
-        server_lr: float = 1.0,
-        weighted: bool = False,
-        num_clients: int | None = None,
-    ) -> None:
-        super().__init__(
-            train=train, fraction=fraction, min_clients=min_clients, seed=seed, server_lr=server_lr, weighted=weighted
-        )
-        self.num_clients = None if num_clients is None else check_int(num_clients, key="num_clients", low=1)
-        self.num_available: int | None = None
-        self._scaffold_train = replace(self.train, scaffold=True)
+    weighted: bool = False
+    num_clients: int | None = None
 
-    @property
-    def population(self) -> int | None:
-        """N used by the next :meth:`apply`: ``num_clients`` if fixed, else the latest available count."""
-        return self.num_clients if self.num_clients is not None else self.num_available
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.num_clients is not None:
+            set_fields(self, num_clients=check_int(self.num_clients, key="num_clients", low=1))
 
     def init(self, params: torch.Tensor) -> ServerState:
         state = super().init(params)
-        return ServerState(params=state.params, round=state.round, tensors={"control": torch.zeros_like(state.params)})
-
-    def select(self, rnd: int, available: Sequence[str]) -> list[str]:
-        cohort = super().select(rnd, available)
-        self.num_available = len(set(available))
-        return cohort
+        return replace(state, tensors={**state.tensors, "control": torch.zeros_like(state.params)})
 
     def client_config(self, state: ServerState, rnd: int, client_id: str) -> ClientInstruction:
         # The same tensor goes to every client (O(model) memory); clients must not mutate it.
         control = state_tensor(state.tensors, "control", state.params, strategy=type(self).__name__)
         instr = super().client_config(state, rnd, client_id)
-        return replace(instr, train=self._scaffold_train, payload={SERVER_CONTROL: control})
+        return replace(instr, train=replace(self.train, scaffold=True), payload={SERVER_CONTROL: control})
 
     def aggregator(self, state: ServerState, rnd: int) -> Aggregator:
         return ScaffoldAggregator(None if self.weighted else _unit_weight)
@@ -113,9 +96,12 @@ class Scaffold(FedAvg):
     def apply(self, state: ServerState, aggregate: Aggregate) -> ServerState:
         who = type(self).__name__
         c = state_tensor(state.tensors, "control", state.params, strategy=who)
-        n_total = self.population
+        n_total = self.num_clients if self.num_clients is not None else aggregate.num_available
         if n_total is None:
-            raise StrategyError(f"{who}: the number of clients N is unknown; call select() first or pass num_clients")
+            raise StrategyError(
+                f"{who}: the number of clients N is unknown; the aggregate carries no num_available "
+                "(the round loop sets it) and num_clients is not set"
+            )
         if aggregate.num_clients > n_total:
             raise StrategyError(f"{who}: {aggregate.num_clients} updates but only N={n_total} clients")
         try:
@@ -123,4 +109,4 @@ class Scaffold(FedAvg):
         except KeyError:
             raise StrategyError(f"{who}: the aggregate lacks extras[{CONTROL_DELTA!r}]") from None
         c = c + (aggregate.num_clients / n_total) * mean_dc.to(c.dtype)
-        return self._next(state, self.step(state.params, aggregate.delta), control=c)
+        return self._step(state, aggregate.delta, control=c)
