@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from fedloom.client.training import batch_order, train_local
 from fedloom.core.params import ParamSpec
-from fedloom.core.types import ClientInstruction, TrainConfig
+from fedloom.core.types import ComponentSpec, ClientInstruction, TrainConfig
 from fedloom.data.base import Split
 
 
@@ -77,7 +79,8 @@ def test_fedprox_adds_proximal_gradient() -> None:
     data = _data()
     data = Split(data.x.double(), data.y.double())
     mu, lr = 0.5, 0.05
-    res = train_local(model, spec, g, data, _ins(epochs=4, batch_size=23, lr=lr, proximal_mu=mu))
+    ins = replace(_ins(epochs=4, batch_size=23, lr=lr), transforms=(ComponentSpec.of("proximal", mu=mu),))
+    res = train_local(model, spec, g, data, ins)
     w = g.clone().requires_grad_()
     for _ in range(4):
         out = data.x @ w[:4] + w[4]
@@ -100,9 +103,10 @@ def test_scaffold_correction_and_control_update() -> None:
     ins = ClientInstruction(
         round=1,
         client_id="c",
-        train=TrainConfig(loss="mse", epochs=steps, batch_size=23, lr=lr, scaffold=True),
+        train=TrainConfig(loss="mse", epochs=steps, batch_size=23, lr=lr),
         seed=0,
         payload={"server_control": c},
+        transforms=(ComponentSpec("scaffold"),),
     )
     res = train_local(model, spec, g, data, ins, client_state={"control": c_i})
     w = g.clone().requires_grad_()

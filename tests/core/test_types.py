@@ -20,7 +20,6 @@ from fedloom.core.types import ClientInstruction, ClientUpdate, TrainConfig
         ({"momentum": 1.0}, "client.momentum"),
         ({"nesterov": True}, "client.nesterov"),
         ({"loss": "hinge"}, "client.loss"),
-        ({"proximal_mu": -0.1}, "client.proximal_mu"),
         ({"max_steps": 0}, "client.max_steps"),
     ],
 )

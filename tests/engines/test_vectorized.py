@@ -11,7 +11,7 @@ from torch import nn
 
 from fedloom.core.keys import CLIENT_CONTROL, CONTROL_DELTA, SERVER_CONTROL
 from fedloom.core.params import ParamSpec
-from fedloom.core.types import ClientInstruction, ClientUpdate, TrainConfig
+from fedloom.core.types import ComponentSpec, ClientInstruction, ClientUpdate, TrainConfig
 from fedloom.data.base import ClientData, FederatedDataset, Split, TaskSpec
 from fedloom.engines import SequentialEngine, VectorizedEngine
 from fedloom.engines.base import Engine
@@ -51,10 +51,12 @@ def _engines(
 
 
 def _instructions(
-    data: FederatedDataset, cfg: TrainConfig, rnd: int = 1, payload: dict | None = None
+    data: FederatedDataset, cfg: TrainConfig, rnd: int = 1, payload: dict | None = None, transforms: tuple = ()
 ) -> list[ClientInstruction]:
     return [
-        ClientInstruction(round=rnd, client_id=cid, train=cfg, seed=100 * rnd + i, payload=payload or {})
+        ClientInstruction(
+            round=rnd, client_id=cid, train=cfg, seed=100 * rnd + i, payload=payload or {}, transforms=transforms
+        )
         for i, cid in enumerate(data.client_ids)
     ]
 
@@ -84,11 +86,15 @@ def _assert_same(vec: list[ClientUpdate], seq: list[ClientUpdate], g: torch.Tens
 
 
 def _compare(
-    model_fn: Callable[[], nn.Module], cfg: TrainConfig, data: FederatedDataset | None = None, **kw: object
+    model_fn: Callable[[], nn.Module],
+    cfg: TrainConfig,
+    data: FederatedDataset | None = None,
+    transforms: tuple = (),
+    **kw: object,
 ) -> VectorizedEngine:
     data = data or _dataset()
     seq, vec, g = _engines(model_fn, data, **kw)
-    ins = _instructions(data, cfg)
+    ins = _instructions(data, cfg, transforms=transforms)
     _assert_same(list(vec.run_cohort(g, ins)), list(seq.run_cohort(g, ins)), g)
     return vec
 
@@ -97,20 +103,24 @@ def _mlp(**kw: object) -> Callable[[], nn.Module]:
     return lambda: MLP(6, (16, 8), 3, **kw)  # type: ignore[arg-type]
 
 
+PROX = (ComponentSpec.of("proximal", mu=0.5),)
+
+
 @pytest.mark.parametrize(
-    "cfg",
+    ("cfg", "transforms"),
     [
-        TrainConfig(epochs=2, batch_size=5, lr=0.1),
-        TrainConfig(epochs=2, batch_size=5, lr=0.05, momentum=0.9, nesterov=True, weight_decay=0.01),
-        TrainConfig(epochs=2, batch_size=5, lr=0.05, momentum=0.8, weight_decay=0.001),
-        TrainConfig(epochs=2, batch_size=5, lr=0.01, optimizer="adam", weight_decay=0.01),
-        TrainConfig(epochs=2, batch_size=5, lr=0.1, proximal_mu=0.5),
-        TrainConfig(epochs=3, batch_size=5, lr=0.1, max_steps=4),
+        (TrainConfig(epochs=2, batch_size=5, lr=0.1), ()),
+        (TrainConfig(epochs=2, batch_size=5, lr=0.05, momentum=0.9, nesterov=True, weight_decay=0.01), ()),
+        (TrainConfig(epochs=2, batch_size=5, lr=0.05, momentum=0.8, weight_decay=0.001), ()),
+        (TrainConfig(epochs=2, batch_size=5, lr=0.01, optimizer="adam", weight_decay=0.01), ()),
+        (TrainConfig(epochs=2, batch_size=5, lr=0.1), PROX),
+        (TrainConfig(epochs=2, batch_size=5, lr=0.05, momentum=0.9), PROX),
+        (TrainConfig(epochs=3, batch_size=5, lr=0.1, max_steps=4), ()),
     ],
-    ids=["sgd", "nesterov-wd", "momentum-wd", "adam", "fedprox", "max_steps"],
+    ids=["sgd", "nesterov-wd", "momentum-wd", "adam", "fedprox", "fedprox-momentum", "max_steps"],
 )
-def test_mlp_matches_sequential(cfg: TrainConfig) -> None:
-    vec = _compare(_mlp(), cfg)
+def test_mlp_matches_sequential(cfg: TrainConfig, transforms: tuple) -> None:
+    vec = _compare(_mlp(), cfg, transforms=transforms)
     assert vec.mode == "lowered"
 
 
@@ -161,10 +171,10 @@ def test_mcmahan_cnn_matches_sequential() -> None:
 def test_scaffold_two_rounds_with_client_state() -> None:
     data = _dataset()
     seq, vec, g = _engines(_mlp(), data)
-    cfg = TrainConfig(epochs=1, batch_size=5, lr=0.05, scaffold=True)
+    cfg = TrainConfig(epochs=1, batch_size=5, lr=0.05)
     c = torch.zeros_like(g)
     for rnd in (1, 2):
-        ins = _instructions(data, cfg, rnd, {SERVER_CONTROL: c})
+        ins = _instructions(data, cfg, rnd, {SERVER_CONTROL: c}, (ComponentSpec("scaffold"),))
         s_up, v_up = list(seq.run_cohort(g, ins)), list(vec.run_cohort(g, ins))
         _assert_same(v_up, s_up, g, lr=cfg.lr)
         for cid in data.client_ids:

@@ -9,6 +9,8 @@ from fedloom.core.errors import ConfigError, InvalidUpdateError
 from fedloom.core.types import ClientUpdate, TrainConfig
 from fedloom.strategies import ContributionAggregator, ContributionWeighted, FedAvg, Strategy
 
+from _server import Server
+
 F64 = torch.float64
 
 
@@ -17,7 +19,7 @@ def upd(cid: str, delta: list[float], steps: int = 2, n: int = 10) -> ClientUpda
 
 
 def aggregate(s: Strategy, *updates: ClientUpdate) -> torch.Tensor:
-    agg = s.aggregator(s.init(torch.zeros(2, dtype=F64)), 1)
+    agg = Server(s, s.init(torch.zeros(2, dtype=F64)), 1)
     for u in updates:
         agg.add(u)
     return agg.result().delta
@@ -36,8 +38,8 @@ def test_fedavg_gives_half_half() -> None:
 
 def test_norm_mode_gives_tenth_and_nine_tenths() -> None:
     s = ContributionWeighted(train=TRAIN, mode="norm")
-    agg = s.aggregator(s.init(torch.zeros(2, dtype=F64)), 1)
-    assert isinstance(agg, ContributionAggregator)
+    agg = Server(s, s.init(torch.zeros(2, dtype=F64)), 1)
+    assert isinstance(agg.aggregator, ContributionAggregator)
     agg.add(A)
     agg.add(B)
     # weights 1 and 9 → 0.1 and 0.9: (1*[1, 0] + 9*[0, 3]) / 10 = [1, 27] / 10 = [0.1, 2.7]
@@ -48,8 +50,8 @@ def test_norm_mode_gives_tenth_and_nine_tenths() -> None:
 
 def test_inverse_mode_gives_nine_tenths_and_tenth() -> None:
     s = ContributionWeighted(train=TRAIN, mode="inverse")
-    agg = s.aggregator(s.init(torch.zeros(2, dtype=F64)), 1)
-    assert isinstance(agg, ContributionAggregator)
+    agg = Server(s, s.init(torch.zeros(2, dtype=F64)), 1)
+    assert isinstance(agg.aggregator, ContributionAggregator)
     agg.add(A)
     agg.add(B)
     # weights 1 and 1/9 → 0.9 and 0.1: 0.9*[1, 0] + 0.1*[0, 3] = [0.9, 0.3]
@@ -88,7 +90,7 @@ def test_norm_mode_zero_updates() -> None:
 
 def test_inverse_mode_rejects_zero_update_and_goes_on() -> None:
     s = ContributionWeighted(train=TRAIN, mode="inverse")
-    agg = s.aggregator(s.init(torch.zeros(2, dtype=F64)), 1)
+    agg = Server(s, s.init(torch.zeros(2, dtype=F64)), 1)
     agg.add(upd("a", [4.0, 0.0]))
     with pytest.raises(InvalidUpdateError) as ei:
         agg.add(upd("lazy", [0.0, 0.0]))
@@ -103,7 +105,7 @@ def test_inverse_mode_rejects_zero_update_and_goes_on() -> None:
 def test_apply_uses_server_lr() -> None:
     s = ContributionWeighted(train=TRAIN, mode="norm", server_lr=0.5)
     state = s.init(torch.tensor([1.0, 1.0], dtype=F64))
-    agg = s.aggregator(state, 1)
+    agg = Server(s, state, 1)
     agg.add(upd("a", [0.0, 0.0]))
     agg.add(upd("b", [2.0, -4.0]))
     # aggregate = b's delta (a has weight 0); x = [1, 1] + 0.5*[2, -4] = [2, -1]

@@ -9,6 +9,8 @@ from fedloom.core.errors import ConfigError, StrategyError
 from fedloom.core.types import ClientUpdate
 from fedloom.strategies import FedAvg
 
+from _server import Server
+
 
 def upd(cid: str, delta: list[float], n: int = 1, **kw: object) -> ClientUpdate:
     return ClientUpdate(client_id=cid, round=1, delta=torch.tensor(delta), num_examples=n, **kw)  # type: ignore[arg-type]
@@ -17,7 +19,7 @@ def upd(cid: str, delta: list[float], n: int = 1, **kw: object) -> ClientUpdate:
 def test_weighted_round_exact() -> None:
     s = FedAvg(server_lr=0.5)
     state = s.init(torch.tensor([1.0, 2.0]))
-    agg = s.aggregator(state, 1)
+    agg = Server(s, state, 1)
     agg.add(upd("a", [1.0, 0.0], n=1, metrics={"loss": 1.0}))
     agg.add(upd("b", [-1.0, 4.0], n=3, metrics={"loss": 2.0}))
     res = agg.result()
@@ -35,7 +37,7 @@ def test_weighted_round_exact() -> None:
 def test_unweighted_round_exact() -> None:
     s = FedAvg(weighted=False)
     state = s.init(torch.tensor([1.0, 2.0]))
-    agg = s.aggregator(state, 1)
+    agg = Server(s, state, 1)
     agg.add(upd("a", [1.0, 0.0], n=1))
     agg.add(upd("b", [-1.0, 4.0], n=3))
     # ([1, 0] + [-1, 4]) / 2 = [0, 2]; x = [1, 2] + [0, 2] = [1, 4]
@@ -51,7 +53,7 @@ def test_init_copies_params() -> None:
 
 def test_duplicate_and_empty_rejected() -> None:
     s = FedAvg()
-    agg = s.aggregator(s.init(torch.zeros(2)), 1)
+    agg = Server(s, s.init(torch.zeros(2)), 1)
     with pytest.raises(StrategyError, match="no updates"):
         agg.result()
     agg.add(upd("a", [1.0, 0.0]))

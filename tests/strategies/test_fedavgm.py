@@ -9,9 +9,11 @@ from fedloom.core.errors import ConfigError, StrategyError
 from fedloom.core.types import Aggregate, ClientUpdate
 from fedloom.strategies import FedAvg, FedAvgM, ServerState
 
+from _server import Server
+
 
 def one_round(s: FedAvgM, state: ServerState, *deltas: list[float]) -> ServerState:
-    agg = s.aggregator(state, state.round + 1)
+    agg = Server(s, state, state.round + 1)
     for i, d in enumerate(deltas):
         agg.add(ClientUpdate(client_id=f"c{i}", round=state.round + 1, delta=torch.tensor(d), num_examples=1))
     return s.apply(state, agg.result())

@@ -13,9 +13,11 @@ from fedloom.core.errors import ConfigError, StrategyError
 from fedloom.core.types import ClientUpdate
 from fedloom.strategies import FedAdagrad, FedAdam, FedAvg, FedOpt, FedYogi, ServerState
 
+from _server import Server
+
 
 def one_round(s: FedOpt, state: ServerState, delta: list[float]) -> ServerState:
-    agg = s.aggregator(state, state.round + 1)
+    agg = Server(s, state, state.round + 1)
     agg.add(ClientUpdate(client_id="c", round=state.round + 1, delta=torch.tensor(delta), num_examples=3))
     return s.apply(state, agg.result())
 

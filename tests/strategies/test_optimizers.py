@@ -25,6 +25,8 @@ from fedloom.strategies import (
     strategy_params,
 )
 
+from _server import Server
+
 
 def agg(*delta: float, **kw: object) -> Aggregate:
     return Aggregate(delta=torch.tensor(delta), num_clients=1, num_examples=1, **kw)  # type: ignore[arg-type]
@@ -52,7 +54,7 @@ def test_fedprox_with_server_momentum_by_hand() -> None:
     state = s.apply(s.apply(state, agg(1.0, -2.0)), agg(2.0, 0.5))
     assert torch.equal(state.tensors["momentum"], torch.tensor([2.5, -0.5]))
     assert torch.equal(state.params, torch.tensor([1.75, -1.25]))
-    assert s.client_config(state, 3, "a").train.proximal_mu == 0.1  # the client side is unchanged
+    assert s.client_config(state, 3, "a").transforms[0].kwargs == {"mu": 0.1}  # the client side is unchanged
 
 
 def test_named_adaptive_strategies_are_fedavg_with_that_optimizer() -> None:
@@ -124,7 +126,7 @@ def test_server_optimizer_is_not_a_config_parameter() -> None:
 def test_unweighted_fedadam_through_the_aggregator() -> None:
     s = FedAdam(weighted=False, server_lr=1.0, beta_1=0.25, beta_2=0.875, tau=0.25)
     state = s.init(torch.zeros(1))
-    a = s.aggregator(state, 1)
+    a = Server(s, state, 1)
     a.add(ClientUpdate(client_id="a", round=1, delta=torch.tensor([0.5]), num_examples=1))
     a.add(ClientUpdate(client_id="b", round=1, delta=torch.tensor([2.0]), num_examples=7))
     # Δ = (0.5 + 2) / 2 = 5/4 unweighted; as round 1 of test_fedadam_two_rounds: x = 5/4

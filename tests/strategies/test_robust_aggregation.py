@@ -11,13 +11,15 @@ from fedloom.core.errors import ConfigError, StrategyError
 from fedloom.core.types import ClientUpdate
 from fedloom.strategies import FedMedian, FedTrimmedMean, Krum, KrumAggregator, MultiKrum, Strategy
 
+from _server import Server
+
 
 def upd(cid: str, delta: list[float], n: int = 1) -> ClientUpdate:
     return ClientUpdate(client_id=cid, round=1, delta=torch.tensor(delta, dtype=torch.float32), num_examples=n)
 
 
 def aggregate(s: Strategy, updates: list[ClientUpdate], numel: int = 3) -> torch.Tensor:
-    agg = s.aggregator(s.init(torch.zeros(numel)), 1)
+    agg = Server(s, s.init(torch.zeros(numel)), 1)
     for u in updates:
         agg.add(u)
     return agg.result().delta
@@ -35,7 +37,7 @@ def test_median_odd_and_even() -> None:
 def test_median_server_step() -> None:
     s = FedMedian(server_lr=0.5)
     state = s.init(torch.tensor([1.0, 1.0, 1.0]))
-    agg = s.aggregator(state, 1)
+    agg = Server(s, state, 1)
     for u in [upd("a", [1, 5, -2]), upd("b", [3, -1, 0]), upd("c", [100, 2, 4])]:
         agg.add(u)
     # x = [1, 1, 1] + 0.5 * [3, 2, 0] = [2.5, 2, 1]
@@ -66,8 +68,8 @@ BYZANTINE = {"z1": [10.0, 10.0], "z2": [10.0, 10.5]}
 
 def krum_agg(m: int | None, order: list[str]) -> KrumAggregator:
     s = Krum(f=2) if m == 1 else MultiKrum(f=2, m=m)
-    agg = s.aggregator(s.init(torch.zeros(2)), 1)
-    assert isinstance(agg, KrumAggregator)
+    agg = Server(s, s.init(torch.zeros(2)), 1)
+    assert isinstance(agg.aggregator, KrumAggregator)
     every = {**HONEST, **BYZANTINE}
     for cid in order:
         agg.add(upd(cid, every[cid], n=1000 if cid.startswith("z") else 1))

@@ -11,6 +11,8 @@ from fedloom.core.errors import ConfigError, InvalidUpdateError, StrategyError
 from fedloom.core.types import Aggregate, ClientUpdate, TrainConfig
 from fedloom.strategies import Scaffold, ServerState
 
+from _server import Server
+
 
 def upd(cid: str, dy: list[float], dc: list[float], n: int = 1) -> ClientUpdate:
     return ClientUpdate(
@@ -25,7 +27,7 @@ def upd(cid: str, dy: list[float], dc: list[float], n: int = 1) -> ClientUpdate:
 def run_round(s: Scaffold, state: ServerState, available: list[str], updates: list[ClientUpdate]) -> ServerState:
     rnd = state.round + 1
     s.select(rnd, available)
-    agg = s.aggregator(state, rnd)
+    agg = Server(s, state, rnd)
     for u in updates:
         agg.add(u)
     # as the round loop does: N = the number of distinct available clients
@@ -37,7 +39,7 @@ def test_two_rounds_control_variate_persists_and_accumulates() -> None:
     state = s.init(torch.tensor([0.0, 0.0]))
     assert torch.equal(state.tensors["control"], torch.zeros(2))
     instr = s.client_config(state, 1, "a")
-    assert instr.train.scaffold and instr.train.lr == 0.1
+    assert [t.name for t in instr.transforms] == ["scaffold"] and instr.train.lr == 0.1
     assert torch.equal(instr.payload["server_control"], torch.zeros(2))
 
     # round 1: N = 4 available, S = 2 reported (different example counts: ignored, unweighted)
@@ -62,7 +64,7 @@ def test_two_rounds_control_variate_persists_and_accumulates() -> None:
 def test_weighted_and_server_lr() -> None:
     s = Scaffold(weighted=True, server_lr=0.5, num_clients=2)
     state = s.init(torch.zeros(2))
-    agg = s.aggregator(state, 1)
+    agg = Server(s, state, 1)
     agg.add(upd("a", [1, 2], [2, -4], n=1))
     agg.add(upd("b", [3, -2], [-1, 1], n=3))
     new = s.apply(state, agg.result())
@@ -96,7 +98,7 @@ def test_unknown_population_is_an_error() -> None:
 
 def test_update_without_control_delta_is_rejected() -> None:
     s = Scaffold()
-    agg = s.aggregator(s.init(torch.zeros(2)), 1)
+    agg = Server(s, s.init(torch.zeros(2)), 1)
     bare = ClientUpdate(client_id="x", round=1, delta=torch.zeros(2), num_examples=1)
     with pytest.raises(InvalidUpdateError) as ei:
         agg.add(bare)

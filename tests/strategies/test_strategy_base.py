@@ -1,4 +1,4 @@
-"""The streaming WeightedMeanAggregator, the base Aggregator's bookkeeping, ServerState."""
+"""The streaming sum with the weighting stage (FedAvg's weighted mean), the base Aggregator's bookkeeping, ServerState."""
 
 from __future__ import annotations
 
@@ -7,7 +7,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from fedloom.core.types import Aggregate, ClientUpdate
-from fedloom.strategies import FedAdam, ServerState, WeightedMeanAggregator
+from fedloom.strategies import FedAdam, FedAvg, ServerState, SumAggregator
+
+from _server import Server
 
 _SETTINGS = settings(max_examples=60, deadline=None)
 
@@ -27,7 +29,7 @@ def _random_updates(seed: int, n: int, numel: int, dtype: torch.dtype) -> tuple[
 @given(seed=st.integers(0, 2**31 - 1), n=st.integers(1, 9), numel=st.integers(1, 300))
 def test_streaming_equals_batch_weighted_mean(seed: int, n: int, numel: int) -> None:
     ups, w = _random_updates(seed, n, numel, torch.float32)
-    agg = WeightedMeanAggregator()
+    agg = Server(FedAvg(), FedAvg().init(torch.zeros(numel)))
     for u in ups:
         agg.add(u)
     got = agg.result().delta
@@ -46,7 +48,7 @@ def test_independent_of_arrival_order(seed: int, n: int, numel: int) -> None:
     g = torch.Generator().manual_seed(seed)
     results = []
     for _ in range(8):
-        agg = WeightedMeanAggregator()
+        agg = Server(FedAvg(), FedAvg().init(torch.zeros(numel, dtype=torch.float64)))
         for i in torch.randperm(n, generator=g).tolist():
             agg.add(ups[i])
         results.append(agg.result().delta)
@@ -54,17 +56,19 @@ def test_independent_of_arrival_order(seed: int, n: int, numel: int) -> None:
         assert bool(((r - results[0]).abs() <= 1e-12 * scale).all())
 
 
-def test_unnormalized_weighted_sum() -> None:
-    agg = WeightedMeanAggregator(lambda u: 2.0 * u.num_examples, normalize=False)
-    agg.add(ClientUpdate(client_id="a", round=1, delta=torch.tensor([1.0, 0.5]), num_examples=1))
-    agg.add(ClientUpdate(client_id="b", round=1, delta=torch.tensor([0.25, -1.0]), num_examples=2))
-    # 2*[1, 0.5] + 4*[0.25, -1] = [3, -3]
-    assert torch.equal(agg.result().delta, torch.tensor([3.0, -3.0]))
+def test_plain_sum_of_weighted_deltas() -> None:
+    # deltas arrive weighted (2 * [1, 0.5] with weight 2, 4 * [0.25, -1] with weight 4)
+    agg = SumAggregator()
+    agg.add(ClientUpdate(client_id="a", round=1, delta=torch.tensor([2.0, 1.0]), num_examples=1, weight=2.0))
+    agg.add(ClientUpdate(client_id="b", round=1, delta=torch.tensor([1.0, -4.0]), num_examples=2, weight=4.0))
+    # 2*[1, 0.5] + 4*[0.25, -1] = [3, -3], total weight 6
+    res = agg.result()
+    assert torch.equal(res.delta, torch.tensor([3.0, -3.0], dtype=torch.float64)) and res.weight == 6.0
 
 
 def test_extras_are_unweighted_means_and_inputs_untouched() -> None:
     e1, e2 = torch.tensor([1.0, 2.0], dtype=torch.float64), torch.tensor([3.0, -2.0], dtype=torch.float64)
-    agg = WeightedMeanAggregator()
+    agg = Server(FedAvg(), FedAvg().init(torch.zeros(2)))
     agg.add(ClientUpdate(client_id="a", round=1, delta=torch.zeros(2), num_examples=1, extras={"c": e1}))
     agg.add(ClientUpdate(client_id="b", round=1, delta=torch.zeros(2), num_examples=9, extras={"c": e2}))
     res = agg.result()

@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from fedloom.client.losses import get_loss
-from fedloom.client.transforms import GradientTransform, Proximal, ScaffoldCorrection, build_transforms
+from fedloom.client.transforms import GradientTransform, build_transforms
 from fedloom.core.errors import ConfigError
 from fedloom.core.params import ParamSpec
 from fedloom.core.types import ClientInstruction, ClientUpdate, TrainConfig
@@ -86,13 +86,7 @@ def _trainable_views(spec: ParamSpec, vec: torch.Tensor, model: nn.Module) -> li
 
 def active_transforms(instruction: ClientInstruction) -> list[GradientTransform]:
     """The gradient transforms an instruction asks for."""
-    found = build_transforms(instruction.transforms)
-    cfg = instruction.train  # TRANSITIONAL: TrainConfig's algorithm switches, until strategies send recipes
-    if getattr(cfg, "proximal_mu", 0.0) > 0.0:
-        found.append(Proximal(mu=cfg.proximal_mu))
-    if getattr(cfg, "scaffold", False):
-        found.append(ScaffoldCorrection())
-    return found
+    return build_transforms(instruction.transforms)
 
 
 def train_local(

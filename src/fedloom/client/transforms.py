@@ -32,7 +32,7 @@ from typing import ClassVar
 import torch
 
 from fedloom.core.errors import ConfigError
-from fedloom.core.keys import CLIENT_CONTROL, CONTROL_DELTA, SERVER_CONTROL
+from fedloom.core.keys import CLIENT_CONTROL, CONTROL_DELTA, PROXIMAL, SCAFFOLD, SERVER_CONTROL
 from fedloom.core.params import ParamSpec
 from fedloom.core.types import ClientInstruction, ComponentSpec
 
@@ -83,7 +83,7 @@ class GradientTransform:
 class Proximal(GradientTransform):
     """FedProx's proximal term with coefficient ``mu`` > 0 (Li et al. 2020)."""
 
-    name: ClassVar[str] = "proximal"
+    name: ClassVar[str] = PROXIMAL
     laid_out: ClassVar[tuple[str, ...]] = ("anchor",)
     shared: ClassVar[frozenset[str]] = frozenset({"anchor"})
     mu: float = 0.01
@@ -104,7 +104,7 @@ class Proximal(GradientTransform):
 class ScaffoldCorrection(GradientTransform):
     """SCAFFOLD's control-variate correction and option-II update of c_i (Karimireddy et al. 2020)."""
 
-    name: ClassVar[str] = "scaffold"
+    name: ClassVar[str] = SCAFFOLD
     laid_out: ClassVar[tuple[str, ...]] = ("correction",)
 
     def prepare(self, spec, global_vec, instruction, client_state):  # type: ignore[no-untyped-def]
@@ -132,7 +132,7 @@ class ScaffoldCorrection(GradientTransform):
         return {CONTROL_DELTA: c_delta}
 
 
-TRANSFORMS: dict[str, type[GradientTransform]] = {"proximal": Proximal, "scaffold": ScaffoldCorrection}
+TRANSFORMS: dict[str, type[GradientTransform]] = {PROXIMAL: Proximal, SCAFFOLD: ScaffoldCorrection}
 """Name -> transform class (read-only by convention)."""
 
 _BUILT: dict[ComponentSpec, GradientTransform] = {}

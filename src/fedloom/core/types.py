@@ -54,9 +54,8 @@ def _frozen_map(m: Mapping | None) -> Mapping:
 class TrainConfig:
     """Local training hyperparameters, sent by the server each round.
 
-    ``proximal_mu`` > 0 adds FedProx's term (mu/2)·||w - w_global||² (Li et al. 2020).
-    ``scaffold`` turns on SCAFFOLD's control-variate correction (Karimireddy et al. 2020);
-    the server control variate travels in the instruction's payload.
+    Algorithms that change the local step (FedProx, SCAFFOLD) are not named here: they are
+    gradient transforms the instruction lists (``ClientInstruction.transforms``).
     ``max_steps`` caps the number of local optimizer steps (None: full epochs).
     """
 
@@ -70,8 +69,6 @@ class TrainConfig:
     betas: tuple[float, float] = (0.9, 0.999)
     eps: float = 1e-8
     loss: LossName = "cross_entropy"
-    proximal_mu: float = 0.0
-    scaffold: bool = False
     max_steps: int | None = None
 
     def __post_init__(self) -> None:
@@ -98,8 +95,6 @@ class TrainConfig:
             raise bad("eps", f"must be > 0, got {self.eps!r}")
         if self.loss not in _LOSSES:
             raise bad("loss", f"must be one of {_LOSSES}, got {self.loss!r}")
-        if not (self.proximal_mu >= 0.0 and math.isfinite(self.proximal_mu)):
-            raise bad("proximal_mu", f"must be >= 0, got {self.proximal_mu!r}")
         if self.max_steps is not None and (not isinstance(self.max_steps, int) or self.max_steps < 1):
             raise bad("max_steps", f"must be an integer >= 1 or unset, got {self.max_steps!r}")
 

@@ -2,7 +2,7 @@
 
 Every strategy is a frozen, keyword-only dataclass over :class:`~fedloom.strategies.base.Strategy`
 (the common settings), declaring only its own fields and overriding only the hook that makes
-it different (aggregator, ``apply`` or ``client_config``). The server step is a composed
+it different (aggregator, weighting ``stages``, ``apply`` or ``client_config``). The server step is a composed
 :class:`~fedloom.strategies.optimizers.ServerOptimizer` (SGD, momentum, Adagrad, Adam, Yogi).
 :func:`~fedloom.strategies.registry.build_strategy` builds one by name.
 """
@@ -12,11 +12,14 @@ from fedloom.strategies.base import (
     BufferingAggregator,
     ServerState,
     Strategy,
-    WeightedMeanAggregator,
-    WeightFn,
-    example_weight,
+    SumAggregator,
 )
-from fedloom.strategies.contribution import ContributionAggregator, ContributionWeighted, squared_gradient_norm
+from fedloom.strategies.contribution import (
+    ContributionAggregator,
+    ContributionWeighted,
+    ContributionWeighting,
+    squared_gradient_norm,
+)
 from fedloom.strategies.fedavg import FedAvg
 from fedloom.strategies.fedavgm import FedAvgM
 from fedloom.strategies.fedopt import FedAdagrad, FedAdam, FedOpt, FedYogi
@@ -49,6 +52,7 @@ __all__ = [
     "ClientSampler",
     "ContributionAggregator",
     "ContributionWeighted",
+    "ContributionWeighting",
     "FedAdagrad",
     "FedAdam",
     "FedAvg",
@@ -69,12 +73,10 @@ __all__ = [
     "ServerOptimizer",
     "ServerState",
     "Strategy",
+    "SumAggregator",
     "TrimmedMeanAggregator",
-    "WeightFn",
-    "WeightedMeanAggregator",
     "Yogi",
     "build_strategy",
-    "example_weight",
     "list_strategies",
     "squared_gradient_norm",
     "strategy_params",

@@ -5,8 +5,12 @@ A round, seen from the server (DESIGN.md):
     cohort = strategy.select(rnd, available)
     instr  = strategy.client_config(state, rnd, cid)      for each cid in cohort
     agg    = strategy.aggregator(state, rnd)
-    agg.add(update)                                        for each streamed update
-    state  = strategy.apply(state, agg.result())
+    agg.add(update)                                        for each streamed, decoded update
+    state  = strategy.apply(state, finalize(agg.result())) (the pipeline's finalize halves)
+
+A strategy's weighting is a pipeline stage (:meth:`Strategy.stages`): clients send weighted
+deltas, the :class:`SumAggregator` sums them plainly, the weighting stage's finalize divides
+by the total weight.
 
 :class:`ServerState` is a frozen value: the global vector, the number of completed rounds
 and named optimizer tensors (momentum, Adam moments, SCAFFOLD's control variate). It
@@ -17,7 +21,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 import json
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from types import MappingProxyType
 from typing import Any, ClassVar
@@ -28,20 +32,17 @@ from fedloom.core.errors import ConfigError, StrategyError
 from fedloom.core.seeding import derive_seed
 from fedloom.core.types import Aggregate, ClientInstruction, ClientUpdate, TrainConfig
 from fedloom.pipeline.base import Stage
+from fedloom.pipeline.weighting import ExampleWeighting
 from fedloom.strategies._checks import check_real, set_fields, state_tensor
 from fedloom.strategies.optimizers import SGD, ServerOptimizer
 from fedloom.strategies.selection import ClientSampler
-
-WeightFn = Callable[[ClientUpdate], float]
 
 __all__ = [
     "Aggregator",
     "BufferingAggregator",
     "ServerState",
     "Strategy",
-    "WeightFn",
-    "WeightedMeanAggregator",
-    "example_weight",
+    "SumAggregator",
 ]
 
 
@@ -108,6 +109,7 @@ class Aggregator(ABC):
 
     def __init__(self) -> None:
         self.client_ids: list[str] = []
+        self._dtype: torch.dtype | None = None
         self._seen: set[str] = set()
         self.num_examples = 0
         self._metric_sums: dict[str, float] = {}
@@ -120,6 +122,8 @@ class Aggregator(ABC):
         if update.client_id in self._seen:
             raise StrategyError(f"duplicate update from client {update.client_id!r}")
         self._add(update)
+        if self._dtype is None and update.delta is not None:
+            self._dtype = update.delta.dtype
         self.client_ids.append(update.client_id)
         self._seen.add(update.client_id)
         self.num_examples += update.num_examples
@@ -137,7 +141,8 @@ class Aggregator(ABC):
         if not self.client_ids:
             raise StrategyError("no updates to aggregate")
         delta = self._result()
-        extras = {k: (s / self._extra_counts[k]).to(delta.dtype) for k, s in self._extra_sums.items()}
+        dtype = self._dtype or delta.dtype
+        extras = {k: (s / self._extra_counts[k]).to(dtype) for k, s in self._extra_sums.items()}
         metrics = {k: s / self._metric_weights[k] for k, s in self._metric_sums.items()}
         return Aggregate(
             delta=delta,
@@ -146,6 +151,7 @@ class Aggregator(ABC):
             extras=extras,
             metrics=metrics,
             client_ids=tuple(self.client_ids),
+            weight=self._weight(),
         )
 
     @abstractmethod
@@ -154,42 +160,44 @@ class Aggregator(ABC):
     @abstractmethod
     def _result(self) -> torch.Tensor: ...
 
+    def _weight(self) -> float | None:
+        """The total weight of a sum (None: the result is final, no weighting stage divides it)."""
+        return None
 
-class WeightedMeanAggregator(Aggregator):
-    """Streaming weighted mean: Σ w_i Δ_i / Σ w_i with O(model) memory.
 
-    The weight of an update is ``weight_fn(update)``; the default is its example count
-    (FedAvg, McMahan et al. 2017). Accumulation is in float64, so the order of arrival
-    changes the result only at float64 rounding.
+class SumAggregator(Aggregator):
+    """Streaming plain sum Σ Δ_i (float64, O(model) memory) and the total weight Σ w_i.
+
+    The weights are the ones a weighting stage applied on the client (``update.weight``; an
+    update without one counts 1), so the deltas arrive already weighted and the sum is the
+    plain sum secure aggregation and DP need; the weighting stage's finalize divides by the
+    total (FedAvg's Σ n_i Δ_i / Σ n_i, McMahan et al. 2017). Accumulating in float64 makes
+    the order of arrival matter only at float64 rounding.
     """
 
-    def __init__(self, weight_fn: WeightFn | None = None, *, normalize: bool = True) -> None:
+    def __init__(self) -> None:
         super().__init__()
-        self._weight_fn = weight_fn or example_weight
-        self._normalize = normalize
         self._sum: torch.Tensor | None = None
-        self._wsum = 0.0
-        self._dtype: torch.dtype | None = None
+        self.total_weight = 0.0
 
     def _add(self, update: ClientUpdate) -> None:
-        w = float(self._weight_fn(update))
+        w = 1.0 if update.weight is None else float(update.weight)
         if not (w >= 0.0 and w < float("inf")):
             raise StrategyError(f"weight of client {update.client_id!r} is {w!r}")
         d = update.delta
-        self._dtype = d.dtype
+        assert d is not None  # validated updates are dense
         if self._sum is None:
-            self._sum = d.to(torch.float64) * w
+            self._sum = d.to(torch.float64, copy=True)
         else:
-            self._sum.add_(d.to(torch.float64), alpha=w)
-        self._wsum += w
+            self._sum.add_(d.to(torch.float64))
+        self.total_weight += w
 
     def _result(self) -> torch.Tensor:
-        assert self._sum is not None and self._dtype is not None
-        if not self._normalize:
-            return self._sum.to(self._dtype)
-        if self._wsum <= 0.0:
-            raise StrategyError("sum of aggregation weights is zero")
-        return (self._sum / self._wsum).to(self._dtype)
+        assert self._sum is not None
+        return self._sum.clone()
+
+    def _weight(self) -> float | None:
+        return self.total_weight
 
 
 class BufferingAggregator(Aggregator):
@@ -207,11 +215,6 @@ class BufferingAggregator(Aggregator):
     def stacked(self) -> torch.Tensor:
         """The buffered deltas as a (clients, numel) matrix."""
         return torch.stack(self.deltas)
-
-
-def example_weight(update: ClientUpdate) -> float:
-    """FedAvg's weight: the client's number of training examples."""
-    return float(update.num_examples)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -282,12 +285,16 @@ class Strategy:
         )
 
     def stages(self) -> tuple[Stage, ...]:
-        """The pipeline stages this strategy needs before the run's own (its weighting)."""
-        return ()
+        """The pipeline stages this strategy needs before the run's own: its weighting.
+
+        The default weights by example counts (FedAvg); robust rules, which must see raw
+        deltas, return none.
+        """
+        return (ExampleWeighting(),)
 
     def aggregator(self, state: ServerState, rnd: int) -> Aggregator:
-        """A fresh aggregator for round ``rnd``."""
-        return WeightedMeanAggregator()
+        """A fresh aggregator for round ``rnd`` (the default: a streaming sum)."""
+        return SumAggregator()
 
     def apply(self, state: ServerState, aggregate: Aggregate) -> ServerState:
         """The next server state given this round's aggregate: one server-optimizer step."""

@@ -33,8 +33,11 @@ delta (trainable parameters and buffers alike). With other local optimizers (mom
 Adam) the estimate is only proportional to the mean step, which is all the weighting uses
 when clients take the same number of steps.
 
-Streaming, O(model) memory: each update enters a :class:`WeightedMeanAggregator` with its
-unnormalized weight (``‖g_i‖²`` or ``1/‖g_i‖²``) and the sum is normalized at the end.
+Streaming, O(model) memory: the weighting is a server-side pipeline stage
+(:class:`ContributionWeighting`) that scales each decoded delta by its unnormalized weight
+(``‖g_i‖²`` or ``1/‖g_i‖²``); the aggregator sums, and the stage's finalize divides by the
+total. (Under secure aggregation the server never sees a single delta, so this rule cannot
+be combined with it.)
 
 Zero norms. ``norm`` mode: a zero update has weight 0 and changes nothing; if every update
 is zero the aggregate is the zero vector. ``inverse`` mode: 1/‖g_i‖² is infinite for a
@@ -47,16 +50,23 @@ client; the round goes on with the others (the aggregator records nothing of it)
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-from typing import Literal
+from dataclasses import dataclass, replace
+from typing import ClassVar, Literal
 
 import torch
 
 from fedloom.core.errors import ConfigError, InvalidUpdateError
-from fedloom.core.types import ClientUpdate
-from fedloom.strategies.base import Aggregator, ServerState, Strategy, WeightedMeanAggregator
+from fedloom.core.types import Aggregate, ClientUpdate
+from fedloom.pipeline import Stage, StageContext, StageState, WeightingStage
+from fedloom.strategies.base import Aggregator, ServerState, Strategy, SumAggregator
 
-__all__ = ["ContributionAggregator", "ContributionMode", "ContributionWeighted", "squared_gradient_norm"]
+__all__ = [
+    "ContributionAggregator",
+    "ContributionMode",
+    "ContributionWeighted",
+    "ContributionWeighting",
+    "squared_gradient_norm",
+]
 
 ContributionMode = Literal["norm", "inverse"]
 _MODES = ("norm", "inverse")
@@ -70,44 +80,61 @@ def squared_gradient_norm(update: ClientUpdate, lr: float) -> float:
     return norm * norm
 
 
-class ContributionAggregator(WeightedMeanAggregator):
-    """Streaming mean weighted by each client's share of (inverse) squared gradient norm.
+@dataclass(frozen=True)
+class ContributionWeighting(WeightingStage):
+    """The weighting stage of contribution weighting; it runs on the server only.
+
+    Its server half computes the client's weight from its decoded delta (``norm``: ‖g_i‖²,
+    ``inverse``: 1/‖g_i‖², with the strategy's local learning rate ``lr``) and scales the
+    delta by it; the finalize half divides the sum by the total, as every weighting does.
+    """
+
+    name: ClassVar[str] = "weight_contribution"
+    runs_on_client: ClassVar[bool] = False
+    mode: ContributionMode = "norm"
+    lr: float = 0.01
+
+    def weight_of(self, update: ClientUpdate) -> float:
+        sq = squared_gradient_norm(update, self.lr)
+        if self.mode == "norm":
+            if not math.isfinite(sq):
+                raise InvalidUpdateError("squared update norm overflows float64", client_id=update.client_id)
+            return sq
+        w = 1.0 / sq if sq > 0.0 else math.inf
+        if not math.isfinite(w):
+            raise InvalidUpdateError(
+                "zero (or vanishingly small) update norm cannot be inverse-weighted", client_id=update.client_id
+            )
+        return w
+
+    def server(self, update: ClientUpdate, ctx: StageContext) -> ClientUpdate:
+        w = self.weight_of(update)
+        assert update.delta is not None
+        return replace(update, delta=update.delta * w, weight=w)
+
+    def finalize(
+        self, aggregate: Aggregate, ctx: StageContext, state: StageState
+    ) -> tuple[Aggregate, StageState, dict[str, float]]:
+        if aggregate.weight == 0.0:
+            # norm mode, every update zero (or underflowing): the weighted mean is zero.
+            return replace(aggregate, delta=torch.zeros_like(aggregate.delta, dtype=ctx.dtype), weight=None), state, {}
+        return super().finalize(aggregate, ctx, state)
+
+
+class ContributionAggregator(SumAggregator):
+    """The streaming sum, recording each accepted client's contribution weight.
 
     ``weights`` maps each accepted client to its unnormalized weight;
     :meth:`normalized_weights` gives the p_i actually applied.
     """
 
-    def __init__(self, *, mode: ContributionMode, lr: float) -> None:
-        super().__init__(self._weight, normalize=True)
-        self.mode = mode
-        self.lr = lr
+    def __init__(self) -> None:
+        super().__init__()
         self.weights: dict[str, float] = {}
-        self._pending = 0.0
-
-    def _weight(self, update: ClientUpdate) -> float:
-        sq = squared_gradient_norm(update, self.lr)
-        if self.mode == "norm":
-            w = sq
-            if not math.isfinite(w):
-                raise InvalidUpdateError("squared update norm overflows float64", client_id=update.client_id)
-        else:
-            w = 1.0 / sq if sq > 0.0 else math.inf
-            if not math.isfinite(w):
-                raise InvalidUpdateError(
-                    "zero (or vanishingly small) update norm cannot be inverse-weighted", client_id=update.client_id
-                )
-        self._pending = w
-        return w
 
     def _add(self, update: ClientUpdate) -> None:
         super()._add(update)
-        self.weights[update.client_id] = self._pending
-
-    def _result(self) -> torch.Tensor:
-        if self._wsum == 0.0 and self._sum is not None and self._dtype is not None:
-            # norm mode, every update zero (or underflowing): the weighted mean is zero.
-            return torch.zeros_like(self._sum, dtype=self._dtype)
-        return super()._result()
+        self.weights[update.client_id] = 1.0 if update.weight is None else float(update.weight)
 
     def normalized_weights(self) -> dict[str, float]:
         """p_i = weight_i / Σ_j weight_j for every accepted client."""
@@ -130,5 +157,8 @@ class ContributionWeighted(Strategy):
         if self.mode not in _MODES:
             raise ConfigError(f"must be one of {_MODES}, got {self.mode!r}", key="strategy.mode")
 
+    def stages(self) -> tuple[Stage, ...]:
+        return (ContributionWeighting(mode=self.mode, lr=self.train.lr),)
+
     def aggregator(self, state: ServerState, rnd: int) -> Aggregator:
-        return ContributionAggregator(mode=self.mode, lr=self.train.lr)
+        return ContributionAggregator()

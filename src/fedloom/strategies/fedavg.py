@@ -14,13 +14,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from fedloom.core.errors import ConfigError
-from fedloom.strategies.base import Aggregator, ServerState, Strategy, WeightedMeanAggregator
+from fedloom.pipeline import ExampleWeighting, Stage, UniformWeighting
+from fedloom.strategies.base import Strategy
 
 __all__ = ["FedAvg"]
-
-
-def _unit_weight(_update: object) -> float:
-    return 1.0
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -36,5 +33,5 @@ class FedAvg(Strategy):
         if not isinstance(self.weighted, bool):
             raise ConfigError(f"must be true or false, got {self.weighted!r}", key="strategy.weighted")
 
-    def aggregator(self, state: ServerState, rnd: int) -> Aggregator:
-        return WeightedMeanAggregator(None if self.weighted else _unit_weight)
+    def stages(self) -> tuple[Stage, ...]:
+        return (ExampleWeighting() if self.weighted else UniformWeighting(),)

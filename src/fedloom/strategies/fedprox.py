@@ -13,14 +13,16 @@ one under heterogeneous data and variable amounts of local work. The paper picks
 the small candidate set {0.001, 0.01, 0.1, 1}; the default here is 0.01.
 
 This strategy only *configures* the clients: its instructions carry
-``train.proximal_mu = μ`` and the local-training code adds the term.
+the ``proximal`` gradient transform with ``mu = μ``, and local training (sequential or
+vectorized, the same transform code) adds the term.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
-from fedloom.core.types import ClientInstruction
+from fedloom.core.keys import PROXIMAL
+from fedloom.core.types import ClientInstruction, ComponentSpec
 from fedloom.strategies._checks import check_real, set_fields
 from fedloom.strategies.base import ServerState
 from fedloom.strategies.fedavg import FedAvg
@@ -41,5 +43,5 @@ class FedProx(FedAvg):
         set_fields(self, mu=check_real(self.mu, key="mu", low=0.0, low_open=True))
 
     def client_config(self, state: ServerState, rnd: int, client_id: str) -> ClientInstruction:
-        prox_train = replace(self.train, proximal_mu=self.mu)
-        return replace(super().client_config(state, rnd, client_id), train=prox_train)
+        instr = super().client_config(state, rnd, client_id)
+        return replace(instr, transforms=(*instr.transforms, ComponentSpec.of(PROXIMAL, mu=self.mu)))

@@ -43,6 +43,7 @@ import torch
 
 from fedloom.core.errors import StrategyError
 from fedloom.strategies._checks import check_int, check_real, set_fields
+from fedloom.pipeline import Stage
 from fedloom.strategies.base import Aggregator, BufferingAggregator, ServerState, Strategy
 
 __all__ = [
@@ -135,10 +136,14 @@ class KrumAggregator(_Float64Buffer):
 class RobustStrategy(Strategy):
     """Base of the robust rules: the server optimizer's step over a robust aggregator.
 
-    No ``weighted`` option: example counts are ignored.
+    No ``weighted`` option and no weighting stage: the rules see the raw deltas and ignore
+    example counts.
     """
 
     name = "robust"
+
+    def stages(self) -> tuple[Stage, ...]:
+        return ()
 
 
 class FedMedian(RobustStrategy):

@@ -5,7 +5,7 @@ Averaging for Federated Learning." ICML 2020, Algorithm 1 with option II.
 
 The server keeps a control variate c (``ServerState.tensors["control"]``, zeros at
 init, one entry per element of the flat vector) and sends it to every sampled client in
-the instruction payload under ``"server_control"``, with ``train.scaffold = True``.
+the instruction payload under ``"server_control"``, with the ``scaffold`` gradient transform.
 Client i, holding its own c_i, runs K local steps ``y ← y − η_l (g_i(y) − c_i + c)`` from
 ``y = x`` and then (option II)::
 
@@ -39,21 +39,17 @@ from dataclasses import dataclass, replace
 import torch
 
 from fedloom.core.errors import InvalidUpdateError, StrategyError
-from fedloom.core.types import Aggregate, ClientInstruction, ClientUpdate
+from fedloom.core.keys import CONTROL_DELTA, SCAFFOLD, SERVER_CONTROL
+from fedloom.core.types import Aggregate, ClientInstruction, ClientUpdate, ComponentSpec
 from fedloom.strategies._checks import check_int, set_fields, state_tensor
-from fedloom.strategies.base import Aggregator, ServerState, WeightedMeanAggregator
-from fedloom.strategies.fedavg import FedAvg, _unit_weight
+from fedloom.strategies.base import Aggregator, ServerState, SumAggregator
+from fedloom.strategies.fedavg import FedAvg
 
 __all__ = ["CONTROL_DELTA", "SERVER_CONTROL", "Scaffold", "ScaffoldAggregator"]
 
-SERVER_CONTROL = "server_control"
-"""Payload key of the server control variate c sent to clients."""
-CONTROL_DELTA = "control_delta"
-"""Extras key of a client's control-variate change Δc_i."""
 
-
-class ScaffoldAggregator(WeightedMeanAggregator):
-    """Weighted mean of Δy that rejects updates lacking ``extras["control_delta"]``."""
+class ScaffoldAggregator(SumAggregator):
+    """Sum of (weighted) Δy that rejects updates lacking ``extras["control_delta"]``."""
 
     def _add(self, update: ClientUpdate) -> None:
         if CONTROL_DELTA not in update.extras:
@@ -88,10 +84,12 @@ class Scaffold(FedAvg):
         # The same tensor goes to every client (O(model) memory); clients must not mutate it.
         control = state_tensor(state.tensors, "control", state.params, strategy=type(self).__name__)
         instr = super().client_config(state, rnd, client_id)
-        return replace(instr, train=replace(self.train, scaffold=True), payload={SERVER_CONTROL: control})
+        return replace(
+            instr, transforms=(*instr.transforms, ComponentSpec(SCAFFOLD)), payload={SERVER_CONTROL: control}
+        )
 
     def aggregator(self, state: ServerState, rnd: int) -> Aggregator:
-        return ScaffoldAggregator(None if self.weighted else _unit_weight)
+        return ScaffoldAggregator()
 
     def apply(self, state: ServerState, aggregate: Aggregate) -> ServerState:
         who = type(self).__name__
