@@ -27,7 +27,7 @@ import torch
 
 ray = pytest.importorskip("ray")
 
-from fedloom.client.training import CLIENT_CONTROL  # noqa: E402
+from fedloom.core.keys import CLIENT_CONTROL  # noqa: E402
 from fedloom.core.config import parse_config  # noqa: E402
 from fedloom.core.errors import EngineError  # noqa: E402
 from fedloom.core.params import ParamSpec  # noqa: E402

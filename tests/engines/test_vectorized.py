@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from fedloom.client.training import CLIENT_CONTROL, CONTROL_DELTA, SERVER_CONTROL
+from fedloom.core.keys import CLIENT_CONTROL, CONTROL_DELTA, SERVER_CONTROL
 from fedloom.core.params import ParamSpec
 from fedloom.core.types import ClientInstruction, ClientUpdate, TrainConfig
 from fedloom.data.base import ClientData, FederatedDataset, Split, TaskSpec

@@ -27,6 +27,7 @@ from torch import nn
 
 from fedloom.client.losses import get_loss
 from fedloom.core.errors import ConfigError
+from fedloom.core.keys import CLIENT_CONTROL, CONTROL_DELTA, SERVER_CONTROL
 from fedloom.core.params import ParamSpec
 from fedloom.core.types import ClientInstruction, ClientUpdate, TrainConfig
 from fedloom.data.base import Split
@@ -39,10 +40,6 @@ __all__ = [
     "scaffold_controls",
     "train_local",
 ]
-
-SERVER_CONTROL = "server_control"
-CLIENT_CONTROL = "control"
-CONTROL_DELTA = "control_delta"
 
 
 @dataclass(frozen=True)

@@ -37,7 +37,7 @@ from fedloom.core.params import ParamSpec
 from fedloom.core.seeding import derive_seed
 from fedloom.core.types import ClientUpdate
 from fedloom.engines.base import Engine
-from fedloom.federation.history import History, RoundRecord
+from fedloom.core.history import History, RoundRecord
 from fedloom.strategies.base import Aggregator, ServerState, Strategy
 
 if TYPE_CHECKING:  # the store imports the history module; the loop only calls it

@@ -37,17 +37,13 @@ from dataclasses import replace
 import torch
 
 from fedloom.core.errors import InvalidUpdateError, StrategyError
+from fedloom.core.keys import CONTROL_DELTA, SERVER_CONTROL
 from fedloom.core.types import Aggregate, ClientInstruction, ClientUpdate, TrainConfig
 from fedloom.strategies._checks import check_int, state_tensor
 from fedloom.strategies.base import Aggregator, ServerState, WeightedMeanAggregator
 from fedloom.strategies.fedavg import FedAvg, _unit_weight
 
 __all__ = ["CONTROL_DELTA", "SERVER_CONTROL", "Scaffold", "ScaffoldAggregator"]
-
-SERVER_CONTROL = "server_control"
-"""Payload key of the server control variate c sent to clients."""
-CONTROL_DELTA = "control_delta"
-"""Extras key of a client's control-variate change Δc_i."""
 
 
 class ScaffoldAggregator(WeightedMeanAggregator):
