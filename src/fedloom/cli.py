@@ -263,7 +263,7 @@ def runs(
     store: Annotated[Path, typer.Option("--store", help="the run store's database")] = Path("runs/fedloom.db"),
 ) -> None:
     """List the runs in a store: name, status, rounds done, last checkpoint, latest metrics."""
-    from fedloom.server.store import Store
+    from fedloom.store import Store
 
     try:
         with Store.open(store, create=False) as st:

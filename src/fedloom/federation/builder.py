@@ -26,7 +26,7 @@ from fedloom.engines.vectorized import VectorizedEngine, lockstep_program
 from fedloom.federation.loop import Federation
 from fedloom.models.registry import build_model
 from fedloom.server.deploy import run_info, start_remote_engine
-from fedloom.server.store import RunHandle, Store
+from fedloom.store import RunHandle, Store
 from fedloom.strategies.base import Strategy
 from fedloom.strategies.registry import build_strategy
 

@@ -6,7 +6,7 @@ from fedloom.server.coordinator import Coordinator
 from fedloom.server.deploy import start_remote_engine
 from fedloom.server.remote import RemoteEngine
 from fedloom.server.sitedata import load_site_data
-from fedloom.server.store import Checkpoint, ClientInfo, RunHandle, RunInfo, Store
+from fedloom.store import Checkpoint, ClientInfo, RunHandle, RunInfo, Store
 
 __all__ = [
     "AgentOptions",
