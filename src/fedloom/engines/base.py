@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from fedloom.core.params import ParamSpec
-from fedloom.core.types import ClientInstruction, ClientUpdate
+from fedloom.core.types import ClientInstruction, ClientUpdate, Payload
 
 __all__ = ["ClientStateStore", "Engine", "ModelFn"]
 
@@ -66,8 +66,19 @@ class Engine(ABC):
         """Ids of the clients that can take part now."""
 
     @abstractmethod
-    def run_cohort(self, global_vec: torch.Tensor, instructions: Sequence[ClientInstruction]) -> Iterator[ClientUpdate]:
-        """Train every instructed client from ``global_vec``; yield each update when ready."""
+    def run_cohort(
+        self,
+        global_vec: torch.Tensor,
+        instructions: Sequence[ClientInstruction],
+        *,
+        broadcast: Payload | None = None,
+    ) -> Iterator[ClientUpdate]:
+        """Train every instructed client from ``global_vec``; yield each update when ready.
+
+        ``broadcast`` is ``global_vec`` as a broadcast stage encoded it (pruned, quantized):
+        an engine whose clients are remote sends it instead of the dense vector; simulation
+        engines, whose clients read ``global_vec`` in memory, ignore it.
+        """
 
     @abstractmethod
     def evaluate_clients(

@@ -13,7 +13,7 @@ from fedloom.client.evaluate import evaluate_vector
 from fedloom.client.training import train_local
 from fedloom.core.errors import EngineError
 from fedloom.core.params import ParamSpec
-from fedloom.core.types import ClientInstruction, ClientUpdate
+from fedloom.core.types import ClientInstruction, ClientUpdate, Payload
 from fedloom.data.base import FederatedDataset
 from fedloom.engines.base import Engine, ModelFn
 
@@ -40,7 +40,14 @@ class SequentialEngine(Engine):
         except KeyError:
             raise EngineError(f"unknown client {cid!r}") from None
 
-    def run_cohort(self, global_vec: torch.Tensor, instructions: Sequence[ClientInstruction]) -> Iterator[ClientUpdate]:
+    def run_cohort(
+        self,
+        global_vec: torch.Tensor,
+        instructions: Sequence[ClientInstruction],
+        *,
+        broadcast: Payload | None = None,
+    ) -> Iterator[ClientUpdate]:
+        # ``broadcast`` (an encoded global model for remote clients) is ignored: clients here read global_vec.
         g = global_vec.to(self.device)
         for ins in instructions:
             data = self._client(ins.client_id).train

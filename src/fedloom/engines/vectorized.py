@@ -46,7 +46,7 @@ from fedloom.client.training import LocalResult, batch_order, finish_local, scaf
 from fedloom.core.errors import ConfigError, EngineError
 from fedloom.core.params import ParamSpec
 from fedloom.core.seeding import derive_seed
-from fedloom.core.types import ClientInstruction, ClientUpdate, TrainConfig
+from fedloom.core.types import ClientInstruction, ClientUpdate, Payload, TrainConfig
 from fedloom.data.base import FederatedDataset, Split
 from fedloom.engines._lockstep import (
     LockstepProgram,
@@ -187,7 +187,14 @@ class VectorizedEngine(Engine):
         return max(1, self.memory_budget_bytes // (per_client * self.spec.dtype.itemsize))
 
     # ----------------------------------------------------------------- training
-    def run_cohort(self, global_vec: torch.Tensor, instructions: Sequence[ClientInstruction]) -> Iterator[ClientUpdate]:
+    def run_cohort(
+        self,
+        global_vec: torch.Tensor,
+        instructions: Sequence[ClientInstruction],
+        *,
+        broadcast: Payload | None = None,
+    ) -> Iterator[ClientUpdate]:
+        # ``broadcast`` (an encoded global model for remote clients) is ignored: clients here read global_vec.
         if self.program is None:
             yield from self._sequential.run_cohort(global_vec, instructions)
             return
