@@ -109,6 +109,11 @@ def test_the_package_import_graph_has_no_cycle() -> None:
     assert cycle is None, "import cycle between packages: " + " -> ".join(cycle or [])
 
 
+def test_the_agent_and_the_server_know_nothing_of_each_other() -> None:
+    graph = import_graph()
+    assert "server" not in graph["agent"] and "agent" not in graph["server"]
+
+
 def test_only_transport_server_and_agent_import_grpc_protobuf_or_cryptography() -> None:
     bad = [
         f"{path.relative_to(PKG)} imports {name}"

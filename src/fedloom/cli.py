@@ -107,9 +107,8 @@ def client(
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
 ) -> None:
     """Join a deployed run: train on this site's data whenever the server asks."""
-    from fedloom.server.agent import AgentOptions, ClientAgent
-    from fedloom.server.certs import load_client_credentials
-    from fedloom.server.sitedata import load_site_data
+    from fedloom.agent import AgentOptions, ClientAgent, load_site_data
+    from fedloom.transport.credentials import load_client_credentials
 
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     if insecure == (credentials is not None):

@@ -7,6 +7,7 @@ catch the whole family. Errors caused by bad input also derive from ``ValueError
 from __future__ import annotations
 
 __all__ = [
+    "CertError",
     "ConfigError",
     "DataError",
     "EngineError",
@@ -60,6 +61,10 @@ class DataError(FedloomError, ValueError):
 
 class EngineError(FedloomError):
     """An engine failed to run a cohort."""
+
+
+class CertError(FedloomError):
+    """A certificate or key cannot be made, read or used (missing file, bad id, wrong CA, ...)."""
 
 
 class StoreError(FedloomError):

@@ -27,9 +27,9 @@ import torch
 
 ray = pytest.importorskip("ray")
 
-from fedloom.core.keys import CLIENT_CONTROL  # noqa: E402
 from fedloom.core.config import parse_config  # noqa: E402
 from fedloom.core.errors import EngineError  # noqa: E402
+from fedloom.core.keys import CLIENT_CONTROL  # noqa: E402
 from fedloom.core.params import ParamSpec  # noqa: E402
 from fedloom.core.types import ClientInstruction, ClientUpdate, TrainConfig  # noqa: E402
 from fedloom.data.base import ClientData, FederatedDataset, Split, TaskSpec  # noqa: E402
