@@ -16,7 +16,7 @@ from rich.table import Table
 from fedloom.core.errors import FedloomError
 
 if TYPE_CHECKING:
-    from fedloom.federation.builder import Run
+    from fedloom.run import Run
 
 app = typer.Typer(add_completion=False, help="fedloom: federated learning, simulated fast or deployed securely.")
 console = Console()
@@ -46,7 +46,7 @@ def run(
 ) -> None:
     """Run a federated training job described by CONFIG."""
     from fedloom.core.config import load_config
-    from fedloom.federation.builder import build_run
+    from fedloom.run import build_run
 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:

@@ -18,7 +18,7 @@ import torch
 
 from fedloom.agent import AgentOptions, ClientAgent
 from fedloom.core.config import parse_config
-from fedloom.federation.builder import Run, build_run
+from fedloom.run import Run, build_run
 from fedloom.transport.wire import Message
 
 sys.path.insert(0, str(__import__("pathlib").Path(__file__).parent))
