@@ -28,9 +28,9 @@ def _unit(path: Path) -> str:
     return path.relative_to(PKG).parts[0].removesuffix(".py")
 
 
-def _imported_modules(path: Path) -> Iterator[str]:
-    """Absolute names of every module ``path`` imports (``from X import y`` also yields ``X.y``)."""
-    rel = path.relative_to(PKG.parent).with_suffix("")
+def _imported_modules(path: Path, root: Path = PKG) -> Iterator[str]:
+    """Absolute names of every module ``path`` (in package ``root``) imports; ``from X import y`` also yields ``X.y``."""
+    rel = path.relative_to(root.parent).with_suffix("")
     package = list(rel.parts if rel.name == "__init__" else rel.parts[:-1])
     if package and package[-1] == "__init__":
         package = package[:-1]
@@ -143,10 +143,5 @@ def test_import_graph_sees_lazy_and_type_checking_imports(tmp_path: Path) -> Non
         "if TYPE_CHECKING:\n    from fedloom.server.deploy import a\n"
         "def f():\n    import fedloom.store.sqlite\n    from ..federation import loop\n"
     )
-    global PKG
-    saved, PKG = PKG, tmp_path / "fedloom"
-    try:
-        names = set(_imported_modules(mod))
-    finally:
-        PKG = saved
+    names = set(_imported_modules(mod, tmp_path / "fedloom"))
     assert {"fedloom.server.deploy", "fedloom.store.sqlite", "fedloom.federation", "fedloom.federation.loop"} <= names
