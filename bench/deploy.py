@@ -8,7 +8,7 @@ FedAvg with every client in every round (fraction 1.0). Per N (default 10, 100, 
   evaluation between rounds: ``run.eval_every`` is larger than the run). TLS is off by
   default (``deploy.insecure``); ``--tls`` issues a CA, the server's and N clients'
   credentials and runs with mutual TLS and signed results, as in production.
-* the **clients** are N :class:`fedloom.server.agent.ClientAgent` objects — the real client
+* the **clients** are N :class:`fedloom.agent.ClientAgent` objects — the real client
   code path: Register, heartbeat thread, long-poll PullTask, PullTask's chunk stream read to
   the end, then PushResult of a wire-encoded ``update`` — spread as threads over a few
   load-generator processes (one process per client would need ~300 MB each: 1000 do not fit
@@ -18,7 +18,7 @@ FedAvg with every client in every round (fraction 1.0). Per N (default 10, 100, 
   time, not the server's). Three concessions keep 1000 simulated clients within one machine's
   memory and leave the CPU to the server; they change nothing on the server's side:
   ``--client-decode lean`` (default) checks the pulled message's structure and size instead
-  of running :func:`fedloom.server.wire.decode` (``full``: the real decoder, which holds a
+  of running :func:`fedloom.transport.wire.decode` (``full``: the real decoder, which holds a
   model-sized buffer per client and spends ~10 ms of CPU per message on CRC-32 + SHA-256);
   the clients' receive windows do not grow (``grpc.http2.bdp_probe`` = 0 on their channels;
   ``--client-bdp`` lets them); and the load generators run with :data:`LOADGEN_ENV`.
@@ -277,7 +277,7 @@ _SHARED: dict[tuple[Any, ...], Any] = {}
 
 
 def _lean_decode(chunks: Any, *, max_bytes: int, kinds: Any = None) -> Any:
-    """A structural check of a pulled message instead of :func:`fedloom.server.wire.decode`.
+    """A structural check of a pulled message instead of :func:`fedloom.transport.wire.decode`.
 
     It reads the whole stream and checks the header (kind, metadata, sizes), the chunk order,
     the byte count and the trailer, but neither the CRC-32s nor the SHA-256, and it does not
@@ -288,7 +288,7 @@ def _lean_decode(chunks: Any, *, max_bytes: int, kinds: Any = None) -> Any:
     """
     import torch
 
-    from fedloom.server.wire import DTYPES, Message, WireError
+    from fedloom.transport.wire import DTYPES, Message, WireError
 
     it = iter(chunks)
     first = next(it, None)
@@ -324,13 +324,13 @@ def loadgen(args: argparse.Namespace) -> None:
     import grpc
     import torch
 
+    from fedloom.agent import AgentError, AgentOptions, ClientAgent
     from fedloom.core.params import ParamSpec
     from fedloom.data.mnist_federated import MNIST_TASK, client_id
     from fedloom.models.registry import build_model
-    from fedloom.server.agent import AgentError, AgentOptions, ClientAgent
-    from fedloom.server.proto import fedloom_pb2_grpc as pb_grpc
-    from fedloom.server.service import GRPC_OPTIONS
-    from fedloom.server.wire import encode_body
+    from fedloom.transport.proto import fedloom_pb2_grpc as pb_grpc
+    from fedloom.transport.protocol import GRPC_OPTIONS
+    from fedloom.transport.wire import encode_body
 
     torch.set_num_threads(1)
     logging.basicConfig(level=logging.WARNING, format="%(created).3f %(levelname)s %(name)s: %(message)s")
@@ -338,7 +338,7 @@ def loadgen(args: argparse.Namespace) -> None:
     client_log.setLevel(logging.INFO)
     client_log.addFilter(lambda r: r.levelno >= logging.WARNING or "unreachable" in r.getMessage())  # retries only
     if args.client_decode == "lean":
-        import fedloom.server.agent as agent_module
+        import fedloom.agent.agent as agent_module
 
         agent_module.decode = _lean_decode  # what ClientAgent._serve_one calls on the pulled stream
     lo, hi = (int(x) for x in args.ids.split(":"))
@@ -706,7 +706,7 @@ def run_fedloom(n: int, args: argparse.Namespace) -> dict[str, Any]:
         with server_log.open("wb") as log:
             cmd = [fedloom, "server", str(cfg), "--out", str(tmp / "out"), "-q"]
             if args.grpc_option:  # the same CLI, with extra gRPC channel arguments (a diagnostic, not a fedloom setting)
-                patch = f"import sys, fedloom.server.service as s; o = dict({_grpc_options(args)!r}); "
+                patch = f"import sys, fedloom.transport.protocol as s; o = dict({_grpc_options(args)!r}); "
                 patch += "s.GRPC_OPTIONS[:] = [kv for kv in s.GRPC_OPTIONS if kv[0] not in o] + list(o.items()); "
                 patch += "from fedloom.cli import app; sys.argv[0] = 'fedloom'; app()"
                 cmd = [sys.executable, "-c", patch, *cmd[1:]]
@@ -1227,7 +1227,7 @@ def main() -> None:
             "rounds": args.rounds,
             "transport": "gRPC on 127.0.0.1, " + ("mutual TLS + signed results" if args.tls else "TLS OFF (deploy.insecure)"),
             "heartbeat_interval_s": args.heartbeat_interval,
-            "clients": "fedloom.server.agent.ClientAgent threads in load-generator processes, one gRPC channel/TCP "
+            "clients": "fedloom.agent.ClientAgent threads in load-generator processes, one gRPC channel/TCP "
             "connection each; training replaced by a fixed sleep of compute_s returning a fixed delta",
             "server_eval": "off between rounds (run.eval_every > rounds)",
         },

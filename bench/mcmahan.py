@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 from fedloom.core.config import parse_config
-from fedloom.federation.builder import Run, build_run
+from fedloom.run import Run, build_run
 
 ROWS = {
     "2nn-iid": {"model": "2nn", "partition": "iid", "epochs": 1, "target": 0.97, "paper_rounds": 87, "lr": 0.1},

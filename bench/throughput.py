@@ -95,8 +95,8 @@ def run_fedloom(model: str, cohort: int, settings: dict[str, Any]) -> Row:
     from fedloom.core.types import ClientInstruction, TrainConfig
     from fedloom.data.base import Split
     from fedloom.data.mnist_federated import MNIST_TASK, mnist_federated
-    from fedloom.federation.builder import build_engine
     from fedloom.models import build_model
+    from fedloom.run import build_engine
 
     engine_name = settings["engine"]
     t_start = time.perf_counter()

@@ -16,7 +16,7 @@ from fedloom.core.errors import (
 from fedloom.core.params import ParamSpec, TensorEntry
 from fedloom.core.config import RunConfig, load_config, parse_config
 from fedloom.core.types import Aggregate, ClientInstruction, ClientUpdate, TrainConfig
-from fedloom.federation.builder import Run, build_run
+from fedloom.run import Run, build_run
 
 __version__ = "0.1.0"
 

@@ -9,7 +9,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from fedloom.federation.history import History
+from fedloom.core.history import History
 
 __all__ = ["load_model_file", "plot_history", "save_model", "write_run_outputs"]
 

@@ -16,7 +16,7 @@ from rich.table import Table
 from fedloom.core.errors import FedloomError
 
 if TYPE_CHECKING:
-    from fedloom.federation.builder import Run
+    from fedloom.run import Run
 
 app = typer.Typer(add_completion=False, help="fedloom: federated learning, simulated fast or deployed securely.")
 console = Console()
@@ -46,7 +46,7 @@ def run(
 ) -> None:
     """Run a federated training job described by CONFIG."""
     from fedloom.core.config import load_config
-    from fedloom.federation.builder import build_run
+    from fedloom.run import build_run
 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
@@ -107,9 +107,8 @@ def client(
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
 ) -> None:
     """Join a deployed run: train on this site's data whenever the server asks."""
-    from fedloom.server.agent import AgentOptions, ClientAgent
-    from fedloom.server.certs import load_client_credentials
-    from fedloom.server.sitedata import load_site_data
+    from fedloom.agent import AgentOptions, ClientAgent, load_site_data
+    from fedloom.transport.credentials import load_client_credentials
 
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     if insecure == (credentials is not None):
@@ -263,7 +262,7 @@ def runs(
     store: Annotated[Path, typer.Option("--store", help="the run store's database")] = Path("runs/fedloom.db"),
 ) -> None:
     """List the runs in a store: name, status, rounds done, last checkpoint, latest metrics."""
-    from fedloom.server.store import Store
+    from fedloom.store import Store
 
     try:
         with Store.open(store, create=False) as st:

@@ -26,7 +26,7 @@ from fedloom.core.params import ParamSpec
 from fedloom.core.seeding import derive_seed
 from fedloom.core.types import ClientInstruction
 from fedloom.data.base import Split
-from fedloom.federation.builder import build_run, initial_model
+from fedloom.run import build_run, initial_model
 
 __all__ = ["main"]
 

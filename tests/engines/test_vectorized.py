@@ -16,8 +16,8 @@ from fedloom.data.base import ClientData, FederatedDataset, Split, TaskSpec
 from fedloom.engines import SequentialEngine, VectorizedEngine
 from fedloom.engines.base import Engine
 from fedloom.federation import Federation
-from fedloom.federation.builder import build_engine
 from fedloom.models import MLP, McMahanCNN
+from fedloom.run import build_engine
 from fedloom.strategies import FedAvg
 
 SIZES = (23, 7, 3, 40)  # unequal; client 2 is smaller than one batch of 5
@@ -299,7 +299,7 @@ def test_federation_runs_identically_on_both_engines() -> None:
 
 def test_chunk_size_from_config_changes_nothing_but_the_chunking() -> None:
     from fedloom.core.config import parse_config
-    from fedloom.federation.builder import build_run
+    from fedloom.run import build_run
 
     def final(chunk: int | None) -> torch.Tensor:
         cfg = {

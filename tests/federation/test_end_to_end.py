@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from fedloom.core.config import load_config, parse_config
-from fedloom.federation.builder import build_run
+from fedloom.run import build_run
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 

@@ -9,7 +9,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from fedloom.core.config import parse_config
-from fedloom.federation.builder import build_run
+from fedloom.run import build_run
 from fedloom.strategies.base import ServerState
 
 

@@ -16,10 +16,10 @@ from typing import Any
 import pytest
 import torch
 
+from fedloom.agent import AgentOptions, ClientAgent
 from fedloom.core.config import parse_config
-from fedloom.federation.builder import Run, build_run
-from fedloom.server.agent import AgentOptions, ClientAgent
-from fedloom.server.wire import Message
+from fedloom.run import Run, build_run
+from fedloom.transport.wire import Message
 
 sys.path.insert(0, str(__import__("pathlib").Path(__file__).parent))
 from faultproxy import FaultProxy, Faults  # noqa: E402

@@ -12,13 +12,13 @@ import pytest
 import torch
 from torch import nn
 
+from fedloom.agent import AgentOptions, ClientAgent
 from fedloom.core.params import ParamSpec
 from fedloom.data.base import ClientData, Split
-from fedloom.server.agent import AgentOptions, ClientAgent
-from fedloom.server.coordinator import Coordinator
-from fedloom.server.proto import fedloom_pb2 as pb
+from fedloom.engines.coordinator import Coordinator
 from fedloom.server.service import FleetService, ServiceSettings, start_server
-from fedloom.server.wire import Message, encode_body
+from fedloom.transport.proto import fedloom_pb2 as pb
+from fedloom.transport.wire import Message, encode_body
 
 pytestmark = pytest.mark.slow
 

@@ -435,7 +435,7 @@ def _run_scenario(net: Network, tmp_path: Path) -> None:
 def _initial_rmse(cfg_path: Path) -> float:
     """The server-side test RMSE of the config's initial (untrained) model, computed here."""
     from fedloom.core.config import load_config
-    from fedloom.federation.builder import build_run
+    from fedloom.run import build_run
 
     run = build_run(load_config(cfg_path), engine="sequential")
     assert run.federation.evaluate is not None

@@ -21,7 +21,7 @@ import torch
 from safetensors.torch import load_file
 
 from fedloom.core.config import load_config
-from fedloom.federation.builder import build_run
+from fedloom.run import build_run
 from fedloom.server import certs
 
 pytestmark = pytest.mark.slow

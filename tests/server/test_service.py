@@ -19,12 +19,13 @@ from torch import nn
 
 from fedloom.core.params import ParamSpec
 from fedloom.core.types import ClientUpdate
+from fedloom.engines.coordinator import Collector, Coordinator
 from fedloom.server import certs
-from fedloom.server.coordinator import Collector, Coordinator
-from fedloom.server.proto import fedloom_pb2 as pb
-from fedloom.server.proto import fedloom_pb2_grpc as pb_grpc
-from fedloom.server.service import FleetService, RevocationList, ServiceSettings, spec_digest, start_server
-from fedloom.server.wire import decode, encode, encode_body
+from fedloom.server.service import FleetService, RevocationList, ServiceSettings, start_server
+from fedloom.transport.proto import fedloom_pb2 as pb
+from fedloom.transport.proto import fedloom_pb2_grpc as pb_grpc
+from fedloom.transport.protocol import spec_digest
+from fedloom.transport.wire import decode, encode, encode_body
 
 SPEC = ParamSpec.from_module(nn.Linear(3, 2))  # 8 values
 

@@ -28,6 +28,7 @@ from torch import nn
 from fedloom.client.losses import get_loss
 from fedloom.client.transforms import GradientTransform, build_transforms
 from fedloom.core.errors import ConfigError
+from fedloom.core.keys import CLIENT_CONTROL, CONTROL_DELTA, SERVER_CONTROL
 from fedloom.core.params import ParamSpec
 from fedloom.core.types import ClientInstruction, ClientUpdate, TrainConfig
 from fedloom.data.base import Split
@@ -40,7 +41,6 @@ __all__ = [
     "make_optimizer",
     "train_local",
 ]
-
 
 
 @dataclass(frozen=True)

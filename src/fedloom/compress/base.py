@@ -16,7 +16,7 @@ from typing import ClassVar
 
 import torch
 
-from fedloom.core.errors import InvalidUpdateError, StrategyError
+from fedloom.core.errors import InvalidUpdateError, PayloadError, StrategyError
 from fedloom.core.types import ClientUpdate, JSONScalar, Payload
 from fedloom.pipeline.base import ClientBatch, Stage, StageContext
 
@@ -121,11 +121,11 @@ class EncodingStage(Stage):
         return Payload(self.codec, tensors, self._meta(int(mask.sum())))
 
     def decode_model(self, payload: Payload, ctx: StageContext) -> torch.Tensor:
-        """The broadcast model as clients receive it (raises ``InvalidUpdateError`` if malformed)."""
+        """The broadcast model as clients receive it (raises :class:`PayloadError` if malformed)."""
         try:
             return self.decode_vector(payload, ctx)
         except _PayloadError as exc:
-            raise InvalidUpdateError(f"broadcast stage {self.name!r}: {exc}") from None
+            raise PayloadError(f"broadcast stage {self.name!r}: {exc}") from None
 
 
 def check_finite(t: torch.Tensor, what: str) -> None:

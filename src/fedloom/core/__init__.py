@@ -1,1 +1,1 @@
-"""Core types: flat parameter vectors and their spec, client updates, configs, errors."""
+"""Core types: flat parameter vectors and their spec, round messages, contract keys, history, configs, errors."""

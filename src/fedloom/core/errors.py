@@ -7,11 +7,13 @@ catch the whole family. Errors caused by bad input also derive from ``ValueError
 from __future__ import annotations
 
 __all__ = [
+    "CertError",
     "ConfigError",
     "DataError",
     "EngineError",
     "FedloomError",
     "InvalidUpdateError",
+    "PayloadError",
     "SpecError",
     "StoreError",
     "StrategyError",
@@ -51,6 +53,10 @@ class InvalidUpdateError(FedloomError, ValueError):
         super().__init__(f"{who} rejected: {reason}")
 
 
+class PayloadError(FedloomError, ValueError):
+    """An encoded payload (a broadcast model) does not match the stage that should decode it."""
+
+
 class StrategyError(FedloomError):
     """A strategy cannot proceed (for example: too few updates for Krum's f)."""
 
@@ -61,6 +67,10 @@ class DataError(FedloomError, ValueError):
 
 class EngineError(FedloomError):
     """An engine failed to run a cohort."""
+
+
+class CertError(FedloomError):
+    """A certificate or key cannot be made, read or used (missing file, bad id, wrong CA, ...)."""
 
 
 class StoreError(FedloomError):

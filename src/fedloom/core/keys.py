@@ -1,16 +1,60 @@
-"""Contract keys: payload, extras and client-state names shared by client and server, defined once."""
+"""Contract keys: names shared by the two sides of a round, defined once.
+
+A client and the server must spell these the same way, whether they run in one process
+(simulation) or talk over the wire (deployment), so nothing else spells them.
+
+SCAFFOLD (Karimireddy et al. 2020):
+
+* :data:`SERVER_CONTROL` — instruction payload key of the server control variate c;
+* :data:`CLIENT_CONTROL` — client-state key of a client's own control variate c_i;
+* :data:`CONTROL_DELTA` — update extras key of a client's control-variate change Δc_i.
+
+Gradient transforms (:mod:`fedloom.client.transforms`), named in instructions:
+:data:`PROXIMAL` (FedProx), :data:`SCAFFOLD`.
+
+Tensor names on the wire (:mod:`fedloom.transport.codec`):
+
+* :data:`PARAMS` — the dense global vector sent down; :data:`DELTA` — the dense delta sent up;
+* :data:`PAYLOAD_PREFIX` + key — an instruction's payload tensors, and an update's encoded
+  :class:`~fedloom.core.types.Payload` tensors;
+* :data:`EXTRAS_PREFIX` + key — an update's extras;
+* :data:`BROADCAST_PREFIX` + name — the tensors of an encoded broadcast (the global model
+  as a :class:`~fedloom.core.types.Payload`, sent instead of :data:`PARAMS`).
+"""
 
 from __future__ import annotations
 
-__all__ = ["CLIENT_CONTROL", "CONTROL_DELTA", "PROXIMAL", "SCAFFOLD", "SERVER_CONTROL"]
+__all__ = [
+    "BROADCAST_PREFIX",
+    "CLIENT_CONTROL",
+    "CONTROL_DELTA",
+    "DELTA",
+    "EXTRAS_PREFIX",
+    "PARAMS",
+    "PAYLOAD_PREFIX",
+    "PROXIMAL",
+    "SCAFFOLD",
+    "SERVER_CONTROL",
+]
 
 SERVER_CONTROL = "server_control"
-"""Instruction payload: SCAFFOLD's server control variate c."""
+"""Payload key of the server control variate c sent to SCAFFOLD clients."""
 CLIENT_CONTROL = "control"
-"""Client state: SCAFFOLD's client control variate c_i."""
+"""Client-state key of a SCAFFOLD client's control variate c_i."""
 CONTROL_DELTA = "control_delta"
-"""Update extras: SCAFFOLD's Δc_i = c_i⁺ − c_i."""
+"""Extras key of a SCAFFOLD client's control-variate change Δc_i."""
 PROXIMAL = "proximal"
-"""Gradient transform: FedProx's proximal term (option ``mu``)."""
+"""Gradient-transform name of FedProx's proximal term (option ``mu``)."""
 SCAFFOLD = "scaffold"
-"""Gradient transform: SCAFFOLD's control-variate correction."""
+"""Gradient-transform name of SCAFFOLD's control-variate correction."""
+
+PARAMS = "params"
+"""Wire name of the dense global vector."""
+DELTA = "delta"
+"""Wire name of an update's dense delta."""
+PAYLOAD_PREFIX = "payload/"
+"""Wire-name prefix of payload tensors (an instruction's payload, an update's encoded payload)."""
+EXTRAS_PREFIX = "extras/"
+"""Wire-name prefix of an update's extras."""
+BROADCAST_PREFIX = "broadcast/"
+"""Wire-name prefix of the tensors of an encoded broadcast payload."""

@@ -76,9 +76,9 @@ class Engine(ABC):
     ) -> Iterator[ClientUpdate]:
         """Train every instructed client from ``global_vec``; yield each update when ready.
 
-        ``global_vec`` is the model exactly as the clients receive it; ``broadcast``, when the
-        pipeline encodes the model sent down, is the encoded form (what a remote engine puts
-        on the wire; simulation engines train from ``global_vec`` directly).
+        ``broadcast`` is ``global_vec`` as a broadcast stage encoded it (pruned, quantized):
+        an engine whose clients are remote sends it instead of the dense vector; simulation
+        engines, whose clients read ``global_vec`` in memory, ignore it.
         """
 
     def finish_clients(

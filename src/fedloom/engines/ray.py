@@ -39,7 +39,7 @@ import torch
 
 from fedloom.core.errors import ConfigError, EngineError, FedloomError
 from fedloom.core.params import ParamSpec
-from fedloom.core.types import ClientInstruction, ClientUpdate
+from fedloom.core.types import ClientInstruction, ClientUpdate, Payload
 from fedloom.data.base import FederatedDataset
 from fedloom.engines.base import Engine, ModelFn
 from fedloom.engines.sequential import SequentialEngine
@@ -364,7 +364,14 @@ class RayEngine(Engine):
             raise EngineError(f"a ray worker was lost: {exc}") from exc
 
     # ----------------------------------------------------------------- training
-    def run_cohort(self, global_vec: torch.Tensor, instructions: Sequence[ClientInstruction]) -> Iterator[ClientUpdate]:
+    def run_cohort(
+        self,
+        global_vec: torch.Tensor,
+        instructions: Sequence[ClientInstruction],
+        *,
+        broadcast: Payload | None = None,
+    ) -> Iterator[ClientUpdate]:
+        # ``broadcast`` (an encoded global model for remote clients) is ignored: clients here read global_vec.
         ray = self._check_open()
         self._check_clients([ins.client_id for ins in instructions])
         self.last_worker_pids = {}

@@ -41,8 +41,13 @@ class SequentialEngine(Engine):
             raise EngineError(f"unknown client {cid!r}") from None
 
     def run_cohort(
-        self, global_vec: torch.Tensor, instructions: Sequence[ClientInstruction], *, broadcast: Payload | None = None
+        self,
+        global_vec: torch.Tensor,
+        instructions: Sequence[ClientInstruction],
+        *,
+        broadcast: Payload | None = None,
     ) -> Iterator[ClientUpdate]:
+        # ``broadcast`` (an encoded global model for remote clients) is ignored: clients here read global_vec.
         g = global_vec.to(self.device)
         for ins in instructions:
             data = self._client(ins.client_id).train

@@ -193,8 +193,13 @@ class VectorizedEngine(Engine):
 
     # ----------------------------------------------------------------- training
     def run_cohort(
-        self, global_vec: torch.Tensor, instructions: Sequence[ClientInstruction], *, broadcast: Payload | None = None
+        self,
+        global_vec: torch.Tensor,
+        instructions: Sequence[ClientInstruction],
+        *,
+        broadcast: Payload | None = None,
     ) -> Iterator[ClientUpdate]:
+        # ``broadcast`` (an encoded global model for remote clients) is ignored: clients here read global_vec.
         if self.program is None:
             yield from self._sequential.run_cohort(global_vec, instructions)
             return

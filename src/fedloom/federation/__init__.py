@@ -1,6 +1,6 @@
 """The round loop that drives a Strategy over an Engine, and the per-round history."""
 
-from fedloom.federation.history import History, RoundRecord
+from fedloom.core.history import History, RoundRecord
 from fedloom.federation.loop import Federation
 
 __all__ = ["Federation", "History", "RoundRecord"]

@@ -16,7 +16,7 @@ Over-selection (``over_selection`` > 0, for deployments with dropouts) asks
 ``ceil(m * over_selection)`` extra clients besides the ``m`` selected, and closes the round
 once ``m`` valid updates are in; the engine cancels the remaining clients' work.
 
-With a :class:`~fedloom.server.store.Store`, construction resumes from the run's latest
+With a :class:`~fedloom.store.Store`, construction resumes from the run's latest
 valid checkpoint (server state, client states, history up to it; later records are dropped
 and those rounds rerun), and each round is recorded, then checkpointed every
 ``checkpoint_every`` rounds and after the last one. Record before checkpoint: a checkpoint
@@ -41,12 +41,12 @@ from fedloom.core.params import ParamSpec
 from fedloom.core.seeding import derive_seed
 from fedloom.core.types import ClientUpdate, tensor_bytes
 from fedloom.engines.base import Engine
-from fedloom.federation.history import History, RoundRecord
+from fedloom.core.history import History, RoundRecord
 from fedloom.pipeline import Pipeline, StageContext
 from fedloom.strategies.base import Aggregator, ServerState, Strategy
 
-if TYPE_CHECKING:  # the store imports the history module; the loop only calls it
-    from fedloom.server.store import RunHandle, Store
+if TYPE_CHECKING:  # the loop only calls the store
+    from fedloom.store import RunHandle, Store
 
 __all__ = ["Evaluator", "Federation", "RoundCallback"]
 

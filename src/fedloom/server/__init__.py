@@ -1,24 +1,29 @@
-"""The server side: deployment over gRPC (service, coordinator, remote engine, client agent,
-certificates) and the run store (records, client registry, checkpoints)."""
+"""The server side of a deployment: the gRPC service, its startup, certificates.
 
-from fedloom.server.agent import AgentOptions, AgentReport, ClientAgent
-from fedloom.server.coordinator import Coordinator
+* :mod:`~fedloom.server.service` — ``fedloom.v1.Fleet`` over mutual TLS: who may connect,
+  which results are accepted;
+* :mod:`~fedloom.server.deploy` — :func:`start_remote_engine` from a config's ``[deploy]``;
+* :mod:`~fedloom.server.certs` — the private CA, server and client certificates, revocation;
+* :mod:`~fedloom.server.protogen` — regenerates ``fedloom/transport/proto``.
+
+The remote engine and the coordinator it posts tasks to are engines
+(:mod:`fedloom.engines.remote`, :mod:`fedloom.engines.coordinator`), the run store is
+:mod:`fedloom.store`, the client process is :mod:`fedloom.agent`. ``Store``, ``Coordinator``
+and ``RemoteEngine`` are re-exported here for earlier code.
+"""
+
+from fedloom.engines.coordinator import Coordinator
+from fedloom.engines.remote import RemoteEngine
 from fedloom.server.deploy import start_remote_engine
-from fedloom.server.remote import RemoteEngine
-from fedloom.server.sitedata import load_site_data
-from fedloom.server.store import Checkpoint, ClientInfo, RunHandle, RunInfo, Store
+from fedloom.store import Checkpoint, ClientInfo, RunHandle, RunInfo, Store
 
 __all__ = [
-    "AgentOptions",
-    "AgentReport",
     "Checkpoint",
-    "ClientAgent",
     "ClientInfo",
     "Coordinator",
     "RemoteEngine",
     "RunHandle",
     "RunInfo",
     "Store",
-    "load_site_data",
     "start_remote_engine",
 ]

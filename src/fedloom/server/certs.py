@@ -18,8 +18,9 @@ Revocation is a plain list: ``revoked.txt`` holds one certificate serial number 
 in hexadecimal. The server loads it with :func:`load_revoked` and refuses a peer whose
 serial (see :func:`peer_identity`) is in it; TLS itself does not consult it.
 
-:func:`sign` and :func:`verify` sign client updates with the client's TLS key, so an update
-can be attributed to a client certificate independently of the channel it came over.
+Reading credentials directories (:func:`load_client_credentials`, :func:`load_server_credentials`)
+and signing results (:func:`sign`, :func:`verify`) are the transport's, which both ends use
+(:mod:`fedloom.transport.credentials`, :mod:`fedloom.transport.signing`); they are re-exported here.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ import os
 import re
 import tempfile
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
@@ -40,7 +41,25 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.types import CertificatePublicKeyTypes
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from fedloom.core.errors import FedloomError
+from fedloom.core.errors import CertError
+from fedloom.transport.credentials import (
+    CA_CERT,
+    CLIENT_CERT,
+    CLIENT_KEY,
+    SERVER_CERT,
+    SERVER_KEY,
+    ClientCredentials,
+    ServerCredentials,
+    load_client_credentials,
+    load_server_credentials,
+    validate_client_id,
+)
+from fedloom.transport.credentials import check_key_pair as _check_pair
+from fedloom.transport.credentials import read_pem as _read
+from fedloom.transport.signing import load_pem_certificate as _parse_cert
+from fedloom.transport.signing import load_pem_private_key as _parse_key
+from fedloom.transport.signing import sign, verify
+from fedloom.transport.signing import subject_common_name as _common_name
 
 __all__ = [
     "CA_CERT",
@@ -69,25 +88,15 @@ __all__ = [
     "verify_issued_by",
 ]
 
-CA_CERT = "ca.pem"
 CA_KEY = "ca.key"
-SERVER_CERT = "server.pem"
-SERVER_KEY = "server.key"
-CLIENT_CERT = "client.pem"
-CLIENT_KEY = "client.key"
 REVOKED = "revoked.txt"
 
-_CLIENT_ID = re.compile(r"[A-Za-z0-9._-]{1,64}")
 _LABEL = r"[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?"
 _DNS_NAME = re.compile(rf"(?:\*\.)?{_LABEL}(?:\.{_LABEL})*\.?")  # optional leading wildcard label
 _CLOCK_SKEW = timedelta(minutes=5)  # not_valid_before is backdated this much
 _KEY_MODE = 0o600
 _CERT_MODE = 0o644
 _DIR_MODE = 0o700
-
-
-class CertError(FedloomError):
-    """A certificate or key cannot be made, read or used (missing file, bad id, wrong CA, ...)."""
 
 
 @dataclass(frozen=True)
@@ -97,25 +106,6 @@ class CertPaths:
     cert: Path
     key: Path
     ca: Path
-
-
-@dataclass(frozen=True)
-class ClientCredentials:
-    """A client's TLS material, as PEM bytes ready for ``grpc.ssl_channel_credentials``."""
-
-    client_id: str
-    cert_pem: bytes
-    key_pem: bytes = field(repr=False)
-    ca_pem: bytes
-
-
-@dataclass(frozen=True)
-class ServerCredentials:
-    """The server's TLS material, as PEM bytes ready for ``grpc.ssl_server_credentials``."""
-
-    cert_pem: bytes
-    key_pem: bytes = field(repr=False)
-    ca_pem: bytes
 
 
 @dataclass(frozen=True)
@@ -251,27 +241,6 @@ def issue_client(
     )
 
 
-def validate_client_id(client_id: str) -> str:
-    """Return ``client_id`` if it is 1-64 characters of ``[A-Za-z0-9._-]``, else raise :class:`CertError`.
-
-    ``.`` and ``..`` are refused too: a client id also names a credentials directory.
-    """
-    if not isinstance(client_id, str):
-        raise CertError(f"client id must be a string, got {type(client_id).__name__}")
-    if not client_id:
-        raise CertError("client id is empty: it must be 1-64 characters of A-Z a-z 0-9 . _ -")
-    if len(client_id) > 64:
-        raise CertError(f"client id {client_id!r} is {len(client_id)} characters long: at most 64 allowed")
-    if not _CLIENT_ID.fullmatch(client_id):
-        bad = sorted({c for c in client_id if not re.fullmatch(r"[A-Za-z0-9._-]", c)})
-        raise CertError(
-            f"client id {client_id!r} contains {''.join(bad)!r}: only A-Z a-z 0-9 . _ - are allowed"
-        )
-    if client_id in (".", ".."):
-        raise CertError(f"client id {client_id!r} is not allowed: it is a path component")
-    return client_id
-
-
 # --------------------------------------------------------------------------- revocation
 
 
@@ -335,44 +304,7 @@ def load_revoked(path: Path | None) -> frozenset[int]:
     return frozenset(serials)
 
 
-# --------------------------------------------------------------------------- loading
-
-
-def load_client_credentials(directory: Path) -> ClientCredentials:
-    """Read ``client.pem``, ``client.key`` and ``ca.pem`` from a client's credentials directory.
-
-    The client id is the certificate's subject CN. Raises :class:`CertError` if a file is
-    missing or unreadable, or if the key does not belong to the certificate.
-    """
-    directory = Path(directory)
-    cert_pem = _read(directory / CLIENT_CERT, "client certificate")
-    key_pem = _read(directory / CLIENT_KEY, "client private key")
-    ca_pem = _read(directory / CA_CERT, "CA certificate")
-    cert = _parse_cert(cert_pem, str(directory / CLIENT_CERT))
-    _parse_cert(ca_pem, str(directory / CA_CERT))
-    _check_pair(cert, _parse_key(key_pem, str(directory / CLIENT_KEY)), directory / CLIENT_CERT)
-    client_id = _common_name(cert, str(directory / CLIENT_CERT))
-    validate_client_id(client_id)
-    return ClientCredentials(client_id=client_id, cert_pem=cert_pem, key_pem=key_pem, ca_pem=ca_pem)
-
-
-def load_server_credentials(directory: Path) -> ServerCredentials:
-    """Read ``server.pem``, ``server.key`` and ``ca.pem`` from the server's credentials directory.
-
-    Raises :class:`CertError` if a file is missing or unreadable, or if the key does not
-    belong to the certificate.
-    """
-    directory = Path(directory)
-    cert_pem = _read(directory / SERVER_CERT, "server certificate")
-    key_pem = _read(directory / SERVER_KEY, "server private key")
-    ca_pem = _read(directory / CA_CERT, "CA certificate")
-    cert = _parse_cert(cert_pem, str(directory / SERVER_CERT))
-    _parse_cert(ca_pem, str(directory / CA_CERT))
-    _check_pair(cert, _parse_key(key_pem, str(directory / SERVER_KEY)), directory / SERVER_CERT)
-    return ServerCredentials(cert_pem=cert_pem, key_pem=key_pem, ca_pem=ca_pem)
-
-
-# --------------------------------------------------------------------------- peers and signatures
+# --------------------------------------------------------------------------- peers
 
 
 def peer_identity(cert_pem: bytes) -> PeerIdentity:
@@ -387,34 +319,6 @@ def peer_identity(cert_pem: bytes) -> PeerIdentity:
         serial=cert.serial_number,
         public_key=cert.public_key(),
     )
-
-
-def sign(key_pem: bytes, data: bytes) -> bytes:
-    """An ECDSA/SHA-256 signature (DER) of ``data`` with the EC private key in ``key_pem``."""
-    key = _parse_key(key_pem, "signing key")
-    return key.sign(bytes(data), ec.ECDSA(hashes.SHA256()))
-
-
-def verify(cert_pem: bytes, signature: bytes, data: bytes) -> bool:
-    """Whether ``signature`` is a valid ECDSA/SHA-256 signature of ``data`` by ``cert_pem``'s key.
-
-    False for a wrong or malformed signature, never an exception; a ``cert_pem`` that is not
-    an EC certificate raises :class:`CertError`. This checks the signature only: whether the
-    certificate is trusted is :func:`verify_issued_by` and :func:`load_revoked`'s business.
-    """
-    cert = _parse_cert(cert_pem, "certificate")
-    public_key = cert.public_key()
-    if not isinstance(public_key, ec.EllipticCurvePublicKey):
-        raise CertError(f"certificate {_cn_or_none(cert)!r} does not hold an EC public key")
-    if not isinstance(signature, (bytes, bytearray, memoryview)) or not isinstance(
-        data, (bytes, bytearray, memoryview)
-    ):
-        return False
-    try:
-        public_key.verify(bytes(signature), bytes(data), ec.ECDSA(hashes.SHA256()))
-    except (InvalidSignature, ValueError):
-        return False
-    return True
 
 
 def verify_issued_by(ca_pem: bytes, cert_pem: bytes, *, at: datetime | None = None) -> bool:
@@ -574,58 +478,12 @@ def _write(path: Path, data: bytes, *, mode: int) -> None:
             Path(tmp).unlink(missing_ok=True)
 
 
-def _read(path: Path, what: str) -> bytes:
-    try:
-        return path.read_bytes()
-    except FileNotFoundError:
-        raise CertError(f"missing {what}: {path} does not exist") from None
-    except IsADirectoryError:
-        raise CertError(f"{what} {path} is a directory, not a file") from None
-    except OSError as exc:
-        raise CertError(f"cannot read {what} {path}: {exc.strerror or exc}") from exc
-
-
 def _key_bytes(key: ec.EllipticCurvePrivateKey) -> bytes:
     return key.private_bytes(
         serialization.Encoding.PEM,
         serialization.PrivateFormat.PKCS8,
         serialization.NoEncryption(),
     )
-
-
-def _parse_cert(pem: bytes, where: str) -> x509.Certificate:
-    try:
-        return x509.load_pem_x509_certificate(bytes(pem))
-    except (ValueError, TypeError) as exc:
-        raise CertError(f"{where} is not a PEM certificate: {exc}") from None
-
-
-def _parse_key(pem: bytes, where: str) -> ec.EllipticCurvePrivateKey:
-    try:
-        key = serialization.load_pem_private_key(bytes(pem), password=None)
-    except TypeError:  # "Password was not given but private key is encrypted"
-        raise CertError(f"{where} is encrypted with a password; fedloom needs an unencrypted key") from None
-    except ValueError as exc:
-        raise CertError(f"{where} is not a PEM private key: {exc}") from None
-    if not isinstance(key, ec.EllipticCurvePrivateKey):
-        raise CertError(f"{where} is a {type(key).__name__}, not an EC private key")
-    return key
-
-
-def _check_pair(cert: x509.Certificate, key: ec.EllipticCurvePrivateKey, cert_path: Path) -> None:
-    def spki(k: CertificatePublicKeyTypes) -> bytes:
-        return k.public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
-
-    if spki(cert.public_key()) != spki(key.public_key()):
-        raise CertError(f"the private key next to {cert_path} does not belong to that certificate")
-
-
-def _common_name(cert: x509.Certificate, where: str) -> str:
-    attrs = cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
-    if len(attrs) != 1:
-        raise CertError(f"{where} has {len(attrs)} subject common names, expected exactly one")
-    value = attrs[0].value
-    return value if isinstance(value, str) else value.decode("utf-8", errors="replace")
 
 
 def _cn_or_none(cert: x509.Certificate) -> str | None:

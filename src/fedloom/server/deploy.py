@@ -2,7 +2,7 @@
 
 :func:`start_remote_engine` loads the server's credentials (unless ``insecure``), starts the
 gRPC :class:`~fedloom.server.service.FleetService` and returns the
-:class:`~fedloom.server.remote.RemoteEngine` the round loop drives; closing the engine tells
+:class:`~fedloom.engines.remote.RemoteEngine` the round loop drives; closing the engine tells
 the clients the run is over and stops the server.
 """
 
@@ -19,9 +19,9 @@ from fedloom.core.config import DeploySection
 from fedloom.core.errors import ConfigError
 from fedloom.core.params import ParamSpec
 from fedloom.data.base import TaskSpec
+from fedloom.engines.coordinator import Coordinator
+from fedloom.engines.remote import RemoteEngine
 from fedloom.server import certs
-from fedloom.server.coordinator import Coordinator
-from fedloom.server.remote import RemoteEngine
 from fedloom.server.service import FleetService, RevocationList, ServiceSettings, start_server
 
 __all__ = ["run_info", "start_remote_engine"]

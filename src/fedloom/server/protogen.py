@@ -1,4 +1,4 @@
-"""Generate the gRPC/protobuf Python modules from ``server/proto/fedloom.proto``.
+"""Generate the gRPC/protobuf Python modules from ``transport/proto/fedloom.proto``.
 
 The generated ``fedloom_pb2.py`` and ``fedloom_pb2_grpc.py`` are committed; a test checks
 they are what this script produces with the pinned grpcio-tools. Run
@@ -11,7 +11,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-PROTO_DIR = Path(__file__).resolve().parent / "proto"
+PROTO_DIR = Path(__file__).resolve().parents[1] / "transport" / "proto"
 PROTO = PROTO_DIR / "fedloom.proto"
 OUTPUTS = ("fedloom_pb2.py", "fedloom_pb2_grpc.py")
 
@@ -19,8 +19,8 @@ __all__ = ["OUTPUTS", "PROTO", "generate"]
 
 
 def _fix_import(text: str) -> str:
-    # protoc writes a top-level import; the modules live inside fedloom.server.proto.
-    return text.replace("import fedloom_pb2 as fedloom__pb2", "from fedloom.server.proto import fedloom_pb2 as fedloom__pb2")
+    # protoc writes a top-level import; the modules live inside fedloom.transport.proto.
+    return text.replace("import fedloom_pb2 as fedloom__pb2", "from fedloom.transport.proto import fedloom_pb2 as fedloom__pb2")
 
 
 def generate(out_dir: Path) -> dict[str, str]:

@@ -8,16 +8,19 @@ header (which names the task) and its data digest, and must answer that client's
 outstanding task: a forged, tampered or replayed result is refused. ``insecure`` mode
 trusts the claimed client id and checks no signatures: loopback development only.
 
-A result is decoded defensively (:class:`~fedloom.server.wire.Decoder`), turned into a
-:class:`~fedloom.core.types.ClientUpdate` and validated against the model (shape, dtype,
-finite values, example count no larger than the client registered) before it reaches the
-round; anything wrong is refused with a logged reason, and the round goes on. At most
-``max_decoding`` results are decoded at once, so memory stays O(model) per decoder.
+A result is decoded defensively (:class:`~fedloom.transport.wire.Decoder`), turned into a
+:class:`~fedloom.core.types.ClientUpdate` by the transport's codec
+(:func:`~fedloom.transport.codec.decode_update`: unknown tensors, wrong kinds, badly typed
+metadata are refused) and validated against the model (shape, dtype, finite values,
+example count no larger than the client registered) before it reaches the round; anything
+wrong is refused with a logged reason, and the round goes on. An update carrying an encoded
+payload has its header checked here and its payload checked and decoded by the round loop's
+pipeline (the stage that made it). At most ``max_decoding``
+results are decoded at once, so memory stays O(model) per decoder.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -34,31 +37,28 @@ import torch
 
 from fedloom.core.errors import FedloomError, InvalidUpdateError
 from fedloom.core.params import ParamSpec
-from fedloom.core.types import ClientUpdate
+from fedloom.engines.coordinator import Coordinator
 from fedloom.server import certs
-from fedloom.server.coordinator import Coordinator
-from fedloom.server.proto import fedloom_pb2 as pb
-from fedloom.server.proto import fedloom_pb2_grpc as pb_grpc
-from fedloom.server.wire import Decoder, Message, WireError, encode
+from fedloom.transport import codec
+from fedloom.transport.proto import fedloom_pb2 as pb
+from fedloom.transport.proto import fedloom_pb2_grpc as pb_grpc
+from fedloom.transport.protocol import (
+    CLIENT_KINDS,
+    EVAL_RESULT,
+    EVALUATE,
+    FAILURE,
+    GRPC_OPTIONS,
+    IDLE,
+    SHUTDOWN,
+    TASK,
+    UPDATE,
+    spec_digest,
+)
+from fedloom.transport.wire import Decoder, Message, WireError, encode
 
-__all__ = ["FleetService", "RevocationList", "ServiceSettings", "spec_digest", "start_server"]
+__all__ = ["GRPC_OPTIONS", "FleetService", "RevocationList", "ServiceSettings", "spec_digest", "start_server"]
 
 log = logging.getLogger("fedloom.server")
-
-GRPC_OPTIONS = [
-    ("grpc.max_receive_message_length", 16 << 20),
-    ("grpc.max_send_message_length", 16 << 20),
-    ("grpc.keepalive_time_ms", 30_000),
-    ("grpc.keepalive_timeout_ms", 10_000),
-    ("grpc.http2.max_pings_without_data", 0),
-    ("grpc.keepalive_permit_without_calls", 1),
-]
-
-
-def spec_digest(spec: ParamSpec) -> str:
-    """A short digest of a model's parameter layout: client and server must agree on it."""
-    return hashlib.sha256(spec.to_json().encode()).hexdigest()[:32]
-
 
 # A fixed 1 MiB flow-control window per stream instead of BDP probing: otherwise each push
 # stream waiting for a decoder slot buffers megabytes in the transport (grpc/grpc#29836) and
@@ -193,9 +193,9 @@ class FleetService(pb_grpc.FleetServicer):
         if task is None:
             if self.coordinator.is_shutdown:
                 self.coordinator.told_shutdown(cid)
-                yield from encode("shutdown", {})
+                yield from encode(SHUTDOWN, {})
             else:
-                yield from encode("idle", {})
+                yield from encode(IDLE, {})
             return
         sent = 0
         for chunk in encode(task.kind, task.meta, task.body):
@@ -241,7 +241,7 @@ class FleetService(pb_grpc.FleetServicer):
     # ----------------------------------------------------------- results
     def _receive(self, chunks: Iterator[pb.Chunk], cn: str | None, pem: bytes | None) -> tuple[str, str, Message]:
         """Decode a pushed result, checking who sends it before reading the data."""
-        dec = Decoder(max_bytes=3 * self._param_bytes + (1 << 20), kinds={"update", "eval_result", "failure"})
+        dec = Decoder(max_bytes=3 * self._param_bytes + (1 << 20), kinds=CLIENT_KINDS)
         it = iter(chunks)
         first = next(it, None)
         if first is None:
@@ -285,49 +285,28 @@ class FleetService(pb_grpc.FleetServicer):
 
     def _payload(self, cid: str, task_id: str, msg: Message) -> Any:
         meta = msg.meta
-        if msg.kind == "failure":
-            return str(meta.get("reason", "unspecified"))[:500]
+        if msg.kind == FAILURE:
+            return codec.decode_failure(meta)
         task = self.coordinator.task(task_id)
         if task is None:
             raise _Refused("task closed")
-        expected = {"task": "update", "evaluate": "eval_result"}[task.kind]
+        expected = {TASK: UPDATE, EVALUATE: EVAL_RESULT}[task.kind]
         if msg.kind != expected:
             raise InvalidUpdateError(f"a {task.kind} task needs a {expected!r} message, got {msg.kind!r}", client_id=cid)
         registered = self.coordinator.info(cid)
+        if msg.kind == EVAL_RESULT:
+            n, metrics = codec.decode_eval_result(
+                meta, client_id=cid, max_examples=registered.num_test_examples if registered is not None else None
+            )
+            return cid, n, metrics
         limit = registered.num_examples if registered else None
-        metrics = meta.get("metrics", {})
-        if not isinstance(metrics, dict):
-            raise InvalidUpdateError("metrics must be a JSON object", client_id=cid)
-        if msg.kind == "eval_result":
-            n = meta.get("num_examples")
-            if isinstance(n, bool) or not isinstance(n, int) or n < 0:
-                raise InvalidUpdateError(f"num_examples must be an integer >= 0, got {n!r}", client_id=cid)
-            if registered is not None and n > registered.num_test_examples:
-                raise InvalidUpdateError(f"num_examples {n} exceeds the registered {registered.num_test_examples}", client_id=cid)
-            for k, v in metrics.items():
-                if isinstance(v, bool) or not isinstance(v, (int, float)) or v != v or v in (float("inf"), float("-inf")):
-                    raise InvalidUpdateError(f"metric {k!r} is not a finite number", client_id=cid)
-            return cid, n, {str(k): float(v) for k, v in metrics.items()}
-        if meta.get("round") != task.meta["round"]:
-            raise InvalidUpdateError(f"update is for round {meta.get('round')!r}, not {task.meta['round']}", client_id=cid)
-        unknown = [k for k in msg.tensors if k != "delta" and not k.startswith("extras/")]
-        if unknown:
-            raise InvalidUpdateError(f"unexpected tensors {unknown[:5]}", client_id=cid)
-        if "delta" not in msg.tensors:
-            raise InvalidUpdateError("update has no delta", client_id=cid)
-        steps = meta.get("num_steps", 0)
-        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
-            raise InvalidUpdateError(f"num_steps must be an integer >= 0, got {steps!r}", client_id=cid)
-        update = ClientUpdate(
-            client_id=cid,
-            round=task.meta["round"],
-            delta=msg.tensors["delta"],
-            num_examples=meta.get("num_examples"),  # type: ignore[arg-type]  # validated next
-            num_steps=steps,
-            metrics=metrics,
-            extras={k.removeprefix("extras/"): v for k, v in msg.tensors.items() if k.startswith("extras/")},
-        )
-        update.validate(numel=self.spec.numel, dtype=self.dtype, max_examples=limit)
+        update = codec.decode_update(meta, msg.tensors, client_id=cid, round=task.meta["round"])
+        if update.payload is not None:
+            # An encoded update: the header is checked here; the round loop's pipeline (the
+            # stage that names the codec) checks every payload tensor and decodes it.
+            update.validate_header(max_examples=limit)
+        else:
+            update.validate(numel=self.spec.numel, dtype=self.dtype, max_examples=limit)
         return update
 
 

@@ -7,8 +7,8 @@ import time
 
 import torch
 
-from fedloom.server.coordinator import Coordinator
-from fedloom.server.wire import encode_body
+from fedloom.engines.coordinator import Coordinator
+from fedloom.transport.wire import encode_body
 
 BODY = encode_body({"params": torch.zeros(4)})
 

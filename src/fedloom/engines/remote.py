@@ -2,8 +2,9 @@
 
 It implements the same :class:`~fedloom.engines.base.Engine` interface as the simulation
 engines, so the round loop and the strategies run unchanged. Each round it encodes the
-global model once, posts one task per selected client to the
-:class:`~fedloom.server.coordinator.Coordinator`, and yields updates as clients push them.
+global model once (dense, or the encoded broadcast payload when given one), posts one task
+per selected client to the :class:`~fedloom.engines.coordinator.Coordinator`, and yields
+updates as clients push them (the gRPC service, :mod:`fedloom.server`, decodes them).
 The round's deadline drops stragglers (their late updates are refused with a log line);
 clients that leave or stop heartbeating are counted out early instead of waited for.
 """
@@ -13,27 +14,21 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import asdict
 from typing import Any
 
 import torch
 
 from fedloom.core.params import ParamSpec
-from fedloom.core.types import ClientInstruction, ClientUpdate
+from fedloom.core.types import ClientInstruction, ClientUpdate, Payload
 from fedloom.engines.base import Engine
-from fedloom.server.coordinator import Collector, Coordinator
-from fedloom.server.wire import Body, encode_body
+from fedloom.engines.coordinator import Collector, Coordinator
+from fedloom.transport import codec
+from fedloom.transport.protocol import TASK
+from fedloom.transport.wire import Body, encode_body
 
 __all__ = ["RemoteEngine"]
 
 log = logging.getLogger("fedloom.server")
-
-
-def instruction_meta(ins: ClientInstruction, deadline_s: float) -> dict[str, Any]:
-    """The JSON part of a training task (the tensors travel in the body)."""
-    train = asdict(ins.train)
-    train["betas"] = list(train["betas"])
-    return {"round": ins.round, "client_id": ins.client_id, "seed": ins.seed, "train": train, "deadline_s": deadline_s}
 
 
 class RemoteEngine(Engine):
@@ -79,14 +74,16 @@ class RemoteEngine(Engine):
         out, self._rejections = self._rejections, {}
         return out
 
-    def _bodies(self, global_vec: torch.Tensor, instructions: Sequence[ClientInstruction]) -> list[Body]:
+    def _bodies(
+        self, global_vec: torch.Tensor | None, broadcast: Payload | None, instructions: Sequence[ClientInstruction]
+    ) -> list[Body]:
         """One body per instruction; identical payloads (the common case) share one encoding."""
         cache: dict[tuple[int, ...], Body] = {}
         out = []
         for ins in instructions:
             key = tuple(id(v) for v in ins.payload.values())
             if key not in cache:
-                tensors = {"params": global_vec, **{f"payload/{k}": v for k, v in ins.payload.items()}}
+                tensors = codec.instruction_tensors(ins, params=global_vec, broadcast=broadcast)
                 cache[key] = encode_body(tensors, chunk_bytes=self.chunk_bytes)
             out.append(cache[key])
         return out
@@ -119,14 +116,25 @@ class RemoteEngine(Engine):
             if dropped:
                 log.warning("%s: dropped %d unanswered client(s) %s: %s; late results will be discarded", what, len(dropped), dropped, reason)
 
-    def run_cohort(self, global_vec: torch.Tensor, instructions: Sequence[ClientInstruction]) -> Iterator[ClientUpdate]:
+    def run_cohort(
+        self,
+        global_vec: torch.Tensor,
+        instructions: Sequence[ClientInstruction],
+        *,
+        broadcast: Payload | None = None,
+    ) -> Iterator[ClientUpdate]:
+        """Post the cohort's tasks and yield the updates as they arrive.
+
+        With ``broadcast``, the clients receive that encoded payload instead of the dense
+        ``global_vec`` (a broadcast stage's encoding of it).
+        """
         if not instructions:
             return
-        g = global_vec.detach().cpu()
-        bodies = self._bodies(g, instructions)
+        g = None if broadcast is not None else global_vec.detach().cpu()
+        bodies = self._bodies(g, broadcast, instructions)
         deadline = time.monotonic() + self.round_timeout
         tasks = [
-            (ins.client_id, "task", instruction_meta(ins, self.round_timeout), body)
+            (ins.client_id, TASK, codec.instruction_meta(ins, broadcast=broadcast, deadline_s=self.round_timeout), body)
             for ins, body in zip(instructions, bodies, strict=True)
         ]
         collector = self.coordinator.post(tasks, deadline=deadline)
@@ -138,11 +146,15 @@ class RemoteEngine(Engine):
     ) -> Iterator[tuple[str, int, dict[str, float]]]:
         if not client_ids:
             return
-        body = encode_body({"params": global_vec.detach().cpu()}, chunk_bytes=self.chunk_bytes)
-        collector = self.coordinator.post(
-            [(cid, "evaluate", {"client_id": cid}, body) for cid in client_ids],
-            deadline=time.monotonic() + self.round_timeout,
-        )
+        g = global_vec.detach().cpu()
+        body: Body | None = None
+        tasks = []
+        for cid in client_ids:
+            kind, meta, tensors = codec.encode_evaluation(cid, g)
+            if body is None:  # the same tensors for every client: encoded once
+                body = encode_body(tensors, chunk_bytes=self.chunk_bytes)
+            tasks.append((cid, kind, meta, body))
+        collector = self.coordinator.post(tasks, deadline=time.monotonic() + self.round_timeout)
         for cid, n, metrics in self._collect(collector, set(client_ids), "federated evaluation"):
             if n > 0:
                 yield cid, n, metrics

@@ -14,6 +14,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -23,17 +24,17 @@ from safetensors.torch import load_file
 from torch import nn
 from typer.testing import CliRunner
 
-import fedloom.server.store as store_mod
+import fedloom.store.sqlite as store_mod
 from fedloom.cli import app
 from fedloom.core.config import load_config
 from fedloom.core.errors import StoreError
+from fedloom.core.history import RoundRecord
 from fedloom.core.params import ParamSpec
 from fedloom.core.types import TrainConfig
 from fedloom.data.base import ClientData, FederatedDataset, Split, TaskSpec
 from fedloom.engines.sequential import SequentialEngine
-from fedloom.federation.history import RoundRecord
 from fedloom.federation.loop import Federation
-from fedloom.server.store import SCHEMA_VERSION, RunHandle, Store
+from fedloom.store import SCHEMA_VERSION, RunHandle, Store
 from fedloom.strategies.base import ServerState
 from fedloom.strategies.scaffold import Scaffold
 
@@ -187,6 +188,20 @@ def test_checkpoint_round_trip_layout_and_metadata(tmp_path: Path) -> None:
         other = ParamSpec.from_state_dict({"w": torch.zeros(9)})
         with pytest.raises(StoreError, match="different model layout"):
             store.latest_checkpoint(run, spec=other)
+
+
+def test_checkpoint_keeps_the_server_state_meta(tmp_path: Path) -> None:
+    with Store.open(tmp_path / "s.db") as store:
+        run = store.start_or_resume_run("r", CONFIG)
+        state, spec = _state(3)
+        state = replace(state, meta={"a": [1, 2], "b": "x"})
+        path = store.save_checkpoint(run, state, {}, spec)
+        with safe_open(str(path), "pt") as f:
+            assert json.loads(f.metadata()["server_meta"]) == {"a": [1, 2], "b": "x"}
+        ckpt = store.latest_checkpoint(run, spec=spec)
+        assert ckpt is not None
+        assert dict(ckpt.state.meta) == {"a": [1, 2], "b": "x"} and ckpt.state.round == 3
+        assert torch.equal(ckpt.state.params, state.params) and torch.equal(ckpt.state.tensors["m"], state.tensors["m"])
 
 
 def test_leftover_temp_and_orphan_files_are_ignored_then_cleaned(tmp_path: Path) -> None:

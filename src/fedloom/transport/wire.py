@@ -25,7 +25,7 @@ from typing import Any
 import torch
 
 from fedloom.core.errors import FedloomError
-from fedloom.server.proto import fedloom_pb2 as pb
+from fedloom.transport.proto import fedloom_pb2 as pb
 
 __all__ = [
     "DEFAULT_CHUNK_BYTES",
@@ -58,6 +58,10 @@ DTYPES: dict[str, torch.dtype] = {
     "uint8": torch.uint8,
     "bool": torch.bool,
 }
+# Unsigned and 8-bit float types (what quantizers pack into), where this torch has them.
+for _name in ("uint16", "uint32", "uint64", "float8_e4m3fn", "float8_e5m2"):
+    if isinstance(getattr(torch, _name, None), torch.dtype):
+        DTYPES[_name] = getattr(torch, _name)
 _NAMES = {v: k for k, v in DTYPES.items()}
 
 

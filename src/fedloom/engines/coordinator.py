@@ -1,7 +1,8 @@
 """The server's view of its clients: registry, liveness, tasks and the results they return.
 
-Thread-safe; the gRPC service calls into it from its worker threads and the
-:class:`~fedloom.server.remote.RemoteEngine` from the round loop.
+Thread-safe; the gRPC service (:mod:`fedloom.server.service`) calls into it from its worker
+threads and the :class:`~fedloom.engines.remote.RemoteEngine` from the round loop. It holds
+no gRPC itself: tasks carry an already encoded tensor body, results arrive decoded.
 
 * A client **registers** (a new session; a re-registration after a crash replaces the old
   one), **heartbeats** (any call counts), and **leaves** at any time. It is *live* while it
@@ -25,9 +26,10 @@ import threading
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from fedloom.server.wire import Body
+if TYPE_CHECKING:  # a task's body is encoded once by the engine and only passed through here
+    from fedloom.transport.wire import Body
 
 __all__ = ["ClientInfo", "Collector", "Coordinator", "Result", "Task"]
 

@@ -1,4 +1,4 @@
-"""The Store: a durable record of runs, rounds, clients and checkpoints, so a restarted run resumes.
+"""The SQLite Store: a durable record of runs, rounds, clients and checkpoints, so a restarted run resumes.
 
 Records live in SQLite (stdlib :mod:`sqlite3`); checkpoints are safetensors files in a
 ``checkpoints/`` directory next to the database, referenced from it by relative path and
@@ -7,9 +7,9 @@ SHA-256::
     <dir>/fedloom.db
     <dir>/checkpoints/<run>-<token>/round-000012.safetensors
 
-A checkpoint holds the :class:`~fedloom.strategies.base.ServerState` tensors, the engine's
-client states under the ``clients/`` prefix, and in its metadata the
-:class:`~fedloom.core.params.ParamSpec` JSON, the round and the run's config hash.
+A checkpoint holds the :class:`~fedloom.strategies.base.ServerState` (tensors, and its
+``meta`` as JSON), the engine's client states and the
+:class:`~fedloom.core.params.ParamSpec` (:mod:`fedloom.store.checkpoint`).
 
 Crash safety rests on one write order:
 
@@ -36,12 +36,10 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import re
 import secrets
 import shutil
 import sqlite3
-import tempfile
 import threading
 import time
 from collections.abc import Iterator, Mapping
@@ -49,16 +47,16 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
-from typing import Any, NamedTuple
+from typing import Any
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load as load_safetensors
-from safetensors.torch import save as save_safetensors
 
-from fedloom.core.errors import SpecError, StoreError, StrategyError
+from fedloom.core.errors import StoreError
+from fedloom.core.history import History, RoundRecord
 from fedloom.core.params import ParamSpec
-from fedloom.federation.history import History, RoundRecord
+from fedloom.store.checkpoint import CHECKPOINT_FORMAT, Checkpoint, UnusableCheckpoint, decode_checkpoint, encode_checkpoint
+from fedloom.store.checkpoint import atomic_write as _atomic_write
+from fedloom.store.checkpoint import mkdir_durable as _mkdir_durable
 from fedloom.strategies.base import ServerState
 
 __all__ = [
@@ -75,8 +73,6 @@ __all__ = [
 log = logging.getLogger("fedloom.store")
 
 SCHEMA_VERSION = 1
-CHECKPOINT_FORMAT = "fedloom-checkpoint/1"
-_CLIENT_PREFIX = "clients/"
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -186,68 +182,8 @@ class ClientInfo:
     last_status: str
 
 
-class Checkpoint(NamedTuple):
-    """A loaded checkpoint: the server state and the engine's client states."""
-
-    state: ServerState
-    client_states: dict[str, torch.Tensor]
-
-
-class _Unusable(Exception):
-    """A checkpoint file is missing, corrupt or inconsistent with its row (private)."""
-
-
 def _slug(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("._")[:40] or "run"
-
-
-def _fsync_dir(path: Path) -> None:
-    if os.name == "nt":  # directories cannot be opened for fsync on Windows
-        return
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _mkdir_durable(path: Path) -> None:
-    """Create ``path`` and any missing parents, fsyncing each parent so the entries persist."""
-    if path.is_dir():
-        return
-    _mkdir_durable(path.parent)
-    path.mkdir(exist_ok=True)
-    _fsync_dir(path.parent)
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` so that ``path`` is either absent/old or complete and durable."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
-
-
-def _metadata(data: bytes) -> dict[str, str]:
-    """The ``__metadata__`` of a safetensors file's header (8-byte length, then JSON)."""
-    n = int.from_bytes(data[:8], "little")
-    header = json.loads(data[8 : 8 + n])
-    meta = header.get("__metadata__") if isinstance(header, dict) else None
-    if not isinstance(meta, dict):
-        raise ValueError("no metadata mapping in the header")
-    return meta
-
-
-def _standalone(t: torch.Tensor) -> torch.Tensor:
-    """A contiguous CPU copy with its own storage (safetensors refuses shared storage)."""
-    return t.detach().to("cpu", copy=True).contiguous()
 
 
 class Store:
@@ -510,17 +446,7 @@ class Store:
         The file is made durable before its row is committed; checkpoints beyond the newest
         ``keep_checkpoints`` are deleted afterwards. Returns the file's path.
         """
-        spec.check_vector(state.params)
-        tensors = {k: _standalone(v) for k, v in state.to_tensors().items()}
-        tensors.update({_CLIENT_PREFIX + k: _standalone(v) for k, v in client_states.items()})
-        metadata = {
-            "format": CHECKPOINT_FORMAT,
-            "run": run.name,
-            "round": str(state.round),
-            "config_hash": run.config_hash,
-            "spec": spec.to_json(),
-        }
-        data = save_safetensors(tensors, metadata=metadata)
+        data = encode_checkpoint(state, client_states, spec, run=run.name, config_hash=run.config_hash)
         digest = hashlib.sha256(data).hexdigest()
         path = run.checkpoint_dir / f"round-{state.round:06d}.safetensors"
         try:
@@ -552,7 +478,7 @@ class Store:
         for row in rows:
             try:
                 ckpt, stored_spec = self._load(run, row)
-            except _Unusable as exc:
+            except UnusableCheckpoint as exc:
                 log.warning(
                     "run %r: checkpoint of round %d (%s) is unusable: %s; falling back to an earlier one",
                     run.name, row["round"], row["path"], exc,
@@ -572,26 +498,13 @@ class Store:
         try:
             data = (self.root / row["path"]).read_bytes()
         except OSError as exc:
-            raise _Unusable(f"cannot read file: {exc.strerror or exc}") from None
+            raise UnusableCheckpoint(f"cannot read file: {exc.strerror or exc}") from None
         if hashlib.sha256(data).hexdigest() != row["sha256"]:
-            raise _Unusable("sha256 mismatch")
-        try:
-            meta = _metadata(data)
-            if meta.get("format") != CHECKPOINT_FORMAT:
-                raise _Unusable(f"unknown format {meta.get('format')!r}")
-            if meta.get("config_hash") != run.config_hash:
-                raise _Unusable("written for a different config")
-            spec = ParamSpec.from_json(meta["spec"])
-            # clone: the loaded tensors are views into the immutable bytes just read
-            tensors = {k: v.clone() for k, v in load_safetensors(data).items()}
-            clients = {k[len(_CLIENT_PREFIX) :]: v for k, v in tensors.items() if k.startswith(_CLIENT_PREFIX)}
-            state = ServerState.from_tensors({k: v for k, v in tensors.items() if not k.startswith(_CLIENT_PREFIX)})
-            spec.check_vector(state.params)
-        except (KeyError, ValueError, SafetensorError, SpecError, StrategyError) as exc:
-            raise _Unusable(f"malformed: {exc}") from None
-        if state.round != row["round"]:
-            raise _Unusable(f"holds round {state.round}")
-        return Checkpoint(state, clients), spec
+            raise UnusableCheckpoint("sha256 mismatch")
+        ckpt, spec = decode_checkpoint(data, config_hash=run.config_hash)
+        if ckpt.state.round != row["round"]:
+            raise UnusableCheckpoint(f"holds round {ckpt.state.round}")
+        return ckpt, spec
 
     def _prune_files(self, run: RunHandle) -> None:
         """Delete files in the run's checkpoint directory that no row references (old, temp, orphaned)."""

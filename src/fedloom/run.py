@@ -1,7 +1,9 @@
 """Turn a validated :class:`~fedloom.core.config.RunConfig` into a ready :class:`Run`.
 
-This is the one place that wires dataset, model, strategy, engine and evaluation together,
-for the CLI, the demo, the benchmarks and the Python API alike.
+This is the one place that wires dataset, model, strategy, engine, store and evaluation
+together, for the CLI, the demo, the benchmarks and the Python API alike (an app: layer 1 of
+DESIGN.md). The deployment side (``engine="remote"``) is imported only when asked for, so a
+simulation imports no gRPC.
 """
 
 from __future__ import annotations
@@ -26,8 +28,7 @@ from fedloom.engines.vectorized import VectorizedEngine, lockstep_program
 from fedloom.federation.loop import Federation
 from fedloom.models.registry import build_model
 from fedloom.pipeline import Pipeline, build_stage
-from fedloom.server.deploy import run_info, start_remote_engine
-from fedloom.server.store import RunHandle, Store
+from fedloom.store import RunHandle, Store
 from fedloom.strategies.base import Strategy
 from fedloom.strategies.registry import build_strategy
 
@@ -141,6 +142,8 @@ def build_run(cfg: RunConfig, *, engine: str | None = None, fresh: bool = False)
     engine_name = engine or cfg.run.engine
     remote = engine_name == "remote"
     if remote:
+        from fedloom.server.deploy import run_info, start_remote_engine  # gRPC: only for a deployment
+
         eng: Engine = start_remote_engine(
             cfg.deploy,
             spec=spec,

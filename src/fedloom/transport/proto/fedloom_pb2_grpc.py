@@ -3,7 +3,7 @@
 import grpc
 import warnings
 
-from fedloom.server.proto import fedloom_pb2 as fedloom__pb2
+from fedloom.transport.proto import fedloom_pb2 as fedloom__pb2
 
 GRPC_GENERATED_VERSION = '1.85.1'
 GRPC_VERSION = grpc.__version__

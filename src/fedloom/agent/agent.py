@@ -13,12 +13,12 @@ from __future__ import annotations
 
 import json
 import logging
-from importlib.metadata import PackageNotFoundError, version
 import random
 import threading
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
@@ -28,16 +28,29 @@ from torch import nn
 
 from fedloom.client.evaluate import evaluate_vector
 from fedloom.client.training import train_local
-from fedloom.core.errors import FedloomError
+from fedloom.core.errors import ConfigError, FedloomError, PayloadError
 from fedloom.core.params import ParamSpec
-from fedloom.core.types import ClientInstruction, TrainConfig
+from fedloom.core.types import Payload
 from fedloom.data.base import ClientData, TaskSpec
 from fedloom.models.registry import build_model
-from fedloom.server import certs
-from fedloom.server.proto import fedloom_pb2 as pb
-from fedloom.server.proto import fedloom_pb2_grpc as pb_grpc
-from fedloom.server.service import GRPC_OPTIONS, spec_digest
-from fedloom.server.wire import Message, WireError, decode, encode
+from fedloom.pipeline import StageContext, build_stage, finish_clients
+from fedloom.transport import codec
+from fedloom.transport.credentials import load_client_credentials
+from fedloom.transport.proto import fedloom_pb2 as pb
+from fedloom.transport.proto import fedloom_pb2_grpc as pb_grpc
+from fedloom.transport.protocol import (
+    EVAL_RESULT,
+    EVALUATE,
+    FAILURE,
+    GRPC_OPTIONS,
+    IDLE,
+    SERVER_KINDS,
+    SHUTDOWN,
+    UPDATE,
+    spec_digest,
+)
+from fedloom.transport.signing import sign as sign_result
+from fedloom.transport.wire import Message, WireError, decode, encode
 
 __all__ = ["AgentError", "AgentOptions", "AgentReport", "ClientAgent", "task_from_dict"]
 
@@ -108,7 +121,7 @@ class ClientAgent:
     def __init__(self, data: ClientData, options: AgentOptions) -> None:
         self.data = data
         self.options = options
-        self.creds = certs.load_client_credentials(options.credentials) if options.credentials is not None else None
+        self.creds = load_client_credentials(options.credentials) if options.credentials is not None else None
         if self.creds is None and not options.client_id:
             raise AgentError("insecure mode needs a client id (--client-id)")
         if self.creds is not None and options.client_id and options.client_id != self.creds.client_id:
@@ -244,13 +257,13 @@ class ClientAgent:
         max_bytes = 2 * self._spec.numel * 8 + (1 << 20)
         chunks = stub.PullTask(pb.PullTaskRequest(session=self._session, wait_seconds=wait), timeout=wait + 120)
         try:
-            msg = decode(chunks, max_bytes=max_bytes, kinds={"task", "evaluate", "idle", "shutdown"})
+            msg = decode(chunks, max_bytes=max_bytes, kinds=SERVER_KINDS)
         except WireError as exc:
             log.warning("malformed message from the server (%s); pulling again", exc)
             return True
-        if msg.kind == "idle":
+        if msg.kind == IDLE:
             return True
-        if msg.kind == "shutdown":
+        if msg.kind == SHUTDOWN:
             log.info("the server ended the run")
             return False
         self.report.bytes_down += sum(t.numel() * t.element_size() for t in msg.tensors.values())
@@ -258,9 +271,10 @@ class ClientAgent:
             kind, meta, tensors = self._work(msg)
         except (FedloomError, ValueError, TypeError, KeyError, RuntimeError) as exc:
             log.warning("task failed: %s", exc)
-            kind, meta, tensors = "failure", {"reason": f"{type(exc).__name__}: {exc}"}, {}
+            kind, meta, tensors = FAILURE, codec.encode_failure(f"{type(exc).__name__}: {exc}"), {}
         meta = {**meta, "session": self._session, "task_id": msg.meta.get("task_id", "")}
-        sign = (lambda data: certs.sign(self.creds.key_pem, data)) if self.creds is not None else None
+        creds = self.creds
+        sign = (lambda data: sign_result(creds.key_pem, data)) if creds is not None else None
         reply = stub.PushResult(self._counted(encode(kind, meta, tensors, sign=sign)), timeout=600)
         if not reply.accepted:
             log.warning("server refused our %s: %s", kind, reply.reason)
@@ -272,33 +286,44 @@ class ClientAgent:
             self.report.bytes_up += len(c.data.payload)
             yield c
 
+    def _received(self, broadcast: Payload, rnd: int) -> torch.Tensor:
+        """The global model a broadcast stage encoded, decoded exactly as the server decoded it.
+
+        The stage is rebuilt from the payload's codec name with its metadata as options (an
+        encoding stage that can broadcast records its options there).
+        """
+        assert self._spec is not None
+        try:
+            stage = build_stage(broadcast.codec, dict(broadcast.meta), key="broadcast")
+            return stage.decode_model(broadcast, StageContext(self._spec, rnd, self._spec.dtype))  # type: ignore[attr-defined]
+        except (ConfigError, PayloadError, AttributeError) as exc:
+            raise AgentError(f"cannot decode the global model sent as {broadcast.codec!r}: {exc}") from None
+
     def _work(self, msg: Message) -> tuple[str, dict[str, Any], dict[str, torch.Tensor]]:
+        """Do the task in ``msg``; return the result's ``(kind, meta, tensors)``."""
         assert self._spec is not None and self._model is not None and self._task is not None
-        params = msg.tensors.get("params")
-        if params is None:
-            raise ValueError("task without params")
-        self._spec.check_vector(params)
-        g = params.to(self.device)
-        if msg.kind == "evaluate":
+        if msg.kind == EVALUATE:
+            params = codec.decode_evaluation(msg.meta, msg.tensors)
+            self._spec.check_vector(params)
             test = self.data.test
             if test is None or len(test) == 0:
                 self.report.evaluations += 1
-                return "eval_result", {"num_examples": 0, "metrics": {}}, {}
-            metrics = evaluate_vector(self._model, self._spec, g, test, self._task)
+                return EVAL_RESULT, codec.encode_eval_result(0, {}), {}
+            metrics = evaluate_vector(self._model, self._spec, params.to(self.device), test, self._task)
             self.report.evaluations += 1
-            return "eval_result", {"num_examples": len(test), "metrics": metrics}, {}
-        m = msg.meta
-        train = dict(m["train"])
-        train["betas"] = tuple(train.get("betas", (0.9, 0.999)))
-        payload = {k.removeprefix("payload/"): v.to(self.device) for k, v in msg.tensors.items() if k.startswith("payload/")}
-        ins = ClientInstruction(
-            round=int(m["round"]), client_id=self.client_id, train=TrainConfig(**train), seed=int(m["seed"]), payload=payload
-        )
+            return EVAL_RESULT, codec.encode_eval_result(len(test), metrics), {}
+        task = codec.decode_instruction(msg.meta, msg.tensors)
+        ins = task.instruction
+        params = task.params if task.broadcast is None else self._received(task.broadcast, ins.round)
+        self._spec.check_vector(params)
+        g = params.to(self.device)
+        ins = replace(ins, client_id=self.client_id, payload={k: v.to(self.device) for k, v in ins.payload.items()})
         result = train_local(self._model, self._spec, g, self.data.train, ins, client_state=self.state)
-        self.state = dict(result.state)
-        up = result.update
-        tensors = {"delta": up.delta.cpu(), **{f"extras/{k}": v.cpu() for k, v in up.extras.items()}}
+        # the instruction's client stages (weighting, compression), as every engine runs them
+        ups, states = finish_clients(self._spec, [ins], [result.update], [result.state])
+        self.state = dict(states[0])
+        up = ups[0]
         self.report.tasks += 1
         log.info("round %d: trained on %d examples (%d steps)", ins.round, up.num_examples, up.num_steps)
-        meta = {"round": up.round, "num_examples": up.num_examples, "num_steps": up.num_steps, "metrics": dict(up.metrics)}
-        return "update", meta, tensors
+        meta, tensors = codec.encode_update(up)
+        return UPDATE, meta, tensors

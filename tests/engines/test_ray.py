@@ -27,17 +27,17 @@ import torch
 
 ray = pytest.importorskip("ray")
 
-from fedloom.core.keys import CLIENT_CONTROL  # noqa: E402
 from fedloom.core.config import parse_config  # noqa: E402
 from fedloom.core.errors import EngineError  # noqa: E402
+from fedloom.core.keys import CLIENT_CONTROL  # noqa: E402
 from fedloom.core.params import ParamSpec  # noqa: E402
 from fedloom.core.types import ClientInstruction, ClientUpdate, TrainConfig  # noqa: E402
 from fedloom.data.base import ClientData, FederatedDataset, Split, TaskSpec  # noqa: E402
 from fedloom.engines import VectorizedEngine  # noqa: E402
 from fedloom.engines.ray import RayEngine, shard  # noqa: E402
 from fedloom.federation import Federation  # noqa: E402
-from fedloom.federation.builder import build_run  # noqa: E402
 from fedloom.models import MLP  # noqa: E402
+from fedloom.run import build_run  # noqa: E402
 from fedloom.strategies.scaffold import Scaffold  # noqa: E402
 
 TASK = TaskSpec(kind="classification", input_shape=(6,), num_outputs=3, loss="cross_entropy", metrics=("accuracy",))

@@ -1,0 +1,398 @@
+"""The one codec between round messages and what travels: a kind, JSON metadata and named tensors.
+
+The remote engine, the client agent and the server's service all go through these
+functions, so the two ends cannot disagree on a field. The chunked format that carries the
+result is :mod:`fedloom.transport.wire`; this module knows nothing of gRPC.
+
+A training task (kind ``task``) from a :class:`~fedloom.core.types.ClientInstruction`::
+
+    meta     round, client_id, seed, model_version, train (TrainConfig fields),
+             transforms, stages (lists of ComponentSpec.to_json()), [deadline_s],
+             [broadcast: {codec, meta}]
+    tensors  "params" (the dense global vector)  or  "broadcast/<name>" (an encoded broadcast
+             Payload, whose codec and meta are in the metadata), and "payload/<key>" per
+             instruction payload tensor
+
+An update (kind ``update``) from a :class:`~fedloom.core.types.ClientUpdate`::
+
+    meta     round, num_examples, num_steps, metrics, model_version, [weight],
+             [payload: {codec, meta}]
+    tensors  "delta"  or  "payload/<name>" (an encoded Payload), and "extras/<key>"
+
+The client id of an update is not in it: the server knows who sent it (its session and
+certificate). Evaluation tasks carry ``params``; their results only metadata.
+
+Decoding is strict. :func:`decode_update` refuses unknown tensor names, a missing or
+doubled body, and wrongly typed metadata with :class:`~fedloom.core.errors.InvalidUpdateError`
+naming the reason (the model-dependent checks — shape, dtype, finite values — are
+:meth:`ClientUpdate.validate`'s). :func:`decode_instruction` refuses a malformed task with
+:class:`TaskError`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+
+from fedloom.core.errors import ConfigError, FedloomError, InvalidUpdateError
+from fedloom.core.keys import BROADCAST_PREFIX, DELTA, EXTRAS_PREFIX, PARAMS, PAYLOAD_PREFIX
+from fedloom.core.types import ClientInstruction, ClientUpdate, ComponentSpec, JSONScalar, Payload, TrainConfig
+from fedloom.transport.protocol import EVALUATE, TASK
+
+__all__ = [
+    "DecodedTask",
+    "TaskError",
+    "decode_eval_result",
+    "decode_evaluation",
+    "decode_failure",
+    "decode_instruction",
+    "decode_update",
+    "encode_eval_result",
+    "encode_evaluation",
+    "encode_failure",
+    "encode_instruction",
+    "encode_update",
+    "instruction_meta",
+    "instruction_tensors",
+]
+
+MAX_FAILURE_REASON = 500
+
+Meta = dict[str, Any]
+Tensors = dict[str, torch.Tensor]
+
+
+class TaskError(FedloomError, ValueError):
+    """A task or evaluation from the server is malformed (the client reports it and goes on)."""
+
+
+@dataclass(frozen=True)
+class DecodedTask:
+    """A decoded training task: the instruction and exactly one of the dense global vector and
+    an encoded broadcast :class:`Payload`; ``deadline_s`` is the round's time limit, if sent."""
+
+    instruction: ClientInstruction
+    params: torch.Tensor | None
+    broadcast: Payload | None
+    deadline_s: float | None = None
+
+
+def _is_int(v: object) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v: object) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _is_scalar(v: object) -> bool:
+    return v is None or isinstance(v, (bool, int, float, str))
+
+
+def _prefixed(prefix: str, tensors: Mapping[str, torch.Tensor]) -> Tensors:
+    return {prefix + k: v for k, v in tensors.items()}
+
+
+def _unprefixed(prefix: str, tensors: Mapping[str, torch.Tensor]) -> Tensors:
+    return {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
+
+
+def _payload_meta(payload: Payload) -> Meta:
+    return {"codec": payload.codec, "meta": dict(payload.meta)}
+
+
+def _read_payload_meta(value: object, what: str) -> tuple[str | None, str, dict[str, JSONScalar]]:
+    """(problem or None, codec, meta) of a ``{codec, meta}`` object."""
+    if not isinstance(value, dict):
+        return f"{what} must be a JSON object with a codec, got {type(value).__name__}", "", {}
+    codec, meta = value.get("codec"), value.get("meta", {})
+    if not isinstance(codec, str) or not codec:
+        return f"{what} codec must be a non-empty string, got {codec!r}", "", {}
+    if not isinstance(meta, dict):
+        return f"{what} meta must be a JSON object, got {type(meta).__name__}", "", {}
+    for k, v in meta.items():
+        if not _is_scalar(v):
+            return f"{what} meta {k!r} must be a JSON scalar, got {type(v).__name__}", "", {}
+    unknown = sorted(set(value) - {"codec", "meta"})
+    if unknown:
+        return f"{what} has unexpected fields {unknown[:5]}", "", {}
+    return None, codec, meta
+
+
+# --------------------------------------------------------------------------- instructions
+def instruction_meta(
+    ins: ClientInstruction, *, broadcast: Payload | None = None, deadline_s: float | None = None
+) -> Meta:
+    """The JSON part of a training task (the tensors are :func:`instruction_tensors`)."""
+    train = asdict(ins.train)
+    train["betas"] = list(train["betas"])
+    meta: Meta = {
+        "round": ins.round,
+        "client_id": ins.client_id,
+        "seed": ins.seed,
+        "model_version": ins.model_version,
+        "train": train,
+        "transforms": [c.to_json() for c in ins.transforms],
+        "stages": [c.to_json() for c in ins.stages],
+    }
+    if deadline_s is not None:
+        meta["deadline_s"] = deadline_s
+    if broadcast is not None:
+        meta["broadcast"] = _payload_meta(broadcast)
+    return meta
+
+
+def instruction_tensors(
+    ins: ClientInstruction, *, params: torch.Tensor | None = None, broadcast: Payload | None = None
+) -> Tensors:
+    """The tensors of a training task: the global model (dense ``params`` or an encoded
+    ``broadcast``, exactly one) and the instruction's payload."""
+    if (params is None) == (broadcast is None):
+        raise ValueError("a task carries exactly one of params and a broadcast payload")
+    out = {PARAMS: params} if params is not None else _prefixed(BROADCAST_PREFIX, broadcast.tensors)  # type: ignore[union-attr]
+    out.update(_prefixed(PAYLOAD_PREFIX, ins.payload))
+    return out
+
+
+def encode_instruction(
+    ins: ClientInstruction,
+    *,
+    params: torch.Tensor | None = None,
+    broadcast: Payload | None = None,
+    deadline_s: float | None = None,
+) -> tuple[str, Meta, Tensors]:
+    """``(kind, meta, tensors)`` of the training task for ``ins`` (see the module docstring)."""
+    meta = instruction_meta(ins, broadcast=broadcast, deadline_s=deadline_s)
+    return TASK, meta, instruction_tensors(ins, params=params, broadcast=broadcast)
+
+
+def _components(value: object, what: str) -> tuple[ComponentSpec, ...]:
+    if value is None:
+        return ()
+    if not isinstance(value, list):
+        raise TaskError(f"task {what} must be a list, got {type(value).__name__}")
+    try:
+        return tuple(ComponentSpec.from_json(c) for c in value)
+    except ConfigError as exc:
+        raise TaskError(f"task {what}: {exc}") from None
+
+
+def decode_instruction(meta: Mapping[str, Any], tensors: Mapping[str, torch.Tensor]) -> DecodedTask:
+    """The task :func:`encode_instruction` made; :class:`TaskError` if anything is malformed."""
+    for key in ("round", "seed"):
+        if not _is_int(meta.get(key)):
+            raise TaskError(f"task {key} must be an integer, got {meta.get(key)!r}")
+    client_id = meta.get("client_id")
+    if not isinstance(client_id, str) or not client_id:
+        raise TaskError(f"task client_id must be a non-empty string, got {client_id!r}")
+    version = meta.get("model_version")
+    if version is not None and not _is_int(version):
+        raise TaskError(f"task model_version must be an integer, got {version!r}")
+    deadline = meta.get("deadline_s")
+    if deadline is not None and not _is_number(deadline):
+        raise TaskError(f"task deadline_s must be a number, got {deadline!r}")
+    train = meta.get("train")
+    if not isinstance(train, dict):
+        raise TaskError(f"task train must be a JSON object, got {type(train).__name__}")
+    train = dict(train)
+    if "betas" in train:
+        if not isinstance(train["betas"], list):
+            raise TaskError(f"task train.betas must be a list, got {train['betas']!r}")
+        train["betas"] = tuple(train["betas"])
+    try:
+        train_config = TrainConfig(**train)
+    except TypeError as exc:
+        raise TaskError(f"task train: {exc}") from None
+    except ConfigError as exc:
+        raise TaskError(f"task train: {exc}") from None
+
+    unknown = [k for k in tensors if k != PARAMS and not k.startswith((PAYLOAD_PREFIX, BROADCAST_PREFIX))]
+    if unknown:
+        raise TaskError(f"task has unexpected tensors {unknown[:5]}")
+    payload = _unprefixed(PAYLOAD_PREFIX, tensors)
+    encoded = _unprefixed(BROADCAST_PREFIX, tensors)
+    if "" in payload or "" in encoded:
+        raise TaskError("task has a tensor named only by its prefix")
+    params = tensors.get(PARAMS)
+    broadcast: Payload | None = None
+    if "broadcast" in meta:
+        problem, codec, bmeta = _read_payload_meta(meta["broadcast"], "task broadcast")
+        if problem is not None:
+            raise TaskError(problem)
+        if params is not None:
+            raise TaskError("task carries both params and a broadcast payload")
+        broadcast = Payload(codec=codec, tensors=encoded, meta=bmeta)
+    elif encoded:
+        raise TaskError(f"task has broadcast tensors {sorted(encoded)[:5]} but no broadcast codec")
+    elif params is None:
+        raise TaskError("task without params")
+    try:
+        ins = ClientInstruction(
+            round=meta["round"],
+            client_id=client_id,
+            train=train_config,
+            seed=meta["seed"],
+            payload=payload,
+            transforms=_components(meta.get("transforms"), "transforms"),
+            stages=_components(meta.get("stages"), "stages"),
+            model_version=version,
+        )
+    except ConfigError as exc:
+        raise TaskError(f"task: {exc}") from None
+    return DecodedTask(ins, params, broadcast, None if deadline is None else float(deadline))
+
+
+def encode_evaluation(client_id: str, params: torch.Tensor) -> tuple[str, Meta, Tensors]:
+    """``(kind, meta, tensors)`` of a federated-evaluation task on the dense global vector."""
+    return EVALUATE, {"client_id": client_id}, {PARAMS: params}
+
+
+def decode_evaluation(meta: Mapping[str, Any], tensors: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    """The global vector of an evaluation task; :class:`TaskError` if it has none."""
+    params = tensors.get(PARAMS)
+    if params is None:
+        raise TaskError("task without params")
+    unknown = [k for k in tensors if k != PARAMS]
+    if unknown:
+        raise TaskError(f"evaluation task has unexpected tensors {unknown[:5]}")
+    return params
+
+
+# --------------------------------------------------------------------------- updates
+def encode_update(update: ClientUpdate) -> tuple[Meta, Tensors]:
+    """``(meta, tensors)`` of an ``update`` message (see the module docstring)."""
+    meta: Meta = {
+        "round": update.round,
+        "num_examples": update.num_examples,
+        "num_steps": update.num_steps,
+        "metrics": dict(update.metrics),
+        "model_version": update.model_version,
+    }
+    if update.weight is not None:
+        meta["weight"] = update.weight
+    if update.payload is not None:
+        meta["payload"] = _payload_meta(update.payload)
+        tensors = _prefixed(PAYLOAD_PREFIX, update.payload.tensors)
+    else:
+        assert update.delta is not None  # a ClientUpdate has exactly one of them
+        tensors = {DELTA: update.delta}
+    tensors.update(_prefixed(EXTRAS_PREFIX, update.extras))
+    return meta, tensors
+
+
+def decode_update(
+    meta: Mapping[str, Any],
+    tensors: Mapping[str, torch.Tensor],
+    *,
+    client_id: str,
+    round: int | None = None,  # noqa: A002 - the field's name
+) -> ClientUpdate:
+    """The :class:`ClientUpdate` of an ``update`` message from ``client_id``.
+
+    With ``round`` (the task's), the update must be for it. Raises
+    :class:`~fedloom.core.errors.InvalidUpdateError` naming the first problem found.
+    """
+
+    def bad(reason: str) -> InvalidUpdateError:
+        return InvalidUpdateError(reason, client_id=client_id)
+
+    metrics = meta.get("metrics", {})
+    if not isinstance(metrics, dict):
+        raise bad("metrics must be a JSON object")
+    if round is not None:
+        if meta.get("round") != round:
+            raise bad(f"update is for round {meta.get('round')!r}, not {round}")
+    elif not _is_int(meta.get("round")):
+        raise bad(f"round must be an integer, got {meta.get('round')!r}")
+    rnd = round if round is not None else meta["round"]
+
+    unknown = [k for k in tensors if k != DELTA and not k.startswith((EXTRAS_PREFIX, PAYLOAD_PREFIX))]
+    if unknown:
+        raise bad(f"unexpected tensors {unknown[:5]}")
+    extras = _unprefixed(EXTRAS_PREFIX, tensors)
+    encoded = _unprefixed(PAYLOAD_PREFIX, tensors)
+    if "" in extras or "" in encoded:
+        raise bad("a tensor is named only by its prefix")
+    payload: Payload | None = None
+    if "payload" in meta:
+        problem, codec, pmeta = _read_payload_meta(meta["payload"], "payload")
+        if problem is not None:
+            raise bad(problem)
+        if DELTA in tensors:
+            raise bad("update carries both a delta and a payload")
+        payload = Payload(codec=codec, tensors=encoded, meta=pmeta)
+    elif encoded:
+        raise bad(f"payload tensors {sorted(encoded)[:5]} without a payload codec")
+    elif DELTA not in tensors:
+        raise bad("update has no delta")
+
+    steps = meta.get("num_steps", 0)
+    if not _is_int(steps) or steps < 0:
+        raise bad(f"num_steps must be an integer >= 0, got {steps!r}")
+    n = meta.get("num_examples")
+    if not _is_int(n) or n < 1:
+        raise bad(f"num_examples must be an integer >= 1, got {n!r}")
+    for k, m in metrics.items():  # as ClientUpdate.validate_header checks them
+        if not isinstance(m, (int, float)) or not math.isfinite(float(m)):
+            raise bad(f"metric {k!r} is not a finite number: {m!r}")
+    weight = meta.get("weight")
+    if weight is not None and not _is_number(weight):
+        raise bad(f"weight must be a finite number >= 0, got {weight!r}")
+    version = meta.get("model_version")
+    if version is not None and (not _is_int(version) or version < 0):
+        raise bad(f"model_version must be an integer >= 0, got {version!r}")
+    return ClientUpdate(
+        client_id=client_id,
+        round=rnd,
+        delta=None if payload is not None else tensors[DELTA],
+        num_examples=n,
+        num_steps=steps,
+        metrics=metrics,
+        extras=extras,
+        payload=payload,
+        weight=None if weight is None else float(weight),
+        model_version=version,
+    )
+
+
+# --------------------------------------------------------------------------- evaluation results, failures
+def encode_eval_result(num_examples: int, metrics: Mapping[str, float]) -> Meta:
+    """The metadata of an ``eval_result`` message (it has no tensors)."""
+    return {"num_examples": num_examples, "metrics": dict(metrics)}
+
+
+def decode_eval_result(
+    meta: Mapping[str, Any], *, client_id: str, max_examples: int | None = None
+) -> tuple[int, dict[str, float]]:
+    """``(num_examples, metrics)`` of an ``eval_result``; ``max_examples`` is the client's
+    registered test-set size. Raises :class:`~fedloom.core.errors.InvalidUpdateError`."""
+
+    def bad(reason: str) -> InvalidUpdateError:
+        return InvalidUpdateError(reason, client_id=client_id)
+
+    metrics = meta.get("metrics", {})
+    if not isinstance(metrics, dict):
+        raise bad("metrics must be a JSON object")
+    n = meta.get("num_examples")
+    if not _is_int(n) or n < 0:
+        raise bad(f"num_examples must be an integer >= 0, got {n!r}")
+    if max_examples is not None and n > max_examples:
+        raise bad(f"num_examples {n} exceeds the registered {max_examples}")
+    for k, v in metrics.items():
+        if not _is_number(v) or not math.isfinite(float(v)):
+            raise bad(f"metric {k!r} is not a finite number")
+    return n, {str(k): float(v) for k, v in metrics.items()}
+
+
+def encode_failure(reason: str) -> Meta:
+    """The metadata of a ``failure`` message: why the client could not do its task."""
+    return {"reason": reason}
+
+
+def decode_failure(meta: Mapping[str, Any]) -> str:
+    """The reason of a ``failure`` message, at most 500 characters."""
+    return str(meta.get("reason", "unspecified"))[:MAX_FAILURE_REASON]
