@@ -10,11 +10,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fedloom.compress import QSGD
 from fedloom.core.params import ParamSpec
 from fedloom.core.types import Aggregate, ClientInstruction, ClientUpdate, TrainConfig
 from fedloom.data.base import ClientData, FederatedDataset, Split, TaskSpec
 from fedloom.engines.sequential import SequentialEngine
 from fedloom.federation.loop import Federation
+from fedloom.pipeline import Pipeline
 from fedloom.strategies.base import ServerState
 from fedloom.strategies.fedavg import FedAvg
 
@@ -157,3 +159,41 @@ def test_eval_every_must_be_positive_in_config(bad: int) -> None:
 
     with pytest.raises(ConfigError, match="run.eval_every"):
         parse_config({"run": {"eval_every": bad}, "data": {"name": "x"}, "model": {"name": "y"}})
+
+
+class CorruptingEngine(SequentialEngine):
+    """Mangles encoded payloads the ways a broken or hostile client could."""
+
+    def run_cohort(self, global_vec, instructions, **kw):  # type: ignore[no-untyped-def]
+        for u in super().run_cohort(global_vec, instructions):
+            p = u.payload
+            assert p is not None and p.codec == "qsgd"
+            t = dict(p.tensors)
+            if u.client_id == "c0":  # truncated
+                yield replace(u, payload=replace(p, tensors={**t, "codes": t["codes"][:-1]}))
+            elif u.client_id == "c1":  # claims another codec
+                yield replace(u, payload=replace(p, codec="topk"))
+            elif u.client_id == "c2":  # a scale that is not finite
+                yield replace(u, payload=replace(p, tensors={**t, "scales": torch.full_like(t["scales"], float("inf"))}))
+            elif u.client_id == "c3":  # a size beyond what the codec produces
+                yield replace(u, payload=replace(p, tensors={**t, "codes": torch.zeros(10**6, dtype=torch.uint8)}))
+            else:
+                yield u
+
+
+def test_malformed_payloads_are_rejected_naming_the_stage_and_the_round_goes_on() -> None:
+    ds = _dataset([10, 10, 10, 10, 10])
+    train = TrainConfig(loss="mse", epochs=1, batch_size=5, lr=0.05)
+    pipe = Pipeline((QSGD(bits=4, bucket=2),))
+    fed = _federation(ds, FedAvg(train=train, fraction=1.0), engine_cls=CorruptingEngine, pipeline=pipe)
+    before = fed.state.params.clone()
+    rec = fed.step()
+    assert rec.status == "ok" and rec.clients == ["c4"]
+    assert set(rec.rejected) == {"c0", "c1", "c2", "c3"}
+    assert all(r.startswith("stage 'qsgd': ") for r in rec.rejected.values()), rec.rejected
+    assert "truncated or mis-sized" in rec.rejected["c0"] and "truncated or mis-sized" in rec.rejected["c3"]
+    assert "codec is 'topk'" in rec.rejected["c1"] and "NaN or Inf" in rec.rejected["c2"]
+    # the model moved by c4's update alone, and it is finite
+    assert torch.isfinite(fed.state.params).all() and not torch.equal(fed.state.params, before)
+    # bytes: what each client's payload cost as sent (4 honest-sized payloads + one of 10**6 codes)
+    assert rec.bytes_up > 10**6

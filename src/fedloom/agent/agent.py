@@ -104,6 +104,10 @@ class AgentReport:
     reconnects: int = 0
     bytes_up: int = 0
     bytes_down: int = 0
+    wire_bytes_up: int = 0
+    wire_bytes_down: int = 0
+    """Serialized gRPC message bytes of the results sent and tasks received (header, chunks with
+    their checksums, trailer): ``bytes_up``/``bytes_down`` (tensor data only) plus framing."""
 
 
 def task_from_dict(data: dict[str, Any]) -> TaskSpec:
@@ -256,8 +260,15 @@ class ClientAgent:
         wait = self.options.pull_wait
         max_bytes = 2 * self._spec.numel * 8 + (1 << 20)
         chunks = stub.PullTask(pb.PullTaskRequest(session=self._session, wait_seconds=wait), timeout=wait + 120)
+        seen = [0]
+
+        def counted(it: Iterator[pb.Chunk]) -> Iterator[pb.Chunk]:
+            for c in it:
+                seen[0] += c.ByteSize()
+                yield c
+
         try:
-            msg = decode(chunks, max_bytes=max_bytes, kinds=SERVER_KINDS)
+            msg = decode(counted(chunks), max_bytes=max_bytes, kinds=SERVER_KINDS)
         except WireError as exc:
             log.warning("malformed message from the server (%s); pulling again", exc)
             return True
@@ -267,6 +278,7 @@ class ClientAgent:
             log.info("the server ended the run")
             return False
         self.report.bytes_down += sum(t.numel() * t.element_size() for t in msg.tensors.values())
+        self.report.wire_bytes_down += seen[0]
         try:
             kind, meta, tensors = self._work(msg)
         except (FedloomError, ValueError, TypeError, KeyError, RuntimeError) as exc:
@@ -284,6 +296,7 @@ class ClientAgent:
     def _counted(self, chunks: Iterator[pb.Chunk]) -> Iterator[pb.Chunk]:
         for c in chunks:
             self.report.bytes_up += len(c.data.payload)
+            self.report.wire_bytes_up += c.ByteSize()
             yield c
 
     def _received(self, broadcast: Payload, rnd: int) -> torch.Tensor:
