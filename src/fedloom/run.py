@@ -23,8 +23,7 @@ from fedloom.data.base import FederatedDataset
 from fedloom.data.registry import load_dataset
 from fedloom.engines.base import Engine
 from fedloom.engines.ray import RayEngine
-from fedloom.engines.sequential import SequentialEngine
-from fedloom.engines.vectorized import VectorizedEngine, lockstep_program
+from fedloom.engines.vectorized import local_engine
 from fedloom.federation.loop import Federation
 from fedloom.models.registry import build_model
 from fedloom.pipeline import Pipeline, build_stage
@@ -77,18 +76,13 @@ def build_engine(
     """The simulation engine called ``name``.
 
     ``auto`` picks the fastest that applies: ``vectorized`` when the model can be trained in
-    lockstep (:func:`~fedloom.engines.vectorized.lockstep_program`), else ``sequential``.
+    lockstep, else ``sequential`` (decided once, by :func:`~fedloom.engines.vectorized.local_engine`).
     ``chunk_size`` overrides the vectorized engine's automatic chunk size. ``ray`` shards
     cohorts over ``ray_workers`` Ray workers (default: one per CPU) of the cluster at
     ``ray_address`` (default: a local Ray instance started in this process).
     """
-    if name == "auto":
-        program, _ = lockstep_program(model_fn, spec, dataset, device)
-        name = "vectorized" if program is not None else "sequential"
-    if name == "sequential":
-        return SequentialEngine(model_fn=model_fn, dataset=dataset, spec=spec, device=device)
-    if name == "vectorized":
-        return VectorizedEngine(model_fn=model_fn, dataset=dataset, spec=spec, device=device, chunk_size=chunk_size)
+    if name in ("auto", "sequential", "vectorized"):
+        return local_engine(name, model_fn=model_fn, dataset=dataset, spec=spec, device=device, chunk_size=chunk_size)  # type: ignore[arg-type]
     if name == "ray":
         return RayEngine(
             model_fn=model_fn,

@@ -316,3 +316,18 @@ def test_chunk_size_from_config_changes_nothing_but_the_chunking() -> None:
         return run.federation.state.params
 
     torch.testing.assert_close(final(1), final(None), rtol=1e-5, atol=1e-6)
+
+
+def test_auto_probes_the_lockstep_program_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    import fedloom.engines.vectorized as vmod
+    from fedloom.engines.vectorized import local_engine
+
+    calls = []
+    real = vmod.lockstep_program
+    monkeypatch.setattr(vmod, "lockstep_program", lambda *a, **k: calls.append(1) or real(*a, **k))
+    data = _dataset()
+    spec = ParamSpec.from_module(_mlp()())
+    eng = local_engine("auto", model_fn=_mlp(), dataset=data, spec=spec)
+    assert isinstance(eng, VectorizedEngine) and eng.mode == "lowered" and len(calls) == 1
+    assert isinstance(local_engine("sequential", model_fn=_mlp(), dataset=data, spec=spec), SequentialEngine)
+    assert len(calls) == 1

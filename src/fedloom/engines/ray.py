@@ -5,7 +5,7 @@ cluster's nodes, each reserving ``cpus_per_worker`` CPUs (and ``gpus_per_worker`
 federated dataset is put in Ray's object store ONCE, when the engine starts; every actor
 reads it from there and builds an in-process engine over it — the vectorized engine, or the
 sequential one where the model cannot be trained in lockstep (the choice of
-:func:`~fedloom.engines.vectorized.lockstep_program`, as for ``--engine auto``).
+:func:`~fedloom.engines.vectorized.local_engine`, as for ``--engine auto``).
 
 Each round, :meth:`RayEngine.run_cohort` puts the global vector in the object store once,
 cuts the cohort's instructions into ``num_workers`` contiguous shards and sends shard i to
@@ -42,8 +42,7 @@ from fedloom.core.params import ParamSpec
 from fedloom.core.types import ClientInstruction, ClientUpdate, Payload
 from fedloom.data.base import FederatedDataset
 from fedloom.engines.base import Engine, ModelFn
-from fedloom.engines.sequential import SequentialEngine
-from fedloom.engines.vectorized import VectorizedEngine, lockstep_program
+from fedloom.engines.vectorized import VectorizedEngine, local_engine
 
 if TYPE_CHECKING:
     from types import ModuleType
@@ -120,23 +119,15 @@ class ShardWorker:
         num_threads: int = 1,
     ) -> None:
         torch.set_num_threads(max(1, num_threads))
-        if inner == "auto":
-            program, reason = lockstep_program(model_fn, spec, dataset, device)
-            inner = "vectorized" if program is not None else "sequential"
-            if program is None:
-                log.warning("the model cannot be vectorized; this worker trains clients sequentially: %s", reason)
-        self.engine: Engine
-        if inner == "sequential":
-            self.engine = SequentialEngine(model_fn=model_fn, dataset=dataset, spec=spec, device=device)
-        else:
-            self.engine = VectorizedEngine(
-                model_fn=model_fn,
-                dataset=dataset,
-                spec=spec,
-                device=device,
-                chunk_size=chunk_size,
-                memory_budget_bytes=memory_budget_bytes,
-            )
+        self.engine: Engine = local_engine(
+            inner,
+            model_fn=model_fn,
+            dataset=dataset,
+            spec=spec,
+            device=device,
+            chunk_size=chunk_size,
+            memory_budget_bytes=memory_budget_bytes,
+        )
 
     @property
     def mode(self) -> str:

@@ -41,6 +41,7 @@ import logging
 import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 
@@ -61,7 +62,7 @@ from fedloom.engines._lockstep import (
 from fedloom.engines.base import Engine, ModelFn
 from fedloom.engines.sequential import SequentialEngine
 
-__all__ = ["DEFAULT_CPU_BUDGET", "DEFAULT_GPU_BUDGET", "VectorizedEngine", "lockstep_program"]
+__all__ = ["DEFAULT_CPU_BUDGET", "DEFAULT_GPU_BUDGET", "LocalEngineName", "VectorizedEngine", "local_engine", "lockstep_program"]
 
 log = logging.getLogger("fedloom.engines.vectorized")
 
@@ -111,6 +112,46 @@ def _probe(program: LockstepProgram, spec: ParamSpec, data: Split, loss: str, de
         program.step(stack.views(theta, k), stack.views(grad, k), state, x, y, counts, [n] * k, loss, gen)
 
 
+LocalEngineName = Literal["auto", "vectorized", "sequential"]
+
+
+def local_engine(
+    name: LocalEngineName,
+    *,
+    model_fn: ModelFn,
+    dataset: FederatedDataset,
+    spec: ParamSpec,
+    device: str = "cpu",
+    chunk_size: int | None = None,
+    memory_budget_bytes: int | None = None,
+) -> Engine:
+    """The in-process engine ``name``; the one place ``auto`` is decided.
+
+    ``auto`` probes the lockstep program once: the vectorized engine (given that program)
+    where the model can be trained in lockstep, else the sequential engine, with the reason
+    logged. The CLI, ``build_run`` and every Ray worker choose here.
+    """
+    if name == "sequential":
+        return SequentialEngine(model_fn=model_fn, dataset=dataset, spec=spec, device=device)
+    if name not in ("auto", "vectorized"):
+        raise ConfigError(f"unknown in-process engine {name!r}; known: auto, vectorized, sequential", key="run.engine")
+    program = None
+    if name == "auto":
+        program, reason = lockstep_program(model_fn, spec, dataset, device)
+        if program is None:
+            log.warning("the model cannot be vectorized; training clients sequentially: %s", reason)
+            return SequentialEngine(model_fn=model_fn, dataset=dataset, spec=spec, device=device)
+    return VectorizedEngine(
+        model_fn=model_fn,
+        dataset=dataset,
+        spec=spec,
+        device=device,
+        chunk_size=chunk_size,
+        memory_budget_bytes=memory_budget_bytes,
+        program=program,
+    )
+
+
 class VectorizedEngine(Engine):
     """Trains a cohort in lockstep chunks (see the module docstring); same updates as ``sequential``.
 
@@ -134,6 +175,7 @@ class VectorizedEngine(Engine):
         device: str = "cpu",
         chunk_size: int | None = None,
         memory_budget_bytes: int | None = None,
+        program: LockstepProgram | None = None,
     ) -> None:
         super().__init__(spec=spec)
         if chunk_size is not None and (
@@ -149,7 +191,10 @@ class VectorizedEngine(Engine):
         self.memory_budget_bytes = memory_budget_bytes or default
         self._sequential = SequentialEngine(model_fn=model_fn, dataset=dataset, spec=spec, device=device)
         self._sequential.client_states = self.client_states
-        self.program, reason = lockstep_program(model_fn, spec, dataset, self.device)
+        reason = ""
+        if program is None:  # not probed by the caller (local_engine probes once and passes it)
+            program, reason = lockstep_program(model_fn, spec, dataset, self.device)
+        self.program = program
         self.fallback_reason: str | None = None if self.program is not None else reason
         if self.program is None:
             log.warning("the model cannot be vectorized; training clients sequentially: %s", reason)
