@@ -103,6 +103,9 @@ def client(
         str | None, typer.Option("--server-name", help="TLS name to verify when --server is an address not in the certificate")
     ] = None,
     device: Annotated[str, typer.Option("--device")] = "cpu",
+    state: Annotated[
+        Path | None, typer.Option("--state", help="file keeping this client's state across restarts (safetensors)")
+    ] = None,
     give_up_after: Annotated[float, typer.Option("--give-up-after", help="seconds without the server before exiting")] = 300.0,
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
 ) -> None:
@@ -130,6 +133,7 @@ def client(
                 device=device,
                 give_up_after=give_up_after,
                 server_name=server_name,
+                state_file=state,
             ),
         )
         report = agent.run()

@@ -2,18 +2,20 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 
 from fedloom.agent import AgentError, AgentOptions, ClientAgent
 from fedloom.client.training import train_local
 from fedloom.core.keys import CONTROL_DELTA, SERVER_CONTROL
-from fedloom.core.params import ParamSpec
 from fedloom.compress import QSGD, TopK
-from fedloom.pipeline import ExampleWeighting, StageContext, finish_clients
-from fedloom.core.types import ComponentSpec, ClientInstruction, Payload, TrainConfig
+from fedloom.core.params import ParamSpec
+from fedloom.core.types import ClientInstruction, ComponentSpec, Payload, TrainConfig
 from fedloom.data.base import ClientData, Split, TaskSpec
 from fedloom.models.registry import build_model
+from fedloom.pipeline import ExampleWeighting, StageContext, finish_clients
 from fedloom.transport import codec
 from fedloom.transport.wire import Message
 
@@ -98,3 +100,22 @@ def test_an_evaluation_answers_with_the_test_split_size_and_metrics() -> None:
     assert kind == "eval_result" and tensors == {}
     n, metrics = codec.decode_eval_result(meta, client_id="site-a", max_examples=6)
     assert n == 6 and set(metrics) == {"mae", "loss"} and agent.report.evaluations == 1
+
+
+def test_client_state_persists_in_the_state_file(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    state_file = tmp_path / "site-a.state"
+    agent = _agent()
+    agent.options = replace(agent.options, state_file=state_file)
+    assert agent._spec is not None
+    g = torch.randn(agent._spec.numel, generator=torch.Generator().manual_seed(3))
+    ins = ClientInstruction(
+        round=1, client_id="site-a", train=TrainConfig(batch_size=5, lr=0.05, loss="mse"), seed=1,
+        stages=(TopK(fraction=0.5).recipe(),),
+    )  # fmt: skip
+    agent._work(_message(*codec.encode_instruction(ins, params=g)))
+    assert state_file.exists() and set(agent.state) == {"topk.residual"}
+    again = ClientAgent(agent.data, replace(agent.options, state_file=state_file))  # a restarted client
+    assert torch.equal(again.state["topk.residual"], agent.state["topk.residual"])
+    state_file.write_bytes(b"not a safetensors file")
+    with pytest.raises(AgentError, match="cannot read the client state file"):
+        ClientAgent(agent.data, replace(agent.options, state_file=state_file))

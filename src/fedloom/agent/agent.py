@@ -24,6 +24,8 @@ from typing import Any
 
 import grpc
 import torch
+from safetensors.torch import load as safetensors_load
+from safetensors.torch import save as safetensors_save
 from torch import nn
 
 from fedloom.client.evaluate import evaluate_vector
@@ -34,6 +36,7 @@ from fedloom.core.types import Payload
 from fedloom.data.base import ClientData, TaskSpec
 from fedloom.models.registry import build_model
 from fedloom.pipeline import StageContext, build_stage, finish_clients
+from fedloom.store.checkpoint import atomic_write
 from fedloom.transport import codec
 from fedloom.transport.credentials import load_client_credentials
 from fedloom.transport.proto import fedloom_pb2 as pb
@@ -92,6 +95,7 @@ class AgentOptions:
     retry_max: float = 5.0
     give_up_after: float = 300.0
     server_name: str | None = None  # TLS name to check if ``server`` is an address not in the certificate
+    state_file: Path | None = None  # client state (SCAFFOLD's c_i, an error-feedback residual) kept across restarts
 
 
 @dataclass
@@ -132,7 +136,7 @@ class ClientAgent:
             raise AgentError(f"--client-id {options.client_id!r} differs from the certificate's {self.creds.client_id!r}")
         self.client_id = self.creds.client_id if self.creds is not None else str(options.client_id)
         self.device = torch.device(options.device)
-        self.state: dict[str, torch.Tensor] = {}
+        self.state: dict[str, torch.Tensor] = self._load_state(options.state_file)
         self.report = AgentReport()
         self._session: str | None = None
         self._model: nn.Module | None = None
@@ -299,6 +303,22 @@ class ClientAgent:
             self.report.wire_bytes_up += c.ByteSize()
             yield c
 
+    @staticmethod
+    def _load_state(path: Path | None) -> dict[str, torch.Tensor]:
+        """The client state saved by an earlier run of this agent (empty if none yet)."""
+        if path is None or not path.exists():
+            return {}
+        try:
+            return dict(safetensors_load(path.read_bytes()))
+        except Exception as exc:  # noqa: BLE001 - any unreadable file is one clear error
+            raise AgentError(f"cannot read the client state file {str(path)!r}: {exc}") from None
+
+    def _save_state(self) -> None:
+        """Persist the client state (atomically: a crash leaves the old or the new file)."""
+        path = self.options.state_file
+        if path is not None:
+            atomic_write(path, safetensors_save({k: v.detach().cpu().contiguous() for k, v in self.state.items()}))
+
     def _received(self, broadcast: Payload, rnd: int) -> torch.Tensor:
         """The global model a broadcast stage encoded, decoded exactly as the server decoded it.
 
@@ -335,6 +355,7 @@ class ClientAgent:
         # the instruction's client stages (weighting, compression), as every engine runs them
         ups, states = finish_clients(self._spec, [ins], [result.update], [result.state])
         self.state = dict(states[0])
+        self._save_state()
         up = ups[0]
         self.report.tasks += 1
         log.info("round %d: trained on %d examples (%d steps)", ins.round, up.num_examples, up.num_steps)
