@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -119,3 +120,16 @@ def test_server_without_credentials_explains_tls_default(tmp_path: Path) -> None
     res = runner.invoke(app, ["server", str(cfg), "--out", str(tmp_path / "o")])
     assert res.exit_code == 2
     assert "deploy.credentials" in res.output and "TLS is on by default" in res.output
+
+
+def test_compressed_example_records_the_encoded_bytes(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    res = runner.invoke(
+        app, ["run", str(EXAMPLES / "mnist_2nn_compressed.toml"), "--set", "run.rounds=1", "--out", str(out), "-q"]
+    )
+    assert res.exit_code == 0, res.output
+    (h,) = json.loads((out / "history.json").read_text())
+    p = 199_210  # the 2NN's parameters, all trainable, no buffers
+    assert h["bytes"]["up"] == 10 * 8 * math.ceil(0.01 * p)  # 10 clients x k (int32 index + float32 value)
+    assert h["bytes"]["down"] == 10 * 2 * p  # float16 broadcast
+    assert h["metrics"]["test_accuracy"] > 0.2  # it learned something in one round
