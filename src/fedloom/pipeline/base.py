@@ -23,6 +23,7 @@ processes in the instruction.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any, ClassVar
@@ -50,15 +51,9 @@ class StageContext:
         return _mask(self.spec)
 
 
-_MASKS: dict[int, tuple[ParamSpec, torch.Tensor]] = {}
-
-
+@functools.lru_cache(maxsize=32)
 def _mask(spec: ParamSpec) -> torch.Tensor:
-    hit = _MASKS.get(id(spec))
-    if hit is None or hit[0] is not spec:
-        hit = (spec, spec.trainable_mask())
-        _MASKS[id(spec)] = hit
-    return hit[1]
+    return spec.trainable_mask()
 
 
 @dataclass(frozen=True)
