@@ -206,15 +206,19 @@ def certs_revoke(
 
 def _run_and_report(r: Run, out_dir: Path, *, quiet: bool) -> None:
     from fedloom.artifacts import write_run_outputs
+    from fedloom.report import round_line, round_table, short_name
 
     cfg = r.config
+    width = min(console.width, 100)
     console.print(
         f"[bold]{cfg.run.name}[/]: {cfg.data.name}, {len(r.dataset.clients)} clients, model {cfg.model.name} "
         f"({r.spec.numel:,} values), strategy {r.strategy.name}, engine {r.engine.name}, {cfg.run.rounds} rounds"
     )
+    if r.privacy is not None:
+        console.print(r.privacy.summary)
     if r.federation.resumed_from:
         console.print(f"resumed from round {r.federation.resumed_from} (store {cfg.run.store})")
-    headline = [f"test_{m}" for m in r.dataset.task.metrics]
+    headline = r.dataset.task.metrics
     with Progress(
         TextColumn("[progress.description]{task.description}"),
         BarColumn(),
@@ -228,35 +232,19 @@ def _run_and_report(r: Run, out_dir: Path, *, quiet: bool) -> None:
         def on_round(rec, _state) -> None:  # type: ignore[no-untyped-def]
             progress.advance(bar)
             if not quiet:
-                shown = " ".join(f"{k}={_fmt(v)}" for k, v in rec.metrics.items() if k in headline or k == "train_loss")
-                progress.console.print(
-                    f"round {rec.round:4d} | {len(rec.clients):4d} clients | {rec.seconds:6.2f} s | {shown}"
-                    + (f" | rejected {len(rec.rejected)}" if rec.rejected else "")
-                )
+                progress.console.print(round_line(rec, headline, width), highlight=False)
 
         try:
             history = r.federation.run(cfg.run.rounds, callback=on_round)
         except FedloomError as exc:
             console.print(f"[bold red]error:[/] {exc}")
             raise typer.Exit(1) from None
-    table = Table(title=f"{cfg.run.name}: per-round metrics")
-    names = history.metric_names()
-    table.add_column("round", justify="right")
-    table.add_column("clients", justify="right")
-    for n in names:
-        table.add_column(n, justify="right")
-    table.add_column("MB down/up", justify="right")
-    step = max(1, len(history) // 25)
-    for i, rec in enumerate(history):
-        if i % step and i != len(history) - 1:
-            continue
-        table.add_row(
-            str(rec.round),
-            str(len(rec.clients)),
-            *[_fmt(rec.metrics[n]) if n in rec.metrics else "" for n in names],
-            f"{rec.bytes_down / 1e6:.1f}/{rec.bytes_up / 1e6:.1f}",
-        )
+    table, left_out = round_table(history, headline, title=f"{cfg.run.name}: per-round metrics", width=width)
     console.print(table)
+    if left_out:
+        console.print(f"also in history.json: {', '.join(short_name(n) for n in left_out)}", highlight=False)
+    if r.federation.stop_reason is not None:
+        console.print(f"[bold yellow]stopped after round {r.federation.state.round}:[/] {r.federation.stop_reason}")
     write_run_outputs(out_dir, history=history, model=r.global_model(), config=cfg.model_dump(), title=cfg.run.name)
     console.print(f"wrote {out_dir}/history.json, model.safetensors, metrics.png")
 

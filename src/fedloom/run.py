@@ -9,7 +9,8 @@ simulation imports no gRPC.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -31,6 +32,9 @@ from fedloom.store import RunHandle, Store
 from fedloom.strategies.base import Strategy
 from fedloom.strategies.registry import build_strategy
 
+if TYPE_CHECKING:
+    from fedloom.privacy.plan import PrivacyPlan
+
 __all__ = ["ENGINES", "Run", "build_engine", "build_pipeline", "build_run", "initial_model"]
 
 ENGINES = ("auto", "sequential", "vectorized", "ray")
@@ -47,6 +51,7 @@ class Run:
     strategy: Strategy
     engine: Engine
     federation: Federation
+    privacy: PrivacyPlan | None = None
 
     def global_model(self) -> nn.Module:
         """A fresh module holding the current global parameters."""
@@ -131,10 +136,33 @@ def build_run(cfg: RunConfig, *, engine: str | None = None, fresh: bool = False)
         fraction=cfg.strategy.fraction,
         min_clients=cfg.strategy.min_clients,
         seed=cfg.run.seed,
+        sampling=cfg.strategy.sampling,
         **cfg.strategy.options(),
     )
     engine_name = engine or cfg.run.engine
     remote = engine_name == "remote"
+    pipeline = build_pipeline(cfg)
+    privacy: PrivacyPlan | None = None
+    if cfg.privacy is not None:
+        from fedloom.privacy.plan import plan_privacy
+
+        privacy = plan_privacy(
+            cfg.privacy,
+            strategy=strategy,
+            train=train,
+            user_stages=pipeline.stages,
+            rounds=cfg.run.rounds,
+            population=None if remote else len(dataset.clients),
+            client_examples=None if remote else [len(c.train) for c in dataset.clients.values()],
+            deployed=remote,
+            run_seed=cfg.run.seed,
+            min_updates=cfg.run.min_updates,
+            round_retries=cfg.deploy.round_retries if remote else 0,
+            over_selection=cfg.deploy.over_selection if remote else 0.0,
+            has_buffers=[n for n, _ in model.named_buffers()],
+        )
+        strategy = replace(strategy, train=privacy.train)
+        pipeline = Pipeline((privacy.stage, *pipeline.stages), broadcast_stage=pipeline.broadcast_stage)
     if remote:
         from fedloom.server.deploy import run_info, start_remote_engine  # gRPC: only for a deployment
 
@@ -164,7 +192,6 @@ def build_run(cfg: RunConfig, *, engine: str | None = None, fresh: bool = False)
         def evaluator(vec: torch.Tensor) -> dict[str, float]:
             return evaluate_vector(eval_model, spec, vec.cpu(), test, task)
 
-    pipeline = build_pipeline(cfg)
     store: Store | None = None
     handle: RunHandle | None = None
     if cfg.run.store is not None:
@@ -186,4 +213,4 @@ def build_run(cfg: RunConfig, *, engine: str | None = None, fresh: bool = False)
         round_retries=cfg.deploy.round_retries if remote else 0,
         pipeline=pipeline,
     )
-    return Run(cfg, dataset, model_fn, spec, strategy, eng, federation)
+    return Run(cfg, dataset, model_fn, spec, strategy, eng, federation, privacy)

@@ -6,7 +6,8 @@ client stages in order, and a ``[broadcast]`` table, the stage encoding the mode
 optional run store with its checkpoint cadence),
 ``[data]`` (dataset name and its options), ``[model]`` (model name and options),
 ``[strategy]`` (name, selection, and the strategy's own hyperparameters) and ``[client]``
-(local training). Unknown keys in ``[run]`` and ``[client]`` are errors; extra keys in
+(local training), and the optional ``[privacy]`` table (differential privacy: mode, noise or
+target ε, clip norm, δ, accountant, budget). Unknown keys in ``[run]`` and ``[client]`` are errors; extra keys in
 ``[data]``, ``[model]`` and ``[strategy]`` are passed to the named component, which rejects
 the ones it does not know. Every error is one :class:`ConfigError` naming the dotted key.
 """
@@ -28,6 +29,7 @@ __all__ = [
     "DataSection",
     "DeploySection",
     "ModelSection",
+    "PrivacySection",
     "RunConfig",
     "RunSection",
     "StageSection",
@@ -81,6 +83,32 @@ class StrategySection(_Open):
     name: str = "fedavg"
     fraction: float = Field(0.1, gt=0.0, le=1.0)
     min_clients: int = Field(1, ge=1)
+    sampling: Literal["fixed", "poisson"] = "fixed"  # poisson: each client joins with probability `fraction`
+
+
+class PrivacySection(_Strict):
+    """``[privacy]``: differential privacy of the run (see the README's privacy section).
+
+    ``mode``: ``central`` (user-level DP-FedAvg: clients clip, the server adds noise),
+    ``local`` (each client clips and noises its own update) or ``sample`` (DP-SGD inside
+    local training, per record). Exactly one of ``noise_multiplier`` (σ: noise std / clip
+    norm) and ``target_epsilon`` (σ is then computed for ``run.rounds`` rounds). ``noise``:
+    ``auto`` draws seeded (reproducible) noise in simulation and OS-entropy noise in a
+    deployment.
+    """
+
+    mode: Literal["central", "local", "sample"]
+    noise_multiplier: float | None = Field(None, gt=0.0)
+    target_epsilon: float | None = Field(None, gt=0.0)
+    clip_norm: float = Field(1.0, gt=0.0)
+    delta: float = Field(1e-5, gt=0.0, lt=1.0)
+    accountant: Literal["rdp", "pld"] = "rdp"
+    max_epsilon: float | None = Field(None, gt=0.0)  # stop before a round that would exceed it
+    adaptive_clipping: bool = False  # central: Andrew et al. 2021 quantile clipping
+    target_quantile: float = Field(0.5, gt=0.0, lt=1.0)
+    clip_lr: float = Field(0.2, gt=0.0)
+    count_stddev: float | None = Field(None, gt=0.0)  # adaptive: noise std of the clipped count (default: max(expected clients / 20, σ))
+    noise: Literal["auto", "seeded", "os"] = "auto"
 
 
 class StageSection(_Open):
@@ -142,12 +170,14 @@ class RunConfig(_Strict):
     pipeline: tuple[StageSection, ...] = ()
     broadcast: StageSection | None = None
     deploy: DeploySection = DeploySection()
+    privacy: PrivacySection | None = None
 
     def identity(self) -> dict[str, Any]:
         """The settings that determine the run's results, as JSON-able data.
 
         The whole config minus where and how often it is persisted (``run.store``,
-        ``run.checkpoint_every``, ``run.keep_checkpoints``), the number of rounds (rounds
+        ``run.checkpoint_every``, ``run.keep_checkpoints``), the privacy budget
+        (``privacy.max_epsilon``), the number of rounds (rounds
         1..k do not depend on it, so a finished run can be extended by raising it), where
         the ray engine runs (``run.ray_address``, ``run.ray_workers``) and the ``[deploy]``
         settings (network, credentials, timeouts): a store resumes a run only if this is
@@ -157,6 +187,8 @@ class RunConfig(_Strict):
         data.pop("deploy")
         for key in ("store", "checkpoint_every", "keep_checkpoints", "rounds", "ray_address", "ray_workers"):
             data["run"].pop(key)
+        if data.get("privacy"):
+            data["privacy"].pop("max_epsilon")  # a budget stops a run; raising it lets the run go on
         return data
 
 

@@ -7,6 +7,7 @@ catch the whole family. Errors caused by bad input also derive from ``ValueError
 from __future__ import annotations
 
 __all__ = [
+    "BudgetExhausted",
     "CertError",
     "ConfigError",
     "DataError",
@@ -75,3 +76,7 @@ class CertError(FedloomError):
 
 class StoreError(FedloomError):
     """The run store cannot do what was asked (unreadable or newer database, config mismatch, ...)."""
+
+
+class BudgetExhausted(FedloomError):
+    """The next round would exceed a budget (``privacy.max_epsilon``): the run stops before it."""

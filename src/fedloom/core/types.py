@@ -235,8 +235,9 @@ class ClientUpdate:
     Exactly one of ``delta`` (the flat vector ``local - global``, possibly post-processed) and
     ``payload`` (the same, encoded by a stage; the server's half of that stage decodes it) is
     set. ``weight`` is the aggregation weight a weighting stage applied to the delta (None:
-    none applied). ``extras`` carries strategy-specific tensors (SCAFFOLD's
-    ``control_delta``). ``metrics`` are the client's training metrics; ``num_steps`` the local
+    none applied). ``extras`` carries strategy-specific tensors: full-length vectors
+    (SCAFFOLD's ``control_delta``) or one-element statistics (adaptive clipping's clipped
+    bit). ``metrics`` are the client's training metrics; ``num_steps`` the local
     optimizer steps it took; ``model_version`` the global version it started from.
     """
 
@@ -288,7 +289,10 @@ class ClientUpdate:
 
         check_vec("delta", self.delta)
         for k, v in self.extras.items():
-            check_vec(f"extras[{k!r}]", v)
+            if isinstance(v, torch.Tensor) and v.dim() == 1 and v.numel() == 1 and numel != 1:
+                check_vec(f"extras[{k!r}]", v.expand(numel))  # a one-element statistic
+            else:
+                check_vec(f"extras[{k!r}]", v)
         self.validate_header(max_examples=max_examples)
 
     def validate_header(self, *, max_examples: int | None = None) -> None:
@@ -317,7 +321,9 @@ class Aggregate:
     ``extras`` are aggregated extras (mean over clients, unweighted); ``metrics`` are the
     example-weighted means of the clients' training metrics. ``weight`` is the total
     aggregation weight of a sum (before a weighting stage's finalize divides by it);
-    ``num_available`` the number of clients the round could select from (SCAFFOLD's N).
+    ``num_available`` the number of clients the round could select from (SCAFFOLD's N);
+    ``client_examples`` each client's example count, aligned with ``client_ids`` (a
+    sample-level privacy accountant needs them per client).
     """
 
     delta: torch.Tensor
@@ -328,6 +334,7 @@ class Aggregate:
     client_ids: tuple[str, ...] = ()
     weight: float | None = None
     num_available: int | None = None
+    client_examples: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "extras", _frozen_map(self.extras))

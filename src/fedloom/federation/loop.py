@@ -16,6 +16,14 @@ Over-selection (``over_selection`` > 0, for deployments with dropouts) asks
 ``ceil(m * over_selection)`` extra clients besides the ``m`` selected, and closes the round
 once ``m`` valid updates are in; the engine cancels the remaining clients' work.
 
+A stage may refuse to start a round (:meth:`~fedloom.pipeline.Stage.admit`: a privacy budget
+the round would exceed): the run then stops before that round with the reason in
+:attr:`Federation.stop_reason`, its model checkpointed, and the store's status
+``budget_exhausted``. A stage that sets aggregation weights itself (differential privacy's
+uniform weighting) replaces the strategy's weighting stage. A round with no valid update
+still runs the stages' finalize when a stage asks for it (central DP noises an empty sum, so
+that skipping a round never depends on who was sampled).
+
 With a :class:`~fedloom.store.Store`, construction resumes from the run's latest
 valid checkpoint (server state, client states, history up to it; later records are dropped
 and those rounds rerun), and each round is recorded, then checkpointed every
@@ -36,10 +44,10 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
-from fedloom.core.errors import InvalidUpdateError, StoreError, StrategyError
+from fedloom.core.errors import BudgetExhausted, ConfigError, InvalidUpdateError, StoreError, StrategyError
 from fedloom.core.params import ParamSpec
 from fedloom.core.seeding import derive_seed
-from fedloom.core.types import ClientUpdate, tensor_bytes
+from fedloom.core.types import Aggregate, ClientUpdate, tensor_bytes
 from fedloom.engines.base import Engine
 from fedloom.core.history import History, RoundRecord
 from fedloom.pipeline import Pipeline, StageContext
@@ -101,7 +109,19 @@ class Federation:
         self.engine = engine
         self.spec = spec
         user = pipeline or Pipeline()
-        self.pipeline = Pipeline((*strategy.stages(), *user.stages), broadcast_stage=user.broadcast_stage)
+        own = strategy.stages()
+        if any(st.weighting for st in user.stages):
+            other = [st.name for st in own if not st.weighting]
+            if other:
+                theirs = next(st.name for st in user.stages if st.weighting)
+                raise ConfigError(
+                    f"stage {theirs!r} sets the aggregation weights, but strategy {strategy.name!r} weights updates "
+                    f"its own way (stage {other[0]!r})",
+                    key="pipeline",
+                )
+            own = ()  # the pipeline's weighting replaces the strategy's
+        self.pipeline = Pipeline((*own, *user.stages), broadcast_stage=user.broadcast_stage)
+        self.stop_reason: str | None = None
         self.state = initial if isinstance(initial, ServerState) else strategy.init(initial)
         spec.check_vector(self.state.params)
         tensors, meta = self.pipeline.init_state(spec)
@@ -142,7 +162,11 @@ class Federation:
         """
         try:
             while self.state.round < rounds:
-                record = self.step(checkpoint=self.state.round + 1 >= rounds)
+                try:
+                    record = self.step(checkpoint=self.state.round + 1 >= rounds)
+                except BudgetExhausted as exc:
+                    self._stop(str(exc))
+                    return self.history
                 if callback is not None:
                     callback(record, self.state)
         except BaseException as exc:
@@ -155,19 +179,32 @@ class Federation:
             self.store.set_status(self.run_handle, "completed")
         return self.history
 
+    def _stop(self, reason: str) -> None:
+        """Stop before the next round: log why, checkpoint the model, mark the run in the store."""
+        self.stop_reason = reason
+        log.warning("stopping before round %d: %s", self.state.round + 1, reason)
+        if self.store is not None and self.run_handle is not None:
+            latest = self.store.latest_checkpoint(self.run_handle, spec=self.spec)
+            if latest is None or latest.state.round != self.state.round:
+                self.store.save_checkpoint(self.run_handle, self.state, self.engine.client_states.to_tensors(), self.spec)
+            self.store.set_status(self.run_handle, "budget_exhausted")
+
     def step(self, *, checkpoint: bool = False) -> RoundRecord:
         """Run one round and return its record.
 
         With a store, the record is committed first, then a checkpoint is saved if this
-        round is a multiple of ``checkpoint_every`` or ``checkpoint`` is set.
+        round is a multiple of ``checkpoint_every`` or ``checkpoint`` is set. Raises
+        :class:`~fedloom.core.errors.BudgetExhausted` (nothing run) if a stage refuses the round.
         """
         t0 = time.perf_counter()
         rnd = self.state.round + 1
+        self.pipeline.admit(rnd, self.state.tensors, self.state.meta)
+        pipe = self.pipeline.for_round(self.state.tensors, self.state.meta)
         bytes_down = bytes_up = 0
         rejected: dict[str, str] = {}
         attempt = 0
         while True:
-            aggregator, accepted, down, up, num_available = self._attempt(rnd, attempt, rejected)
+            aggregator, accepted, down, up, num_available = self._attempt(rnd, attempt, rejected, pipe)
             bytes_down += down
             bytes_up += up
             if len(accepted) >= self.min_updates or attempt >= self.round_retries:
@@ -180,10 +217,15 @@ class Federation:
 
         metrics: dict[str, float] = {}
         status = "ok"
-        if aggregator is not None and len(accepted) >= self.min_updates:
+        empty = aggregator is not None and not accepted and pipe.aggregates_empty
+        if aggregator is not None and (len(accepted) >= self.min_updates or empty):
             # the population this aggregate's cohort was selected from (SCAFFOLD's N)
-            aggregate = replace(aggregator.result(), num_available=num_available)
-            aggregate, tensors, meta, stage_metrics = self.pipeline.finalize(
+            if empty:
+                zero = torch.zeros(self.spec.numel, dtype=torch.float64, device=self.state.params.device)
+                aggregate = Aggregate(delta=zero, num_clients=0, num_examples=0, weight=0.0, num_available=num_available)
+            else:
+                aggregate = replace(aggregator.result(), num_available=num_available)
+            aggregate, tensors, meta, stage_metrics = pipe.finalize(
                 aggregate, self._ctx(rnd), self.state.tensors, self.state.meta
             )
             metrics.update(stage_metrics)
@@ -220,7 +262,7 @@ class Federation:
         return record
 
     def _attempt(
-        self, rnd: int, attempt: int, rejected: dict[str, str]
+        self, rnd: int, attempt: int, rejected: dict[str, str], pipe: Pipeline
     ) -> tuple[Aggregator | None, list[str], int, int, int]:
         """One try at round ``rnd``: select, dispatch, stream the updates into a fresh aggregator.
 
@@ -242,14 +284,14 @@ class Federation:
             if extra:
                 rng = np.random.default_rng([derive_seed(self.strategy.seed, "over-selection"), rnd, attempt])
                 cohort = cohort + sorted(rest[i] for i in rng.choice(len(rest), size=extra, replace=False))
-        recipes = self.pipeline.recipes
+        recipes = pipe.recipes
         instructions = [self.strategy.client_config(self.state, rnd, cid) for cid in cohort]
         if recipes:
             instructions = [replace(ins, stages=recipes) for ins in instructions]
         expected = set(cohort)
         aggregator = self.strategy.aggregator(self.state, rnd)
         ctx = self._ctx(rnd)
-        sent = self.pipeline.broadcast(self.state.params, ctx, derive_seed(self.strategy.seed, "broadcast", rnd))
+        sent = pipe.broadcast(self.state.params, ctx, derive_seed(self.strategy.seed, "broadcast", rnd))
         bytes_down = sum(sent.nbytes + sum(tensor_bytes(t) for t in ins.payload.values()) for ins in instructions)
         bytes_up = 0
         accepted: list[str] = []
@@ -259,7 +301,7 @@ class Federation:
             for update in stream:
                 bytes_up += update.nbytes
                 try:
-                    update = self._check(update, expected, rnd, ctx)
+                    update = self._check(update, expected, rnd, ctx, pipe)
                     aggregator.add(update)
                 except (InvalidUpdateError, StrategyError) as exc:
                     reason = getattr(exc, "reason", str(exc))
@@ -291,7 +333,9 @@ class Federation:
     def _ctx(self, rnd: int) -> StageContext:
         return StageContext(self.spec, rnd, self.state.params.dtype)
 
-    def _check(self, update: ClientUpdate, expected: set[str], rnd: int, ctx: StageContext) -> ClientUpdate:
+    def _check(
+        self, update: ClientUpdate, expected: set[str], rnd: int, ctx: StageContext, pipe: Pipeline
+    ) -> ClientUpdate:
         """The update decoded by the stages' server halves and validated, or InvalidUpdateError."""
         cid = update.client_id
         if cid not in expected:
@@ -300,7 +344,7 @@ class Federation:
             raise InvalidUpdateError(f"update is for round {update.round}, not {rnd}", client_id=cid)
         update.validate_header(max_examples=self.max_examples)
         try:
-            update = self.pipeline.decode(update, ctx)
+            update = pipe.decode(update, ctx)
         except InvalidUpdateError:
             raise
         except Exception as exc:  # noqa: BLE001 - a hostile payload must never take the server down

@@ -17,7 +17,10 @@ postprocessors, DESIGN.md):
 
 Stages are frozen dataclasses whose fields are their options, so a stage is also its recipe
 (:meth:`Stage.recipe`, a :class:`~fedloom.core.types.ComponentSpec`) and travels to client
-processes in the instruction.
+processes in the instruction. A stage whose options change between rounds (adaptive
+clipping's clip norm) returns this round's copy of itself from :meth:`Stage.for_round`, built
+from its server state; the round's instructions carry that copy's recipe. :meth:`Stage.admit`
+may refuse to start a round (a privacy budget that the round would exceed).
 """
 
 from __future__ import annotations
@@ -121,6 +124,10 @@ class Stage:
 
     name: ClassVar[str] = "stage"
     runs_on_client: ClassVar[bool] = True
+    weighting: ClassVar[bool] = False
+    """True for a stage that sets the aggregation weights: it replaces the strategy's weighting."""
+    aggregates_empty: ClassVar[bool] = False
+    """True if a round without any valid update must still run finalize (central DP noises an empty sum)."""
 
     # ------------------------------------------------------------------ halves
     def client(self, batch: ClientBatch, ctx: StageContext) -> None:
@@ -139,6 +146,13 @@ class Stage:
     ) -> tuple[Aggregate, StageState, dict[str, float]]:
         """Act on the round's aggregate (default: unchanged, no metrics)."""
         return aggregate, state, {}
+
+    def for_round(self, state: StageState) -> Stage:
+        """This stage as it runs this round, given its server state (default: itself)."""
+        return self
+
+    def admit(self, state: StageState, rnd: int) -> None:
+        """Raise :class:`~fedloom.core.errors.BudgetExhausted` if round ``rnd`` must not run (default: admit)."""
 
     # ---------------------------------------------------------------- recipes
     def recipe(self) -> ComponentSpec:

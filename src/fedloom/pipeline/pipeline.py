@@ -33,6 +33,8 @@ def client_stages(recipes: Sequence[ComponentSpec]) -> list[Stage]:
     for r in recipes:
         st = _BUILT.get(r)
         if st is None:
+            if len(_BUILT) >= 256:  # recipes that change every round (adaptive clipping) must not pile up
+                _BUILT.clear()
             st = _BUILT[r] = build_stage(r)
         out.append(st)
     return out
@@ -117,6 +119,31 @@ class Pipeline:
     def _key(self, i: int, st: Stage) -> str:
         return f"stage.{i}.{st.name}"
 
+    def _state(self, i: int, tensors: Mapping[str, torch.Tensor], meta: Mapping[str, Any]) -> StageState:
+        key = self._key(i, self.stages[i])
+        prefix = f"{key}."
+        return StageState(
+            tensors={k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)},
+            meta=meta.get(key, {}),
+        )
+
+    @property
+    def aggregates_empty(self) -> bool:
+        """Whether a round without valid updates still runs finalize (a stage asks for it)."""
+        return any(st.aggregates_empty for st in self.stages)
+
+    def for_round(self, tensors: Mapping[str, torch.Tensor], meta: Mapping[str, Any]) -> Pipeline:
+        """The pipeline as it runs this round: each stage's :meth:`~Stage.for_round` copy."""
+        stages = tuple(st.for_round(self._state(i, tensors, meta)) for i, st in enumerate(self.stages))
+        if all(a is b for a, b in zip(stages, self.stages, strict=True)):
+            return self
+        return Pipeline(stages, broadcast_stage=self.broadcast_stage)
+
+    def admit(self, rnd: int, tensors: Mapping[str, torch.Tensor], meta: Mapping[str, Any]) -> None:
+        """Raise :class:`~fedloom.core.errors.BudgetExhausted` if a stage refuses round ``rnd``."""
+        for i, st in enumerate(self.stages):
+            st.admit(self._state(i, tensors, meta), rnd)
+
     # ------------------------------------------------------------------ server
     def decode(self, update: ClientUpdate, ctx: StageContext) -> ClientUpdate:
         """The server halves, in reverse order, on one update."""
@@ -151,10 +178,7 @@ class Pipeline:
             st = self.stages[i]
             key = self._key(i, st)
             prefix = f"{key}."
-            state = StageState(
-                tensors={k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)},
-                meta=meta.get(key, {}),
-            )
+            state = self._state(i, tensors, meta)
             aggregate, state, m = st.finalize(aggregate, ctx, state)
             for k in [k for k in new_tensors if k.startswith(prefix)]:
                 del new_tensors[k]

@@ -35,7 +35,7 @@ from fedloom.pipeline.base import Stage
 from fedloom.pipeline.weighting import ExampleWeighting
 from fedloom.strategies._checks import check_real, set_fields, state_tensor
 from fedloom.strategies.optimizers import SGD, ServerOptimizer
-from fedloom.strategies.selection import ClientSampler
+from fedloom.strategies.selection import ClientSampler, SamplingName
 
 __all__ = [
     "Aggregator",
@@ -112,6 +112,7 @@ class Aggregator(ABC):
         self._dtype: torch.dtype | None = None
         self._seen: set[str] = set()
         self.num_examples = 0
+        self.client_examples: list[int] = []
         self._metric_sums: dict[str, float] = {}
         self._metric_weights: dict[str, int] = {}
         self._extra_sums: dict[str, torch.Tensor] = {}
@@ -127,6 +128,7 @@ class Aggregator(ABC):
         self.client_ids.append(update.client_id)
         self._seen.add(update.client_id)
         self.num_examples += update.num_examples
+        self.client_examples.append(update.num_examples)
         for k, v in update.metrics.items():
             self._metric_sums[k] = self._metric_sums.get(k, 0.0) + float(v) * update.num_examples
             self._metric_weights[k] = self._metric_weights.get(k, 0) + update.num_examples
@@ -152,6 +154,7 @@ class Aggregator(ABC):
             metrics=metrics,
             client_ids=tuple(self.client_ids),
             weight=self._weight(),
+            client_examples=tuple(self.client_examples),
         )
 
     @abstractmethod
@@ -223,7 +226,7 @@ class Strategy:
 
     A frozen, keyword-only dataclass of the settings every strategy shares: ``train`` (the
     clients' :class:`TrainConfig`), ``fraction``, ``min_clients`` and ``seed`` (client
-    selection, :class:`ClientSampler`), ``server_lr`` (η in the server step) and
+    selection, :class:`ClientSampler`, with ``sampling`` ``fixed`` or ``poisson``), ``server_lr`` (η in the server step) and
     ``server_optimizer`` (how the aggregate becomes the next global vector: plain
     :class:`~fedloom.strategies.optimizers.SGD`, ``x ← x + η · Δ``, by default). A subclass
     declares only its own fields, checks them in ``__post_init__`` (after
@@ -232,11 +235,14 @@ class Strategy:
     """
 
     name: ClassVar[str] = "strategy"
+    update_extras: ClassVar[tuple[str, ...]] = ()
+    """Names of the per-client vectors besides the delta this strategy's clients send (SCAFFOLD's)."""
 
     train: TrainConfig = field(default_factory=TrainConfig)
     fraction: float = 0.1
     min_clients: int = 1
     seed: int = 0
+    sampling: SamplingName = "fixed"
     server_lr: float = 1.0
     server_optimizer: ServerOptimizer = field(default_factory=SGD, metadata={"param": False})
 
@@ -255,7 +261,7 @@ class Strategy:
     @property
     def sampler(self) -> ClientSampler:
         """The client sampler of ``fraction``, ``min_clients`` and ``seed``."""
-        return ClientSampler(fraction=self.fraction, min_clients=self.min_clients, seed=self.seed)
+        return ClientSampler(fraction=self.fraction, min_clients=self.min_clients, seed=self.seed, mode=self.sampling)
 
     def _own_optimizer(self) -> ServerOptimizer | None:
         """The server optimizer a subclass derives from its own fields (FedAvgM, FedAdam, ...).

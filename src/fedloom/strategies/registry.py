@@ -44,7 +44,7 @@ STRATEGIES: dict[str, type[Strategy]] = {
 }
 """Name -> strategy class (read-only by convention)."""
 
-_COMMON = ("train", "fraction", "min_clients", "seed")
+_COMMON = ("train", "fraction", "min_clients", "seed", "sampling")
 
 
 def list_strategies() -> list[str]:
@@ -88,6 +88,7 @@ def build_strategy(
     fraction: float = 0.1,
     min_clients: int = 1,
     seed: int = 0,
+    sampling: str = "fixed",
     **params: Any,
 ) -> Strategy:
     """A strategy called ``name`` with the common selection settings and its own ``params``."""
@@ -102,4 +103,4 @@ def build_strategy(
             raise ConfigError(f"strategy {name!r} requires this parameter", key=f"strategy.{key}")
     if train is not None:
         params["train"] = train
-    return cls(fraction=fraction, min_clients=min_clients, seed=seed, **params)
+    return cls(fraction=fraction, min_clients=min_clients, seed=seed, sampling=sampling, **params)  # type: ignore[arg-type]

@@ -67,6 +67,7 @@ class Scaffold(FedAvg):
     """
 
     name = "scaffold"
+    update_extras = (CONTROL_DELTA,)
 
     weighted: bool = False
     num_clients: int | None = None

@@ -1,8 +1,12 @@
-"""Client selection: a seeded fraction C of the available clients, with a minimum.
+"""Client selection: a seeded fraction C of the available clients.
 
-As in McMahan et al. 2017, each round samples ``m = max(C * K, min_clients)`` of the ``K``
-available clients uniformly without replacement. The draw depends only on (seed, round,
-the set of available ids), so a resumed run selects the same cohorts.
+``fixed`` (the default): as in McMahan et al. 2017, each round samples
+``m = max(C * K, min_clients)`` of the ``K`` available clients uniformly without replacement.
+``poisson``: each available client joins independently with probability q = C, so the cohort
+size varies (it may be empty); this is the sampling the privacy accountant models for
+user-level differential privacy (McMahan et al. 2018), and ``min_clients`` only says how many
+clients must be available. Either draw depends only on (seed, round, the set of available
+ids), so a resumed run selects the same cohorts.
 """
 
 from __future__ import annotations
@@ -10,27 +14,33 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Literal
 
 import numpy as np
 
-from fedloom.core.errors import StrategyError
+from fedloom.core.errors import ConfigError, StrategyError
 from fedloom.strategies._checks import check_int, check_real
 
-__all__ = ["ClientSampler"]
+__all__ = ["ClientSampler", "SamplingName"]
+
+SamplingName = Literal["fixed", "poisson"]
 
 
 @dataclass(frozen=True)
 class ClientSampler:
-    """Samples ``max(floor(fraction * K), min_clients)`` of ``K`` available clients."""
+    """Samples ``max(floor(fraction * K), min_clients)`` of ``K`` available clients, or each with prob. ``fraction``."""
 
     fraction: float = 0.1
     min_clients: int = 1
     seed: int = 0
+    mode: SamplingName = "fixed"
 
     def __post_init__(self) -> None:
         check_real(self.fraction, key="fraction", low=0.0, high=1.0, low_open=True)
         check_int(self.min_clients, key="min_clients", low=1)
         check_int(self.seed, key="seed", low=0)
+        if self.mode not in ("fixed", "poisson"):
+            raise ConfigError(f"must be 'fixed' or 'poisson', got {self.mode!r}", key="strategy.sampling")
 
     def cohort_size(self, num_available: int) -> int:
         """How many clients a round with ``num_available`` clients selects."""
@@ -41,7 +51,10 @@ class ClientSampler:
         ids = sorted(set(available))
         if len(ids) < self.min_clients:
             raise StrategyError(f"round {rnd}: {len(ids)} clients available, min_clients is {self.min_clients}")
-        k = self.cohort_size(len(ids))
         rng = np.random.default_rng([self.seed, rnd])
+        if self.mode == "poisson":
+            keep = rng.random(len(ids)) < self.fraction
+            return [cid for cid, k in zip(ids, keep, strict=True) if k]
+        k = self.cohort_size(len(ids))
         chosen = rng.choice(len(ids), size=k, replace=False)
         return sorted(ids[i] for i in chosen)

@@ -1,0 +1,110 @@
+"""What a person reads after each round and at the end of a run, within 80 columns.
+
+The per-round line and the final table show the metrics that matter first — the task's
+headline test metrics, the privacy ε, the training loss, federated evaluation — under short
+names (``acc`` for ``test_accuracy``, ``ε`` for ``dp_epsilon``), and as many as fit the
+terminal's width; the rest are named in one line below the table (all of them are in
+``history.json`` and ``metrics.png``).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+from rich.table import Table
+
+from fedloom.core.history import History, RoundRecord
+
+__all__ = ["fmt", "ordered_metrics", "round_line", "round_table", "short_name"]
+
+_SHORT = {
+    "accuracy": "acc",
+    "loss": "loss",
+    "mae": "mae",
+    "rmse": "rmse",
+    "auprc": "auprc",
+    "auroc": "auroc",
+    "f1": "f1",
+}
+_FIXED = {"dp_epsilon": "ε", "dp_epsilon_round": "ε/round", "dp_clip_norm": "clip C", "dp_unclipped": "unclipped", "train_loss": "train loss"}
+
+
+def fmt(v: float) -> str:
+    """A metric value in at most 8 characters."""
+    if isinstance(v, float) and math.isnan(v):
+        return "nan"
+    a = abs(v)
+    if a != 0.0 and (a < 1e-3 or a >= 1e5):
+        return f"{v:.2e}"
+    return f"{v:.4f}" if a < 1000 else f"{v:.1f}"
+
+
+def short_name(metric: str) -> str:
+    """``test_accuracy`` -> ``acc``, ``fed_mae`` -> ``fed mae``, ``dp_epsilon`` -> ``ε``."""
+    if metric in _FIXED:
+        return _FIXED[metric]
+    for prefix, shown in (("test_", ""), ("fed_", "fed "), ("train_", "train ")):
+        if metric.startswith(prefix):
+            rest = metric[len(prefix) :]
+            return shown + _SHORT.get(rest, rest)
+    return metric
+
+
+def ordered_metrics(names: Sequence[str], headline: Sequence[str]) -> list[str]:
+    """``names`` by importance: headline test metrics, ε, training loss, federated ones, the rest."""
+    heads = [f"test_{m}" for m in headline]
+    rank = {n: i for i, n in enumerate([*heads, "dp_epsilon", "train_loss", *(f"fed_{m}" for m in headline)])}
+    return sorted(names, key=lambda n: (rank.get(n, len(rank)), list(names).index(n)))
+
+
+def round_line(rec: RoundRecord, headline: Sequence[str], width: int = 80) -> str:
+    """One round as one line of at most ``width`` characters."""
+    head = f"round {rec.round:4d} {len(rec.clients):4d} cl {rec.seconds:6.2f} s"
+    tail = f" rej {len(rec.rejected)}" if rec.rejected else ""
+    if rec.status != "ok":
+        tail += f" {rec.status}"
+    parts = []
+    used = len(head) + len(tail)
+    for n in ordered_metrics(list(rec.metrics), headline):
+        item = f" {short_name(n)} {fmt(rec.metrics[n])}"
+        if used + len(item) > width:
+            break
+        parts.append(item)
+        used += len(item)
+    return head + "".join(parts) + tail
+
+
+def round_table(history: History, headline: Sequence[str], *, title: str, width: int = 80, max_rows: int = 25) -> tuple[Table, list[str]]:
+    """The per-round table with the columns that fit ``width``, and the names of those left out."""
+    names = ordered_metrics(history.metric_names(), headline)
+    rows = [rec for i, rec in enumerate(history) if i % max(1, len(history) // max_rows) == 0 or i == len(history) - 1]
+
+    def col_width(header: str, cells: list[str]) -> int:
+        return max([len(header), *map(len, cells)]) + 3  # padding and the separator
+
+    fixed = [("round", [str(r.round) for r in rows]), ("cl", [str(len(r.clients)) for r in rows])]
+    fixed.append(("MB down/up", [f"{r.bytes_down / 1e6:.1f}/{r.bytes_up / 1e6:.1f}" for r in rows]))
+    used = 1 + sum(col_width(h, c) for h, c in fixed)
+    shown: list[str] = []
+    for n in names:
+        cells = [fmt(r.metrics[n]) if n in r.metrics else "" for r in rows]
+        w = col_width(short_name(n), cells)
+        if used + w > width:
+            continue
+        shown.append(n)
+        used += w
+    table = Table(title=title)
+    table.add_column("round", justify="right")
+    table.add_column("cl", justify="right")
+    for n in shown:
+        table.add_column(short_name(n), justify="right")
+    table.add_column("MB down/up", justify="right")
+    for r in rows:
+        table.add_row(
+            str(r.round),
+            str(len(r.clients)),
+            *[fmt(r.metrics[n]) if n in r.metrics else "" for n in shown],
+            f"{r.bytes_down / 1e6:.1f}/{r.bytes_up / 1e6:.1f}",
+        )
+    return table, [n for n in names if n not in shown]
