@@ -14,7 +14,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Literal
@@ -57,6 +57,12 @@ class TrainConfig:
     Algorithms that change the local step (FedProx, SCAFFOLD) are not named here: they are
     gradient transforms the instruction lists (``ClientInstruction.transforms``).
     ``max_steps`` caps the number of local optimizer steps (None: full epochs).
+
+    Sample-level DP-SGD (Abadi et al. 2016, see :mod:`fedloom.client.dpsgd`) is on when
+    ``dp_clip_norm`` is set: each per-sample gradient is clipped to L2 norm
+    ``dp_clip_norm`` (over all trainable parameters together), Gaussian noise of std
+    ``dp_noise_multiplier * dp_clip_norm`` is added to their sum each step, and batches are
+    Poisson-sampled instead of shuffled.
     """
 
     epochs: int = 1
@@ -70,6 +76,13 @@ class TrainConfig:
     eps: float = 1e-8
     loss: LossName = "cross_entropy"
     max_steps: int | None = None
+    dp_clip_norm: float | None = None
+    dp_noise_multiplier: float = 0.0
+
+    @property
+    def dpsgd(self) -> bool:
+        """Whether local training runs DP-SGD (a per-sample clip norm is set)."""
+        return self.dp_clip_norm is not None
 
     def __post_init__(self) -> None:
         def bad(key: str, msg: str) -> ConfigError:
@@ -97,6 +110,24 @@ class TrainConfig:
             raise bad("loss", f"must be one of {_LOSSES}, got {self.loss!r}")
         if self.max_steps is not None and (not isinstance(self.max_steps, int) or self.max_steps < 1):
             raise bad("max_steps", f"must be an integer >= 1 or unset, got {self.max_steps!r}")
+        self._check_dp(bad)
+
+    def _check_dp(self, bad: Callable[[str, str], ConfigError]) -> None:
+        """Validate the DP-SGD fields; store them as floats (JSON may deliver integers)."""
+
+        def number(v: object) -> bool:
+            return not isinstance(v, bool) and isinstance(v, (int, float)) and math.isfinite(v)
+
+        clip, sigma = self.dp_clip_norm, self.dp_noise_multiplier
+        if clip is not None:
+            if not (number(clip) and clip > 0):
+                raise bad("dp_clip_norm", f"must be a finite number > 0 or unset, got {clip!r}")
+            object.__setattr__(self, "dp_clip_norm", float(clip))
+        if not (number(sigma) and sigma >= 0):
+            raise bad("dp_noise_multiplier", f"must be a finite number >= 0, got {sigma!r}")
+        if sigma > 0 and clip is None:
+            raise bad("dp_noise_multiplier", f"is {sigma!r} but client.dp_clip_norm is unset: noise needs a clip norm")
+        object.__setattr__(self, "dp_noise_multiplier", float(sigma))
 
 
 @dataclass(frozen=True)
