@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 from fedloom.core.errors import ConfigError
 
-__all__ = ["LOSSES", "LossFn", "get_loss"]
+__all__ = ["LOSSES", "LossFn", "get_loss", "per_sample_loss"]
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -53,3 +53,22 @@ def get_loss(name: str) -> LossFn:
         return LOSSES[name]
     except KeyError:
         raise ConfigError(f"unknown loss {name!r}; known: {sorted(LOSSES)}", key="client.loss") from None
+
+
+_PER_SAMPLE: dict[str, Callable[..., torch.Tensor]] = {
+    "bce": F.binary_cross_entropy_with_logits,
+    "mse": F.mse_loss,
+    "l1": F.l1_loss,
+    "huber": F.huber_loss,
+}
+
+
+def per_sample_loss(name: str, out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Per-sample losses ``(N,)`` whose mean is :func:`get_loss` ``(name)``."""
+    if name == "cross_entropy":
+        return F.cross_entropy(out, y, reduction="none")
+    fn = _PER_SAMPLE.get(name)
+    if fn is None:
+        raise ConfigError(f"unknown loss {name!r}; known: {sorted(LOSSES)}", key="client.loss")
+    n = out.shape[0]
+    return fn(out.reshape(n, -1), y.to(out.dtype).reshape(n, -1), reduction="none").mean(1)
