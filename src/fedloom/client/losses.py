@@ -6,6 +6,7 @@ models output (N, 1) (or (N,)) and take float targets of shape (N,).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import torch
@@ -71,4 +72,5 @@ def per_sample_loss(name: str, out: torch.Tensor, y: torch.Tensor) -> torch.Tens
     if fn is None:
         raise ConfigError(f"unknown loss {name!r}; known: {sorted(LOSSES)}", key="client.loss")
     n = out.shape[0]
-    return fn(out.reshape(n, -1), y.to(out.dtype).reshape(n, -1), reduction="none").mean(1)
+    shape = (n, -1) if n else (0, math.prod(out.shape[1:]))  # an empty (Poisson) batch: no -1 to infer
+    return fn(out.reshape(shape), y.to(out.dtype).reshape(shape), reduction="none").mean(1)
