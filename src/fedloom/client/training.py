@@ -13,6 +13,11 @@ client's data, :func:`train_local` runs ``epochs`` passes of minibatch training:
 * after training, each transform's ``finish`` adds its extras (SCAFFOLD's
   ``control_delta``) and updates the client state.
 
+With ``cfg.dp_clip_norm`` set, local training is sample-level DP-SGD instead
+(:mod:`fedloom.client.dpsgd`): Poisson-sampled batches, and each step's gradient is the
+clipped, noised per-sample gradient sum that Opacus computes, before the transforms and the
+optimizer step.
+
 The result is the delta ``local − global`` over the WHOLE state (buffers such as BatchNorm
 statistics included), the number of examples and steps, and the mean training loss.
 """
@@ -25,6 +30,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from fedloom.client.dpsgd import OpacusDPSGD, poisson_batches
 from fedloom.client.losses import get_loss
 from fedloom.client.transforms import GradientTransform, build_transforms
 from fedloom.core.errors import ConfigError
@@ -118,28 +124,36 @@ def train_local(
     prepared = [t.prepare(spec, global_vec, instruction, state) for t in transforms]
     laid = [{k: _trainable_views(spec, v[k], model) for k in t.laid_out} for t, v in zip(transforms, prepared, strict=True)]
 
-    batches = batch_order(n, cfg, instruction.seed)
+    dp = OpacusDPSGD(model, opt, cfg, n, instruction.seed, device) if cfg.dpsgd else None
+    batches = batch_order(n, cfg, instruction.seed) if dp is None else poisson_batches(n, cfg, instruction.seed)
     x, y = data.x.to(device), data.y.to(device)
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
     seen = 0
-    with torch.random.fork_rng(devices=[] if device.type == "cpu" else [device]):
-        torch.manual_seed(instruction.seed % (2**63))
-        for idx in batches:
-            idx = idx.to(device)
-            opt.zero_grad(set_to_none=False)
-            loss = loss_fn(model(x[idx]), y[idx])
-            loss.backward()
-            if transforms:
-                grads = [p.grad for p in params]
-                for t, vecs in zip(transforms, laid, strict=True):
-                    t.apply(params, grads, vecs)  # type: ignore[arg-type]
-            opt.step()
-            if transforms:
-                with torch.no_grad():
+    try:
+        with torch.random.fork_rng(devices=[] if device.type == "cpu" else [device]):
+            torch.manual_seed(instruction.seed % (2**63))
+            for idx in batches:
+                idx = idx.to(device)
+                opt.zero_grad(set_to_none=False)
+                if dp is None:
+                    loss = loss_fn(model(x[idx]), y[idx])
+                    loss.backward()
+                    loss_sum += loss.detach().to(torch.float64) * len(idx)
+                else:  # p.grad: the clipped, noised per-sample gradient sum over q·n
+                    loss_sum += dp.backward(x[idx], y[idx]).to(torch.float64)
+                if transforms:
+                    grads = [p.grad for p in params]
                     for t, vecs in zip(transforms, laid, strict=True):
-                        t.after_step(params, vecs)
-            loss_sum += loss.detach().to(torch.float64) * len(idx)
-            seen += len(idx)
+                        t.apply(params, grads, vecs)  # type: ignore[arg-type]
+                opt.step()
+                if transforms:
+                    with torch.no_grad():
+                        for t, vecs in zip(transforms, laid, strict=True):
+                            t.after_step(params, vecs)
+                seen += len(idx)
+    finally:
+        if dp is not None:
+            dp.close()
 
     local_vec = spec.module_vector(model).to(global_vec.dtype)
     return finish_local(

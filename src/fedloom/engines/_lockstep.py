@@ -35,8 +35,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 from torch.func import functional_call, grad_and_value, vmap
 
-from fedloom.client.losses import LOSSES, get_loss
-from fedloom.core.errors import ConfigError
+from fedloom.client.losses import get_loss, per_sample_loss
 from fedloom.core.params import ParamSpec
 
 __all__ = [
@@ -109,26 +108,6 @@ class SlotStack:
         """Inverse of :meth:`stack`: (K, P) per-client rows."""
         k = self.k
         return torch.cat([buf[k * s.col : k * (s.col + s.numel)].view(k, s.numel) for s in self.slots.values()], dim=1)
-
-
-# --------------------------------------------------------------------------- losses
-_PER_SAMPLE: dict[str, Callable[..., torch.Tensor]] = {
-    "bce": F.binary_cross_entropy_with_logits,
-    "mse": F.mse_loss,
-    "l1": F.l1_loss,
-    "huber": F.huber_loss,
-}
-
-
-def per_sample_loss(name: str, out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """Per-sample losses ``(N,)`` whose mean is :func:`fedloom.client.losses.get_loss` ``(name)``."""
-    if name == "cross_entropy":
-        return F.cross_entropy(out, y, reduction="none")
-    fn = _PER_SAMPLE.get(name)
-    if fn is None:
-        raise ConfigError(f"unknown loss {name!r}; known: {sorted(LOSSES)}", key="client.loss")
-    n = out.shape[0]
-    return fn(out.reshape(n, -1), y.to(out.dtype).reshape(n, -1), reduction="none").mean(1)
 
 
 class LockstepProgram(ABC):
