@@ -113,6 +113,8 @@ def test_empty_batches_and_a_torch_func_model_match_sequential() -> None:
     cfg = TrainConfig(epochs=1, batch_size=1, lr=0.1, momentum=0.5, dp_clip_norm=1.0, dp_noise_multiplier=1.0)
     batches = [poisson_batches(n, cfg, 100 + i) for i, n in enumerate((5, 8, 3))]
     assert any(len(b) == 0 for bs in batches for b in bs)  # q = 1/n: some steps draw nobody
+    # ... and at some step no active client draws anybody (the chunk's batch is empty).
+    assert any(all(len(bs[t]) == 0 for bs in batches if len(bs) > t) for t in range(8))
     seq, vec, engine = _run(_mlp, data, cfg)
     _assert_same(seq, vec)
     seq, vec, engine = _run(_Residual, _dataset(), TrainConfig(epochs=1, batch_size=5, lr=0.1, dp_clip_norm=0.5, dp_noise_multiplier=1.0))
