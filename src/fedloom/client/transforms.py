@@ -15,8 +15,9 @@ client and broadcasts as ``(1, *shape)``).
   ``extras["control_delta"] = c_i⁺ − c_i`` and keeps ``c_i⁺`` as client state.
 
 ``after_step`` is the hook for transforms that act on the parameters after the optimizer
-(a pruning mask keeping pruned weights at exactly zero); per-sample gradient transforms
-(DP-SGD clipping) will hook into the backward of each backend. An instruction names its
+(a pruning mask keeping pruned weights at exactly zero). Sample-level DP-SGD is not a
+transform: it changes how each backend computes the gradient (:mod:`fedloom.client.dpsgd`),
+and the transforms then edit the privatized gradient (post-processing). An instruction names its
 transforms as recipes (:class:`~fedloom.core.types.ComponentSpec`); :func:`build_transforms`
 makes them.
 """

@@ -31,6 +31,14 @@ Updates, SCAFFOLD extras and client states are built by
 
 Dropout masks are independent per client but drawn from a per-chunk generator, so they
 differ from the sequential engine's (the run is still reproducible for a given config).
+
+DP-SGD (``cfg.dp_clip_norm`` set; semantics in :mod:`fedloom.client.dpsgd`) replaces the
+program's mean-loss gradient by the clipped, noised per-sample gradient sum of
+:mod:`fedloom.engines._dpsgd`, over each client's Poisson batches (padded to the step's
+largest batch; a batch may be empty), with each client's own noise generator: the noise is
+the sequential engine's, number for number. Clients are still sorted by their (fixed)
+number of steps, so the active clients stay a prefix.
+
 A model neither program handles (e.g. data-dependent Python control flow) falls back to
 the sequential engine with one logged warning.
 """
@@ -45,6 +53,7 @@ from typing import Literal
 
 import torch
 
+from fedloom.client.dpsgd import poisson_batches
 from fedloom.client.training import LocalResult, active_transforms, batch_order, finish_local
 from fedloom.client.transforms import GradientTransform
 from fedloom.core.errors import ConfigError, EngineError
@@ -52,6 +61,7 @@ from fedloom.core.params import ParamSpec
 from fedloom.core.seeding import derive_seed
 from fedloom.core.types import ClientInstruction, ClientUpdate, Payload, TrainConfig
 from fedloom.data.base import FederatedDataset, Split
+from fedloom.engines._dpsgd import ChunkPrivatizer, PerSampleClipper
 from fedloom.engines._lockstep import (
     LockstepProgram,
     LoweredProgram,
@@ -187,6 +197,8 @@ class VectorizedEngine(Engine):
         self.dataset = dataset
         self.device = torch.device(device)
         self.chunk_size = chunk_size
+        self._model_fn = model_fn
+        self._clipper: PerSampleClipper | None = None  # built at the first DP-SGD chunk
         default = DEFAULT_CPU_BUDGET if self.device.type == "cpu" else DEFAULT_GPU_BUDGET
         self.memory_budget_bytes = memory_budget_bytes or default
         self._sequential = SequentialEngine(model_fn=model_fn, dataset=dataset, spec=spec, device=device)
@@ -225,7 +237,8 @@ class VectorizedEngine(Engine):
 
         A client's working set: its state row, its trainable parameters, gradients, optimizer
         state and per-client transform vectors (SCAFFOLD's correction), its batch and the
-        activations (and their gradients).
+        activations (and their gradients); under DP-SGD also its per-sample gradients, for a
+        Poisson batch of up to ``B + 3·sqrt(B)`` samples.
         """
         if self.chunk_size is not None:
             return self.chunk_size
@@ -234,6 +247,8 @@ class VectorizedEngine(Engine):
         per_client_vectors = sum(len(set(t.laid_out) - t.shared) for t in transforms)
         matrices = 2 + opt_states + per_client_vectors
         per_client = self.spec.numel + p * matrices + cfg.batch_size * (self._sample_numel + 3 * self._act_numel)
+        if cfg.dpsgd:
+            per_client += _dp_width(cfg.batch_size) * (p + self._sample_numel)
         return max(1, self.memory_budget_bytes // (per_client * self.spec.dtype.itemsize))
 
     # ----------------------------------------------------------------- training
@@ -269,9 +284,19 @@ class VectorizedEngine(Engine):
         for ins, split in zip(chunk, splits, strict=True):
             if len(split) == 0:
                 raise ConfigError(f"client {ins.client_id!r} has no training data", key="data")
-        orders = [batch_order(len(s), cfg, ins.seed) for ins, s in zip(chunk, splits, strict=True)]
-        plan = _BatchPlan.build(splits, orders, cfg.batch_size, device, g.dtype)
+        draw = poisson_batches if cfg.dpsgd else batch_order
+        orders = [draw(len(s), cfg, ins.seed) for ins, s in zip(chunk, splits, strict=True)]
+        # Poisson batches vary in size (and may be empty): pad to the largest one.
+        width = max(1, max(len(b) for o in orders for b in o)) if cfg.dpsgd else cfg.batch_size
+        plan = _BatchPlan.build(splits, orders, width, device, g.dtype)
         rows, steps, k = plan.rows, plan.steps, len(chunk)
+        dp = None
+        if cfg.dpsgd:
+            if self._clipper is None:
+                with torch.random.fork_rng(devices=[] if device.type == "cpu" else [device]):  # init draws
+                    self._clipper = PerSampleClipper(self._model_fn().to(device), spec)
+            sizes = [len(splits[i]) for i in rows]
+            dp = ChunkPrivatizer(self._clipper, cfg, [chunk[i] for i in rows], sizes, device, g.dtype)
 
         stack = SlotStack(self._slots, k)
         theta_g = torch.cat([g[c] for c in self._cols]) if self._cols else g.new_zeros(0)
@@ -304,7 +329,9 @@ class VectorizedEngine(Engine):
 
         optimizer = _StackedOptimizer(cfg, theta, stack)
         # Plain SGD (FedAvg's local solver): the program applies it, fused where it can.
-        plain = cfg.optimizer == "sgd" and cfg.momentum == 0.0 and cfg.weight_decay == 0.0 and not transforms
+        plain = (
+            cfg.optimizer == "sgd" and cfg.momentum == 0.0 and cfg.weight_decay == 0.0 and not transforms and dp is None
+        )
         sgd_lr = cfg.lr if plain else None
         loss_sum = torch.zeros(k, dtype=torch.float64, device=device)
 
@@ -313,15 +340,19 @@ class VectorizedEngine(Engine):
         with torch.random.fork_rng(devices=[] if device.type == "cpu" else [device]):
             torch.manual_seed(seed)  # the vmap program's dropout draws from the global RNG
             for t, ka in enumerate(plan.active):
-                ix = plan.index[t, :ka]
                 params, grads = stack.views(theta, ka), stack.views(grad, ka)
                 cnt = plan.counts[t, :ka]
-                x, y = plan.x[ix], plan.y[ix]
                 counts = plan.count_lists[t][:ka]
-                losses = self.program.step(params, grads, state[:ka], x, y, cnt, counts, cfg.loss, gen, sgd_lr)
-                loss_sum[:ka] += losses.to(torch.float64) * cnt.to(torch.float64)
-                if sgd_lr is not None:
-                    continue
+                if dp is None:
+                    ix = plan.index[t, :ka]
+                    x, y = plan.x[ix], plan.y[ix]
+                    losses = self.program.step(params, grads, state[:ka], x, y, cnt, counts, cfg.loss, gen, sgd_lr)
+                    loss_sum[:ka] += losses.to(torch.float64) * cnt.to(torch.float64)
+                    if sgd_lr is not None:
+                        continue
+                else:  # the privatized gradient; the loss is a sum over the real samples
+                    ix = plan.index[t, :ka, : max(counts)]
+                    loss_sum[:ka] += dp.step(params, grads, state[:ka], plan.x[ix], plan.y[ix], cnt).to(torch.float64)
                 if transforms:
                     plist, glist = list(params.values()), list(grads.values())
                     for j, t in enumerate(transforms):
@@ -373,7 +404,8 @@ class _BatchPlan:
     ``rows[r]`` is the chunk position of row r; rows are sorted by number of steps, longest
     first, so the ``active[t]`` clients that still step at t are rows ``[0, active[t])``.
     ``index[t, r]`` holds row r's sample indices at step t, padded to B by repeating its
-    first sample; ``counts[t, r]`` (also ``count_lists``) its real batch size.
+    first sample (the client's first example for an empty batch); ``counts[t, r]`` (also
+    ``count_lists``) its real batch size.
     """
 
     rows: list[int]
@@ -398,7 +430,7 @@ class _BatchPlan:
         for r, i in enumerate(rows):
             for t, batch in enumerate(orders[i]):
                 index[t, r, : len(batch)] = batch + offset
-                index[t, r, len(batch) :] = batch[0] + offset
+                index[t, r, len(batch) :] = (batch[0] if len(batch) else 0) + offset
                 counts[t, r] = len(batch)
             offset += len(splits[i])
         return cls(
@@ -411,6 +443,11 @@ class _BatchPlan:
             counts=counts.to(device=device, dtype=dtype),
             count_lists=counts.tolist(),
         )
+
+
+def _dp_width(b: int) -> int:
+    """A generous bound on a Poisson batch of expected size ``b`` (for the memory estimate)."""
+    return b + math.ceil(3 * math.sqrt(b))
 
 
 class _StackedOptimizer:
