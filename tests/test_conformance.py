@@ -31,7 +31,17 @@ PIPELINES = {
 }
 
 
-def _config(pipeline: str, **run: Any):  # type: ignore[no-untyped-def]
+PRIVACY = {
+    "central": {"mode": "central", "noise_multiplier": 0.8, "clip_norm": 0.05, "adaptive_clipping": True, "count_stddev": 1.0},
+    "local": {"mode": "local", "noise_multiplier": 0.5, "clip_norm": 0.05},
+    "sample": {"mode": "sample", "noise_multiplier": 1.1, "clip_norm": 1.0},
+}
+
+
+def _config(pipeline: str, privacy: str | None = None, **run: Any):  # type: ignore[no-untyped-def]
+    extra: dict[str, Any] = {}
+    if privacy is not None:  # seeded noise: the engines must draw the same (a deployment defaults to OS entropy)
+        extra = {"privacy": {**PRIVACY[privacy], "noise": "seeded"}, "strategy": {"name": "fedavg", "fraction": 1.0, "sampling": "poisson"}}
     return parse_config(
         {
             "run": {"name": "conformance", "seed": 5, "rounds": 3, **run},
@@ -44,12 +54,13 @@ def _config(pipeline: str, **run: Any):  # type: ignore[no-untyped-def]
                 "round_timeout": 60, "heartbeat_interval": 0.5, "max_pull_wait": 0.5,
             },
             **PIPELINES[pipeline],
+            **extra,
         }
     )  # fmt: skip
 
 
-def _simulate(pipeline: str, engine: str, **run: Any) -> Run:
-    r = build_run(_config(pipeline, engine=engine, **run))
+def _simulate(pipeline: str, engine: str, privacy: str | None = None, **run: Any) -> Run:
+    r = build_run(_config(pipeline, privacy, engine=engine, **run))
     try:
         r.federation.run(3)
     finally:
@@ -57,8 +68,11 @@ def _simulate(pipeline: str, engine: str, **run: Any) -> Run:
     return r
 
 
-def _deploy(pipeline: str) -> tuple[Run, list[ClientAgent]]:
-    r = build_run(_config(pipeline), engine="remote")
+def _deploy(pipeline: str, privacy: str | None = None) -> tuple[Run, list[ClientAgent]]:
+    cfg = _config(pipeline, privacy)
+    if privacy is not None:
+        cfg = cfg.model_copy(update={"deploy": cfg.deploy.model_copy(update={"round_retries": 0})})
+    r = build_run(cfg, engine="remote")
     port = r.engine.port  # type: ignore[attr-defined]
     agents = [
         ClientAgent(r.dataset.clients[s], AgentOptions(server=f"127.0.0.1:{port}", client_id=s, pull_wait=0.5))
@@ -141,3 +155,27 @@ def test_every_engine_runs_the_same_pipeline(pipeline: str) -> None:
     assert all(r.bytes_up == 3 * per_client for r in ref.history)
     down = 4 * ref.spec.numel if pipeline == "fp16" else p + 4 * math.ceil(p / 512) + 4 * b  # QSGD-8 broadcast
     assert all(r.bytes_down == 3 * down for r in ref.history)
+
+
+@pytest.mark.parametrize("privacy", sorted(PRIVACY))
+def test_every_engine_gives_the_same_private_run(privacy: str) -> None:
+    """Clipping and local noise in the clients (agents), central noise in the server: the same run everywhere."""
+    seq = _simulate("fp16", "sequential", privacy)
+    vec = _simulate("fp16", "vectorized", privacy)
+    ray_run = _simulate("fp16", "ray", privacy, ray_workers=2)
+    remote, _ = _deploy("fp16", privacy)
+    ref = seq.federation
+    eps = [r.metrics["dp_epsilon"] for r in ref.history]
+    assert eps == sorted(eps) and eps[0] > 0
+    assert torch.equal(remote.federation.state.params, ref.state.params)
+    for other in (remote.federation, vec.federation, ray_run.federation):
+        assert [r.metrics["dp_epsilon"] for r in other.history] == eps
+        assert all(sorted(o.clients) == sorted(s.clients) for o, s in zip(other.history, ref.history, strict=True))
+        assert all("train_loss" not in r.metrics for r in other.history)
+    for other in (vec.federation, ray_run.federation):
+        _close(other.state.params, ref.state.params)
+    if privacy == "central":  # the adaptive clip norm follows the same noised counts
+        clip = [r.metrics["dp_clip_norm"] for r in ref.history]
+        assert clip[1] != clip[0]
+        for other in (remote.federation, vec.federation, ray_run.federation):
+            assert [r.metrics["dp_clip_norm"] for r in other.history] == pytest.approx(clip, rel=1e-12)

@@ -111,7 +111,7 @@ class Federation:
         user = pipeline or Pipeline()
         own = strategy.stages()
         if any(st.weighting for st in user.stages):
-            other = [st.name for st in own if not st.weighting]
+            other = [st.name for st in own if not (st.weighting and st.runs_on_client)]  # data-dependent weights stay
             if other:
                 theirs = next(st.name for st in user.stages if st.weighting)
                 raise ConfigError(

@@ -26,6 +26,8 @@ __all__ = ["ExampleWeighting", "UniformWeighting", "WeightingStage"]
 class WeightingStage(Stage):
     """Weight each client's delta client-side; divide the sum by the total weight at the end."""
 
+    weighting: ClassVar[bool] = True
+
     def weight_of(self, update: ClientUpdate) -> float:
         raise NotImplementedError
 

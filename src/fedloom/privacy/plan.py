@@ -74,7 +74,7 @@ def _check_common(section: PrivacySection, strategy: Strategy, user_stages: Sequ
         raise _refuse(
             f"the model has buffers ({', '.join(has_buffers[:3])}{', ...' if len(has_buffers) > 3 else ''}): statistics "
             "such as BatchNorm's are computed from the data and would leave unprotected; use a model without them "
-            "(e.g. model.batch_norm = false)"
+            "(e.g. model.batchnorm = false for the MLP)"
         )
     if (section.noise_multiplier is None) == (section.target_epsilon is None):
         raise ConfigError("give exactly one of privacy.noise_multiplier and privacy.target_epsilon", key="privacy")
@@ -86,7 +86,7 @@ def _check_central(
     strategy: Strategy, user_stages: Sequence[Stage], *, min_updates: int, round_retries: int, over_selection: float
 ) -> None:
     own = strategy.stages()
-    if not own or not all(isinstance(st, WeightingStage) for st in own):
+    if not own or not all(isinstance(st, WeightingStage) and st.runs_on_client for st in own):
         raise _refuse(
             f"central DP needs a strategy that averages the clipped updates; {strategy.name!r} aggregates "
             "differently (a median, Krum or data-dependent weights), so one client's influence is not bounded by the clip norm"
