@@ -45,6 +45,7 @@ Privacy." CCS 2016.
 from __future__ import annotations
 
 import math
+import secrets
 import warnings
 from typing import Any
 
@@ -107,9 +108,14 @@ def poisson_batches(n: int, cfg: TrainConfig, seed: int) -> list[torch.Tensor]:
     return [torch.nonzero(torch.rand(n, generator=gen) < q).flatten() for _ in range(steps)]
 
 
-def noise_generator(seed: int, device: torch.device | str = "cpu") -> torch.Generator:
-    """A client's noise generator for one round, on ``device``, seeded with ``derive_seed(seed, "dpsgd-noise")``."""
-    return torch.Generator(device=device).manual_seed(derive_seed(seed, "dpsgd-noise"))
+def noise_generator(seed: int, device: torch.device | str = "cpu", source: str = "seeded") -> torch.Generator:
+    """A client's noise generator for one round, on ``device``.
+
+    Seeded with ``derive_seed(seed, "dpsgd-noise")`` (``source="seeded"``), or with 63 bits of OS
+    entropy (``"os"``: the server that chose ``seed`` cannot recompute the noise).
+    """
+    gen = torch.Generator(device=device)
+    return gen.manual_seed(secrets.randbits(63) if source == "os" else derive_seed(seed, "dpsgd-noise"))
 
 
 def noise_std(cfg: TrainConfig) -> float:
@@ -166,7 +172,7 @@ class OpacusDPSGD:
                 max_grad_norm=cfg.dp_clip_norm,
                 expected_batch_size=expected_batch_size(n, cfg),
                 loss_reduction="mean",
-                generator=noise_generator(seed, device),
+                generator=noise_generator(seed, device, cfg.dp_noise),
                 secure_mode=False,
             )
         except BaseException:

@@ -62,7 +62,10 @@ class TrainConfig:
     ``dp_clip_norm`` is set: each per-sample gradient is clipped to L2 norm
     ``dp_clip_norm`` (over all trainable parameters together), Gaussian noise of std
     ``dp_noise_multiplier * dp_clip_norm`` is added to their sum each step, and batches are
-    Poisson-sampled instead of shuffled.
+    Poisson-sampled instead of shuffled. ``dp_noise`` says where the noise's seed comes
+    from: ``seeded`` (from the instruction's seed: reproducible, for simulation; the server
+    chose that seed, so it could recompute the noise) or ``os`` (OS entropy on the client:
+    what a deployment needs).
     """
 
     epochs: int = 1
@@ -78,6 +81,7 @@ class TrainConfig:
     max_steps: int | None = None
     dp_clip_norm: float | None = None
     dp_noise_multiplier: float = 0.0
+    dp_noise: Literal["seeded", "os"] = "seeded"
 
     @property
     def dpsgd(self) -> bool:
@@ -128,6 +132,8 @@ class TrainConfig:
         if sigma > 0 and clip is None:
             raise bad("dp_noise_multiplier", f"is {sigma!r} but client.dp_clip_norm is unset: noise needs a clip norm")
         object.__setattr__(self, "dp_noise_multiplier", float(sigma))
+        if self.dp_noise not in ("seeded", "os"):
+            raise bad("dp_noise", f"must be 'seeded' or 'os', got {self.dp_noise!r}")
 
 
 @dataclass(frozen=True)

@@ -127,7 +127,7 @@ class ChunkPrivatizer:
         self.clip = cfg.dp_clip_norm
         self.loss = cfg.loss
         self.std = noise_std(cfg)
-        self.gens = [noise_generator(ins.seed, device) for ins in instructions] if self.std > 0 else []
+        self.gens = [noise_generator(ins.seed, device, cfg.dp_noise) for ins in instructions] if self.std > 0 else []
         self.denom = torch.tensor([expected_batch_size(n, cfg) for n in sizes], dtype=dtype, device=device)
 
     def step(

@@ -206,7 +206,7 @@ def plan_privacy(
             max_steps=train.max_steps, delta=delta, accountant=accountant, max_epsilon=section.max_epsilon,
         )  # fmt: skip
         new_train = TrainConfig(
-            **{**train.__dict__, "dp_clip_norm": section.clip_norm, "dp_noise_multiplier": sigma}
+            **{**train.__dict__, "dp_clip_norm": section.clip_norm, "dp_noise_multiplier": sigma, "dp_noise": noise}
         )
         what = "sample-level DP-SGD in local training"
     assert sigma is not None and math.isfinite(sigma)
