@@ -145,11 +145,13 @@ def _table(rows: list[dict[str, Any]]) -> str:
     for r in sorted(rows, key=lambda r: (r["suite"], r["target_epsilon"] or math.inf)):
         b = base.get(r["suite"])
         over = f"{r['seconds'] / b['seconds']:.2f}x" if b and r is not b else ""
+        eps = "" if r["epsilon"] is None else f"{r['epsilon']:.3f}"
+        sigma = "" if r["noise_multiplier"] is None else f"{r['noise_multiplier']:.3f}"
+        plain = "" if b is None else f"{b['value']:.4f}"
+        target = r["target_epsilon"] if r["target_epsilon"] else "∞"
         out.append(
-            f"| {r['suite']} | {r['mode']} | {r['target_epsilon'] if r['target_epsilon'] else '∞'} | "
-            f"{'' if r['epsilon'] is None else f'{r['epsilon']:.3f}'} | "
-            f"{'' if r['noise_multiplier'] is None else f'{r['noise_multiplier']:.3f}'} | {r['metric']} | {r['value']:.4f} | "
-            f"{'' if b is None else f'{b['value']:.4f}'} | {r['seconds']:.0f} | {over} |"
+            f"| {r['suite']} | {r['mode']} | {target} | {eps} | {sigma} | {r['metric']} | {r['value']:.4f} | "
+            f"{plain} | {r['seconds']:.0f} | {over} |"
         )
     return "\n".join(out) + "\n"
 

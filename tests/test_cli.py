@@ -133,3 +133,28 @@ def test_compressed_example_records_the_encoded_bytes(tmp_path: Path) -> None:
     assert h["bytes"]["up"] == 10 * 8 * math.ceil(0.01 * p)  # 10 clients x k (int32 index + float32 value)
     assert h["bytes"]["down"] == 10 * 2 * p  # float16 broadcast
     assert h["metrics"]["test_accuracy"] > 0.2  # it learned something in one round
+
+
+def test_private_example_reports_epsilon_every_round_within_80_columns(tmp_path: Path) -> None:
+    from fedloom.client.dpsgd import dpsgd_sampling
+    from fedloom.core.config import load_config
+    from fedloom.data.registry import load_dataset
+    from fedloom.privacy import accountant as acct
+
+    out = tmp_path / "out"
+    args = ["run", str(EXAMPLES / "hospital_dp.toml"), "--set", "run.rounds=2", "--set", "client.max_steps=5", "--out", str(out)]
+    res = runner.invoke(app, args, env={"COLUMNS": "80"})
+    assert res.exit_code == 0, res.output
+    assert "privacy: sample-level DP-SGD" in res.output and "chosen for ε = 4 after 2 rounds" in res.output
+    assert max(len(line) for line in res.output.splitlines()) <= 80
+    assert "ε" in res.output.split("per-round metrics")[1].splitlines()[2]  # a column of the table
+    history = json.loads((out / "history.json").read_text())
+    cfg = load_config(EXAMPLES / "hospital_dp.toml", ["run.rounds=2", "client.max_steps=5"])
+    sizes = [len(c.train) for c in load_dataset("hospital", seed=0).clients.values()]
+    line = next(x for x in res.output.splitlines() if x.startswith("privacy:"))
+    sigma = float(line.split("σ = ")[1].split()[0])
+    train = cfg.client.train_config("huber")
+    for h in history:  # the worst site's ε: its (q, steps) per round, composed over the rounds so far
+        want = max(acct.epsilon(((sigma, q, h["round"] * s),), 1e-4) for q, s in (dpsgd_sampling(n, train) for n in sizes))
+        assert h["metrics"]["dp_epsilon"] == pytest.approx(want, rel=1e-3)  # σ printed with 4 digits
+        assert "train_loss" not in h["metrics"]

@@ -1,7 +1,7 @@
 """What a person reads after each round and at the end of a run, within 80 columns.
 
 The per-round line and the final table show the metrics that matter first — the task's
-headline test metrics, the privacy ε, the training loss, federated evaluation — under short
+headline test metric, the privacy ε, the other test metrics, the training loss, federated evaluation — under short
 names (``acc`` for ``test_accuracy``, ``ε`` for ``dp_epsilon``), and as many as fit the
 terminal's width; the rest are named in one line below the table (all of them are in
 ``history.json`` and ``metrics.png``).
@@ -52,9 +52,10 @@ def short_name(metric: str) -> str:
 
 
 def ordered_metrics(names: Sequence[str], headline: Sequence[str]) -> list[str]:
-    """``names`` by importance: headline test metrics, ε, training loss, federated ones, the rest."""
+    """``names`` by importance: the headline test metric, ε, the other test metrics, training loss, federated ones, the rest."""
     heads = [f"test_{m}" for m in headline]
-    rank = {n: i for i, n in enumerate([*heads, "dp_epsilon", "train_loss", *(f"fed_{m}" for m in headline)])}
+    first = [*heads[:1], "dp_epsilon", *heads[1:], "train_loss", *(f"fed_{m}" for m in headline)]
+    rank = {n: i for i, n in enumerate(first)}
     return sorted(names, key=lambda n: (rank.get(n, len(rank)), list(names).index(n)))
 
 
@@ -78,7 +79,8 @@ def round_line(rec: RoundRecord, headline: Sequence[str], width: int = 80) -> st
 def round_table(history: History, headline: Sequence[str], *, title: str, width: int = 80, max_rows: int = 25) -> tuple[Table, list[str]]:
     """The per-round table with the columns that fit ``width``, and the names of those left out."""
     names = ordered_metrics(history.metric_names(), headline)
-    rows = [rec for i, rec in enumerate(history) if i % max(1, len(history) // max_rows) == 0 or i == len(history) - 1]
+    step = max(1, math.ceil(len(history) / max_rows))
+    rows = [rec for i, rec in enumerate(history) if i % step == 0 or i == len(history) - 1]
 
     def col_width(header: str, cells: list[str]) -> int:
         return max([len(header), *map(len, cells)]) + 3  # padding and the separator

@@ -198,3 +198,77 @@ heartbeat_interval = 1
     simulated = _simulated(config)
     for k in deployed:
         assert torch.equal(deployed[k], simulated[k]), k
+
+
+def _simulated_history(config: Path) -> list[dict]:
+    cfg = load_config(config)
+    run = build_run(cfg.model_copy(update={"run": cfg.run.model_copy(update={"store": None})}), engine="sequential")
+    return [r.to_dict() for r in run.federation.run(cfg.run.rounds)]
+
+
+@pytest.mark.parametrize("mode", ["central", "sample"])
+def test_deployed_private_run_reports_the_simulations_epsilon(tmp_path: Path, mode: str) -> None:
+    """Server and client processes: clipping (or DP-SGD) in the clients, noise from OS entropy, the same ε."""
+    import json
+
+    port = _free_port()
+    privacy = (
+        'mode = "central"\nnoise_multiplier = 1.0\nclip_norm = 0.5\nadaptive_clipping = true\ncount_stddev = 1.0'
+        if mode == "central"
+        else 'mode = "sample"\ntarget_epsilon = 3.0\nclip_norm = 1.0'
+    )
+    config = tmp_path / "private.toml"
+    config.write_text(
+        f"""
+[run]
+name = "private"
+seed = 2
+rounds = 3
+[data]
+name = "hospital"
+[model]
+name = "mlp"
+hidden = [16]
+[strategy]
+name = "fedavg"
+fraction = 1.0
+sampling = "poisson"
+[client]
+batch_size = 64
+lr = 0.003
+optimizer = "adam"
+max_steps = 15
+[privacy]
+{privacy}
+[deploy]
+address = "127.0.0.1:{port}"
+insecure = true
+min_clients = 3
+round_retries = 0
+wait_timeout = 120
+round_timeout = 120
+"""
+    )
+    if mode == "sample":  # a deployed server cannot calibrate on example counts it does not know: give σ
+        config.write_text(config.read_text().replace("target_epsilon = 3.0", "noise_multiplier = 1.3"))
+    sites = ["hospital-A", "hospital-B", "hospital-C"]
+    procs = [_spawn(["server", str(config), "--out", str(tmp_path / "out"), "--insecure"], tmp_path / "server.log")]
+    try:
+        for cid in sites:
+            procs.append(
+                _spawn(["client", "--server", f"127.0.0.1:{port}", "--data", str(config), "--insecure", "--client-id", cid], tmp_path / f"{cid}.log")
+            )
+        assert procs[0].wait(timeout=300) == 0, _logs(tmp_path)
+        for p in procs[1:]:
+            assert p.wait(timeout=60) == 0, _logs(tmp_path)
+    finally:
+        _stop_all(procs)
+    server_log = (tmp_path / "server.log").read_text()
+    assert "noise os" in server_log, server_log  # a deployment draws its noise from OS entropy
+    deployed = json.loads((tmp_path / "out" / "history.json").read_text())
+    simulated = _simulated_history(config)
+    assert [r["metrics"]["dp_epsilon"] for r in deployed] == [r["metrics"]["dp_epsilon"] for r in simulated]
+    assert all(sorted(d["clients"]) == sites for d in deployed)
+    assert all("train_loss" not in d["metrics"] for d in deployed)
+    # the noise was not the seeded simulation's: the models differ
+    assert [r["metrics"]["test_mae"] for r in deployed] != [r["metrics"]["test_mae"] for r in simulated]

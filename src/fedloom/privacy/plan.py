@@ -141,8 +141,8 @@ def plan_privacy(
     _check_common(section, strategy, user_stages, has_buffers)
     delta, accountant = section.delta, section.accountant
     noise = section.noise if section.noise != "auto" else ("os" if deployed else "seeded")
-    if population and delta >= 1.0 / population:
-        log.warning("privacy.delta = %g is not below 1/N = %g for N = %d clients", delta, 1.0 / population, population)
+    if population and delta > 1.0 / population:
+        log.warning("privacy.delta = %g exceeds 1/N = %g for N = %d clients", delta, 1.0 / population, population)
     sigma = section.noise_multiplier
     calibrated = sigma is None
     target = section.target_epsilon
