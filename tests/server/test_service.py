@@ -21,6 +21,7 @@ from fedloom.core.params import ParamSpec
 from fedloom.core.types import ClientUpdate
 from fedloom.engines.coordinator import Collector, Coordinator
 from fedloom.server import certs
+from fedloom.server.limits import Limits
 from fedloom.server.service import FleetService, RevocationList, ServiceSettings, start_server
 from fedloom.transport.proto import fedloom_pb2 as pb
 from fedloom.transport.proto import fedloom_pb2_grpc as pb_grpc
@@ -75,7 +76,9 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
         coord,
         spec=SPEC,
         dtype=torch.float32,
-        settings=ServiceSettings(run_info={"model": {"name": "linear"}}, max_pull_wait=2.0),
+        settings=ServiceSettings(  # these tests register the same client many times a second
+            run_info={"model": {"name": "linear"}}, max_pull_wait=2.0, limits=Limits(register_burst=1000)
+        ),
         revoked=RevocationList(pki / "ca" / certs.REVOKED),
     )
     server, port = start_server(service, "127.0.0.1:0", credentials=certs.load_server_credentials(pki / "server"), max_workers=16)

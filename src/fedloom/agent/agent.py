@@ -59,6 +59,10 @@ __all__ = ["AgentError", "AgentOptions", "AgentReport", "ClientAgent", "task_fro
 
 log = logging.getLogger("fedloom.client")
 
+# Results go up in 256 KiB messages: the server counts progress per message and cuts off a
+# stream idle for deploy.stream_idle_timeout (60 s), so this keeps links down to ~4.4 kB/s alive.
+UPLOAD_CHUNK_BYTES = 256 << 10
+
 _RETRYABLE = {
     grpc.StatusCode.UNAVAILABLE,
     grpc.StatusCode.DEADLINE_EXCEEDED,
@@ -277,6 +281,9 @@ class ClientAgent:
             log.warning("malformed message from the server (%s); pulling again", exc)
             return True
         if msg.kind == IDLE:
+            retry = msg.meta.get("retry_after")
+            if isinstance(retry, (int, float)) and 0 < retry <= 60:  # the server has too many waiting pulls
+                time.sleep(float(retry) * (0.5 + random.random()))
             return True
         if msg.kind == SHUTDOWN:
             log.info("the server ended the run")
@@ -291,7 +298,8 @@ class ClientAgent:
         meta = {**meta, "session": self._session, "task_id": msg.meta.get("task_id", "")}
         creds = self.creds
         sign = (lambda data: sign_result(creds.key_pem, data)) if creds is not None else None
-        reply = stub.PushResult(self._counted(encode(kind, meta, tensors, sign=sign)), timeout=600)
+        chunks = encode(kind, meta, tensors, sign=sign, chunk_bytes=UPLOAD_CHUNK_BYTES)
+        reply = stub.PushResult(self._counted(chunks), timeout=600)
         if not reply.accepted:
             log.warning("server refused our %s: %s", kind, reply.reason)
             self.report.refused.append(reply.reason)

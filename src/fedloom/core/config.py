@@ -159,6 +159,12 @@ class DeploySection(_Strict):
     round_retries: int = Field(2, ge=0)  # retries of a round with too few updates
     max_workers: int = Field(256, ge=4)  # gRPC worker threads (long polls hold one each)
     max_pull_wait: float = Field(10.0, gt=0.0)
+    # Per-participant limits (fedloom.server.limits): what one client may hold at once.
+    max_streams_per_client: int = Field(4, ge=2)  # open task pulls + result pushes per identity
+    stream_idle_timeout: float = Field(60.0, gt=0.0)  # a stream moving no data this long is cut off
+    max_long_polls: int | None = Field(None, ge=0)  # pulls waiting at once; default max_workers // 2
+    register_rate: float = Field(1.0, gt=0.0)  # registrations per second per identity (sustained)
+    register_burst: int = Field(10, ge=1)
 
 
 class RunConfig(_Strict):

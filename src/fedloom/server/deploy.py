@@ -22,9 +22,10 @@ from fedloom.data.base import TaskSpec
 from fedloom.engines.coordinator import Coordinator
 from fedloom.engines.remote import RemoteEngine
 from fedloom.server import certs
+from fedloom.server.limits import Limits
 from fedloom.server.service import FleetService, RevocationList, ServiceSettings, start_server
 
-__all__ = ["run_info", "start_remote_engine"]
+__all__ = ["limits", "run_info", "start_remote_engine"]
 
 log = logging.getLogger("fedloom.server")
 
@@ -37,6 +38,24 @@ INSECURE_WARNING = (
 def run_info(model_name: str, model_options: dict[str, Any], task: TaskSpec) -> dict[str, Any]:
     """What a client needs to build the model: sent at registration."""
     return {"model": {"name": model_name, "options": model_options}, "task": dataclasses.asdict(task)}
+
+
+def limits(deploy: DeploySection) -> Limits:
+    """The service's per-participant limits from ``[deploy]``."""
+    polls = deploy.max_long_polls if deploy.max_long_polls is not None else deploy.max_workers // 2
+    if polls >= deploy.max_workers:
+        raise ConfigError(
+            f"max_long_polls ({polls}) must be below max_workers ({deploy.max_workers}): "
+            "waiting pulls would leave no thread for registrations and uploads",
+            key="deploy.max_long_polls",
+        )
+    return Limits(
+        max_streams_per_client=deploy.max_streams_per_client,
+        stream_idle_timeout=deploy.stream_idle_timeout,
+        max_long_polls=polls,
+        register_rate=deploy.register_rate,
+        register_burst=deploy.register_burst,
+    )
 
 
 def start_remote_engine(
@@ -74,6 +93,7 @@ def start_remote_engine(
             heartbeat_interval=deploy.heartbeat_interval,
             max_pull_wait=deploy.max_pull_wait,
             secure=credentials is not None,
+            limits=limits(deploy),
         ),
         revoked=RevocationList(Path(deploy.revoked) if deploy.revoked else None),
     )
@@ -85,6 +105,7 @@ def start_remote_engine(
         if not coordinator.wait_all_told(timeout=deploy.max_pull_wait + 2 * deploy.heartbeat_interval + 5.0):
             log.warning("stopping although some clients were not told the run is over (busy or gone)")
         server.stop(grace=2.0).wait()
+        service.close()
 
     engine = RemoteEngine(
         spec=spec,

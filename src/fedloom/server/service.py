@@ -16,7 +16,11 @@ example count no larger than the client registered) before it reaches the round;
 wrong is refused with a logged reason, and the round goes on. An update carrying an encoded
 payload has its header checked here and its payload checked and decoded by the round loop's
 pipeline (the stage that made it). At most ``max_decoding``
-results are decoded at once, so memory stays O(model) per decoder.
+results are decoded at once, so memory stays O(model) per decoder; a decoder slot is taken
+only when a result's data starts to arrive.
+
+What one participant may hold (open calls, uploads per task, long polls, registrations per
+second) and how long a stream may sit idle are bounded by :mod:`fedloom.server.limits`.
 """
 
 from __future__ import annotations
@@ -39,6 +43,7 @@ from fedloom.core.errors import FedloomError, InvalidUpdateError
 from fedloom.core.params import ParamSpec
 from fedloom.engines.coordinator import Coordinator
 from fedloom.server import certs
+from fedloom.server.limits import Guard, LimitExceeded, Limits, Stream
 from fedloom.transport import codec
 from fedloom.transport.proto import fedloom_pb2 as pb
 from fedloom.transport.proto import fedloom_pb2_grpc as pb_grpc
@@ -98,6 +103,7 @@ class ServiceSettings:
     max_pull_wait: float = 10.0
     max_decoding: int = 4
     secure: bool = True
+    limits: Limits = Limits()
 
 
 class _Refused(Exception):
@@ -129,6 +135,12 @@ class FleetService(pb_grpc.FleetServicer):
         self.bytes_received = 0
         self.bytes_sent = 0
         self._count_lock = threading.Lock()
+        self.guard = Guard(settings.limits)
+        self.guard.start()
+
+    def close(self) -> None:
+        """Stop the idle-stream watchdog (after the gRPC server has stopped)."""
+        self.guard.stop()
 
     # ----------------------------------------------------------- identity
     def _peer(self, context: grpc.ServicerContext) -> tuple[str | None, bytes | None]:
@@ -167,6 +179,11 @@ class FleetService(pb_grpc.FleetServicer):
             certs.validate_client_id(cid)
         except certs.CertError as exc:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        try:
+            self.guard.admit_registration(cid)
+        except LimitExceeded as exc:
+            log.warning("refused a registration of %r (%s): %s", cid, context.peer(), exc.reason)
+            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, exc.reason)
         session = self.coordinator.register(
             cid, num_examples=request.num_examples, num_test_examples=request.num_test_examples, peer=context.peer()
         )
@@ -188,38 +205,68 @@ class FleetService(pb_grpc.FleetServicer):
 
     def PullTask(self, request: pb.PullTaskRequest, context: grpc.ServicerContext) -> Iterator[pb.Chunk]:
         cid, _ = self._session_client(request.session, context)
+        try:
+            with self.guard.stream("pull", context.cancel, cid) as stream:
+                yield from self._pull(cid, request, stream)
+        except LimitExceeded as exc:
+            log.warning("refused a task pull from %r (%s): %s", cid, context.peer(), exc.reason)
+            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, exc.reason)
+
+    def _pull(self, cid: str, request: pb.PullTaskRequest, stream: Stream) -> Iterator[pb.Chunk]:
         wait = min(max(request.wait_seconds, 0.0), self.settings.max_pull_wait)
-        task = self.coordinator.pull(cid, wait)
+        with self.guard.long_poll(cid) as may_wait:
+            task = self.coordinator.pull(cid, wait if may_wait else 0.0)
         if task is None:
             if self.coordinator.is_shutdown:
                 self.coordinator.told_shutdown(cid)
                 yield from encode(SHUTDOWN, {})
-            else:
+            elif may_wait or wait == 0.0:
                 yield from encode(IDLE, {})
+            else:  # too many long polls waiting: come back later rather than hold a thread
+                yield from encode(IDLE, {"retry_after": self.settings.limits.idle_retry_after})
             return
         sent = 0
+        stream.watch()  # a client that stops reading its task is cut off after the idle timeout
         for chunk in encode(task.kind, task.meta, task.body):
             sent += len(chunk.data.payload)
             yield chunk
+            stream.progress()
+        stream.watch(False)
         with self._count_lock:
             self.bytes_sent += sent
 
     def PushResult(self, request_iterator: Iterator[pb.Chunk], context: grpc.ServicerContext) -> pb.PushReply:
         cn, pem = self._peer(context)
+        try:
+            with self.guard.stream("push", context.cancel, cn) as stream:  # under TLS counted from the first byte
+                return self._push(request_iterator, cn, pem, stream, context)
+        except LimitExceeded as exc:
+            log.warning("refused a result from %r (%s): %s", cn or "?", context.peer(), exc.reason)
+            return pb.PushReply(accepted=False, reason=exc.reason)
+
+    def _push(
+        self, chunks: Iterator[pb.Chunk], cn: str | None, pem: bytes | None, stream: Stream, context: grpc.ServicerContext
+    ) -> pb.PushReply:
         who = cn or "?"
         try:
-            cid, task_id, msg = self._receive(request_iterator, cn, pem)
+            cid, task_id, msg = self._receive(chunks, cn, pem, stream)
             who = cid
-        except _Refused as exc:
-            log.warning("refused a result from %r (%s): %s", exc.client or who, context.peer(), exc.reason)
+        except (_Refused, LimitExceeded) as exc:
+            client = getattr(exc, "client", None)
+            log.warning("refused a result from %r (%s): %s", client or stream.who or who, context.peer(), exc.reason)
             return pb.PushReply(accepted=False, reason=exc.reason)
         except WireError as exc:
-            log.warning("refused a malformed result from %r (%s): %s", who, context.peer(), exc)
+            log.warning("refused a malformed result from %r (%s): %s", stream.who or who, context.peer(), exc)
             return pb.PushReply(accepted=False, reason=f"malformed: {exc}")
+        except grpc.RpcError:  # the stream ended under us: the client went away, or the watchdog cut it
+            if stream.aborted is None:
+                log.warning("a result upload from %r (%s) broke off", stream.who or who, context.peer())
+            return pb.PushReply(accepted=False, reason=f"cancelled: {stream.aborted or 'stream broke off'}")
         try:
             return self._hand_over(cid, task_id, msg)
         finally:
             self._decoding.release()
+            self.guard.release_upload(task_id, stream)
 
     def _hand_over(self, cid: str, task_id: str, msg: Message) -> pb.PushReply:
         try:
@@ -239,10 +286,18 @@ class FleetService(pb_grpc.FleetServicer):
         return pb.PushReply(accepted=True)
 
     # ----------------------------------------------------------- results
-    def _receive(self, chunks: Iterator[pb.Chunk], cn: str | None, pem: bytes | None) -> tuple[str, str, Message]:
-        """Decode a pushed result, checking who sends it before reading the data."""
+    def _receive(
+        self, chunks: Iterator[pb.Chunk], cn: str | None, pem: bytes | None, stream: Stream
+    ) -> tuple[str, str, Message]:
+        """Decode a pushed result, checking who sends it before reading the data.
+
+        The stream is watched from its first byte (a slowloris before the header is cut off),
+        counted against its client, and must be the only upload of its task; the decoder slot
+        is taken when the first data chunk arrives and released on any failure here.
+        """
         dec = Decoder(max_bytes=3 * self._param_bytes + (1 << 20), kinds=CLIENT_KINDS)
         it = iter(chunks)
+        stream.watch()
         first = next(it, None)
         if first is None:
             raise WireError("empty stream: no header")
@@ -261,25 +316,40 @@ class FleetService(pb_grpc.FleetServicer):
         why = self.coordinator.outstanding(cid, task_id)
         if why is not None:
             raise _Refused(why, cid)
+        self.guard.assign(stream, cid)
+        self.guard.claim_upload(task_id, stream)
+        stream.alive = lambda: self.coordinator.outstanding(cid, task_id) is None
         received = 0
-        while not self._decoding.acquire(timeout=0.5):  # waiting for a decoder slot is a sign of life too
-            self.coordinator.touch(cid)
+        slot = False
         last_touch = time.monotonic()
         try:
             for chunk in it:
+                stream.progress()
+                if not slot and chunk.WhichOneof("body") == "data":
+                    while not self._decoding.acquire(timeout=0.5):  # waiting for a slot is our doing, not the client's
+                        self.coordinator.touch(cid)
+                        stream.progress()
+                    slot = True
                 received += len(chunk.data.payload)
                 dec.feed(chunk)
                 now = time.monotonic()
                 if now - last_touch > 0.5:  # an upload in progress is a sign of life (slow links)
                     self.coordinator.touch(cid)
                     last_touch = now
+            stream.watch(False)
             msg = dec.finish()
             with self._count_lock:
                 self.bytes_received += received
             if pem is not None and not certs.verify(pem, msg.signature, msg.signed):
                 raise _Refused("bad signature (forged or tampered result)", cid)
+            if not slot:  # a message without data (a failure report) still holds a slot while handed over
+                while not self._decoding.acquire(timeout=0.5):
+                    self.coordinator.touch(cid)
+                slot = True
         except BaseException:
-            self._decoding.release()
+            if slot:
+                self._decoding.release()
+            self.guard.release_upload(task_id, stream)
             raise
         return cid, task_id, msg  # the decoder slot stays held until the result is delivered
 

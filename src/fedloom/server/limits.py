@@ -1,0 +1,248 @@
+"""Per-participant resource limits of the Fleet service: no one client can stall a round or starve the server.
+
+The gRPC server runs each call on a worker thread, and a result is decoded into a buffer of
+the model's size, so threads, decoder slots and memory are what a hostile participant would
+exhaust. :class:`Guard` bounds each of them per participant:
+
+* **streams**: at most ``max_streams_per_client`` streaming calls (task pulls and result
+  pushes) open at once per client identity (the certificate's CN under mutual TLS; the
+  session's client in insecure mode). An honest agent needs two.
+* **uploads**: at most one upload in flight per task; a second push for the same task is
+  refused at its header, before any data is read.
+* **idle streams**: a push or a task download that moves no data for
+  ``stream_idle_timeout`` seconds is cancelled (its thread and decoder slot released), and
+  so is an upload whose task was closed (deadline passed, superseded). Progress is counted
+  per gRPC message, so a link must carry one chunk (the agent sends 256 KiB) per timeout.
+* **long polls**: at most ``max_long_polls`` task pulls wait on the server at once and at
+  most one per client; beyond that a pull without a task answers at once with ``idle`` and
+  a ``retry_after`` hint, so registrations, heartbeats and uploads always find a thread.
+* **registrations**: a token bucket per identity (``register_rate`` per second, bursts of
+  ``register_burst``); too frequent a registration is refused with the time to wait.
+
+Everything refused here is refused with a reason the caller sees (``RESOURCE_EXHAUSTED``
+or a refused push) and a warning in the server's log; the round goes on.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+__all__ = ["Guard", "Limits", "LimitExceeded", "Stream"]
+
+log = logging.getLogger("fedloom.server")
+
+MAX_TRACKED_IDENTITIES = 100_000  # registration buckets kept (least recently used dropped first)
+
+
+@dataclass(frozen=True)
+class Limits:
+    """The service's per-participant limits (``[deploy]`` keys of the same names)."""
+
+    max_streams_per_client: int = 4
+    stream_idle_timeout: float = 60.0
+    max_long_polls: int = 128
+    idle_retry_after: float = 2.0  # seconds a client told "no long poll for you" waits before pulling again
+    register_rate: float = 1.0  # registrations per second per identity, sustained
+    register_burst: int = 10
+
+    def __post_init__(self) -> None:
+        if self.max_streams_per_client < 2:
+            raise ValueError("max_streams_per_client must be at least 2 (an agent pulls and pushes at once)")
+        if self.stream_idle_timeout <= 0 or self.idle_retry_after <= 0 or self.register_rate <= 0:
+            raise ValueError("stream_idle_timeout, idle_retry_after and register_rate must be positive")
+        if self.max_long_polls < 0 or self.register_burst < 1:
+            raise ValueError("max_long_polls must be >= 0 and register_burst >= 1")
+
+
+class LimitExceeded(Exception):
+    """A call refused by a limit; ``reason`` says which."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+@dataclass(eq=False)
+class Stream:
+    """One open streaming call, watched for progress while ``watched``."""
+
+    who: str | None
+    kind: str
+    cancel: Callable[[], Any]
+    last_progress: float = field(default_factory=time.monotonic)
+    watched: bool = False
+    alive: Callable[[], bool] | None = None  # False once the stream's purpose is gone (its task closed)
+    aborted: str | None = None  # why the watchdog cancelled it
+
+    def progress(self) -> None:
+        self.last_progress = time.monotonic()
+
+    def watch(self, on: bool = True) -> None:
+        self.last_progress = time.monotonic()
+        self.watched = on
+
+
+class Guard:
+    """Counts what each participant holds and enforces :class:`Limits` (thread-safe)."""
+
+    def __init__(self, limits: Limits | None = None) -> None:
+        self.limits = limits or Limits()
+        self._lock = threading.Lock()
+        self._streams: dict[str, int] = {}
+        self._active: set[Stream] = set()
+        self._uploads: dict[str, Stream] = {}
+        self._polls = 0
+        self._polling: set[str] = set()
+        self._buckets: OrderedDict[str, tuple[float, float]] = OrderedDict()
+        self._stop = threading.Event()
+        self._watchdog: threading.Thread | None = None
+        self.refusals: dict[str, int] = {}  # kind -> count, for logs and tests
+
+    # ------------------------------------------------------------ lifecycle
+    def start(self) -> None:
+        """Start the watchdog thread that cancels idle streams."""
+        if self._watchdog is None:
+            self._watchdog = threading.Thread(target=self._watch_loop, name="fleet-watchdog", daemon=True)
+            self._watchdog.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._watchdog is not None:
+            self._watchdog.join(timeout=5)
+
+    def _refuse(self, kind: str, reason: str) -> LimitExceeded:
+        with self._lock:
+            self.refusals[kind] = self.refusals.get(kind, 0) + 1
+        return LimitExceeded(reason)
+
+    # ------------------------------------------------------------ streams
+    @contextmanager
+    def stream(self, kind: str, cancel: Callable[[], Any], who: str | None = None) -> Iterator[Stream]:
+        """Register an open streaming call (counted against ``who`` if known)."""
+        s = Stream(who=None, kind=kind, cancel=cancel)
+        with self._lock:
+            self._active.add(s)
+        try:
+            if who is not None:
+                self.assign(s, who)
+            yield s
+        finally:
+            with self._lock:
+                self._active.discard(s)
+                if s.who is not None:
+                    left = self._streams.get(s.who, 1) - 1
+                    if left > 0:
+                        self._streams[s.who] = left
+                    else:
+                        self._streams.pop(s.who, None)
+
+    def assign(self, s: Stream, who: str) -> None:
+        """Count ``s`` against ``who`` (once the caller's identity is known); refuse past the limit."""
+        limit = self.limits.max_streams_per_client
+        with self._lock:
+            if s.who is not None:
+                return
+            n = self._streams.get(who, 0)
+            if n < limit:
+                self._streams[who] = n + 1
+                s.who = who
+                return
+        raise self._refuse(
+            "streams", f"{who!r} already has {n} calls open (deploy.max_streams_per_client = {limit})"
+        )
+
+    def open_streams(self, who: str) -> int:
+        with self._lock:
+            return self._streams.get(who, 0)
+
+    # ------------------------------------------------------------ uploads
+    def claim_upload(self, task_id: str, s: Stream) -> None:
+        """``s`` uploads the result of ``task_id``; refused if another upload of it is in flight."""
+        with self._lock:
+            if task_id not in self._uploads:
+                self._uploads[task_id] = s
+                return
+        raise self._refuse("uploads", "an upload for this task is already in progress")
+
+    def release_upload(self, task_id: str, s: Stream) -> None:
+        with self._lock:
+            if self._uploads.get(task_id) is s:
+                del self._uploads[task_id]
+
+    # ------------------------------------------------------------ long polls
+    @contextmanager
+    def long_poll(self, client_id: str) -> Iterator[bool]:
+        """Whether this pull may wait on the server (a slot is held until the block ends)."""
+        with self._lock:
+            ok = client_id not in self._polling and self._polls < self.limits.max_long_polls
+            if ok:
+                self._polls += 1
+                self._polling.add(client_id)
+        try:
+            yield ok
+        finally:
+            if ok:
+                with self._lock:
+                    self._polls -= 1
+                    self._polling.discard(client_id)
+
+    @property
+    def long_polls(self) -> int:
+        with self._lock:
+            return self._polls
+
+    # ------------------------------------------------------------ registration
+    def admit_registration(self, who: str) -> None:
+        """Take one token from ``who``'s bucket; refuse with the time to wait if it is empty."""
+        rate, burst = self.limits.register_rate, float(self.limits.register_burst)
+        now = time.monotonic()
+        with self._lock:
+            tokens, then = self._buckets.pop(who, (burst, now))
+            tokens = min(burst, tokens + (now - then) * rate)
+            ok = tokens >= 1.0
+            self._buckets[who] = (tokens - 1.0 if ok else tokens, now)
+            while len(self._buckets) > MAX_TRACKED_IDENTITIES:
+                self._buckets.popitem(last=False)
+        if not ok:
+            wait = (1.0 - tokens) / rate
+            raise self._refuse(
+                "registrations",
+                f"{who!r} registers too often (deploy.register_rate = {rate:g}/s): retry in {wait:.1f} s",
+            )
+
+    # ------------------------------------------------------------ watchdog
+    def _watch_loop(self) -> None:
+        period = min(1.0, self.limits.stream_idle_timeout / 4)
+        while not self._stop.wait(period):
+            self.sweep()
+
+    def sweep(self) -> list[Stream]:
+        """Cancel the watched streams that made no progress in time or lost their purpose; return them."""
+        timeout = self.limits.stream_idle_timeout
+        now = time.monotonic()
+        with self._lock:
+            candidates = [s for s in self._active if s.watched and s.aborted is None]
+        cancelled = []
+        for s in candidates:
+            if now - s.last_progress > timeout:
+                s.aborted = f"no data for {timeout:g} s (deploy.stream_idle_timeout)"
+            elif s.alive is not None and not s.alive():
+                s.aborted = "its task was closed"
+            else:
+                continue
+            log.warning("cancelled a %s stream of %r: %s", s.kind, s.who or "?", s.aborted)
+            with self._lock:
+                self.refusals["idle"] = self.refusals.get("idle", 0) + 1
+            try:
+                s.cancel()
+            except Exception:  # noqa: BLE001 - a stream that already ended cannot be cancelled
+                pass
+            cancelled.append(s)
+        return cancelled
