@@ -186,3 +186,59 @@ def test_recorded_bytes_are_what_the_wire_carried() -> None:
     p = run.spec.numel
     assert hist[0].bytes_down == 3 * 2 * p
     assert hist[0].bytes_up == 3 * ((p + 1) // 2 + 4 * -(-p // 512))
+
+
+class _Staller(ClientAgent):
+    """A hostile participant: for each task it opens six uploads that send a header and one chunk, then nothing."""
+
+    stalls: list[threading.Event] = []
+    calls: list[Any] = []  # keep the calls referenced: a collected future cancels its call
+
+    def _serve_one(self) -> bool:
+        from fedloom.transport.proto import fedloom_pb2 as pb
+        from fedloom.transport.wire import decode, encode
+
+        stub = self._connect()
+        assert self._spec is not None
+        msg = decode(stub.PullTask(pb.PullTaskRequest(session=self._session, wait_seconds=0.5), timeout=30), max_bytes=1 << 26)
+        if msg.kind == "shutdown":
+            return False
+        if msg.kind != "task":
+            return True
+        meta = {"session": self._session, "task_id": msg.meta["task_id"], "round": msg.meta["round"], "num_examples": 10, "num_steps": 1, "metrics": {}}
+        chunks = list(encode("update", meta, {"delta": torch.zeros(self._spec.numel)}, chunk_bytes=64))[:2]
+        release = threading.Event()
+        self.stalls.append(release)
+
+        def stalled():  # type: ignore[no-untyped-def]
+            yield from chunks
+            release.wait(60)
+
+        for _ in range(6):
+            self.calls.append(stub.PushResult.future(stalled(), timeout=60))
+        return True
+
+
+def test_a_participant_stalling_its_uploads_does_not_stall_the_round() -> None:
+    """The reported attack: six stalled uploads for its own task used to hold every decoder slot."""
+    cfg = _config(rounds=2, min_clients=4, round_timeout=8, stream_idle_timeout=2.0, round_retries=0)
+    run = build_run(cfg, engine="remote")
+    port = run.engine.port  # type: ignore[attr-defined]  # a RemoteEngine
+    opts = {"server": f"127.0.0.1:{port}", "pull_wait": 0.5}
+    agents = [ClientAgent(run.dataset.clients[s], AgentOptions(client_id=s, **opts)) for s in SITES]
+    eve = _Staller(run.dataset.clients["hospital-C"], AgentOptions(client_id="eve", **opts))
+    threads = [threading.Thread(target=a.run, daemon=True) for a in [*agents, eve]]
+    for t in threads:
+        t.start()
+    try:
+        run.federation.run(cfg.run.rounds)
+    finally:
+        run.engine.close()
+        for release in _Staller.stalls:
+            release.set()
+    for t in threads:
+        t.join(timeout=30)
+    assert len(run.federation.history) == 2
+    for rec in run.federation.history:  # every honest update is taken; eve's round ends at the deadline without her
+        assert sorted(rec.clients) == SITES and rec.status == "ok"
+    assert all(a.report.refused == [] for a in agents)
