@@ -82,7 +82,7 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
     pki = tmp_path_factory.mktemp("pki")
     certs.create_ca(pki / "ca")
     certs.issue_server(pki / "ca", pki / "server", hosts=["localhost"])
-    for who in ("eve", "bob", "carol", *CROWD):
+    for who in ("eve", "bob", "carol", "mallory", "trent", *CROWD):
         certs.issue_client(pki / "ca", pki / "clients" / who, who)
     coord = Coordinator(heartbeat_timeout=30)
     settings = ServiceSettings(run_info={"model": {"name": "linear"}}, max_pull_wait=2.0, limits=LIMITS)
@@ -146,13 +146,16 @@ def test_six_stalled_uploads_for_one_task_do_not_block_the_honest_client(env: En
         assert all(r == "an upload for this task is already in progress" or "calls open" in r for r in refused)
         assert "an upload for this task is already in progress" in refused
         assert _honest_round(env) < 5  # bob is not held up by the one stalled upload
-        # the stalled one is cut off after the idle timeout, and eve's task is still hers to answer
+        # the stalled one is cut off after the idle timeout, and that fails eve's task for this
+        # round (she cannot stall it again); the round hears why
         assert _wait_until(lambda: env.settled("eve"))
         late = [f for f in futures if f.exception(timeout=5) is not None]
         assert len(late) == 1 and late[0].exception().code() == grpc.StatusCode.CANCELLED
+        res = collector.get(5)
+        assert res is not None and res.payload is None
+        assert res.failure == f"upload cut off: no data for {IDLE_TIMEOUT:g} s (deploy.stream_idle_timeout)"
         reply = stub.PushResult(iter(env.update("eve", session, tid)), timeout=10)
-        assert reply.accepted, reply.reason
-        assert collector.get(5) is not None
+        assert not reply.accepted and reply.reason.startswith("task is closed (upload cut off")
     finally:
         for s in stalls:
             s.release.set()
@@ -269,6 +272,73 @@ def test_a_client_that_stops_reading_its_task_is_cut_off(env: Env) -> None:
     assert env.service.guard.refusals.get("idle", 0) >= 1
     call.cancel()
     assert _honest_round(env) < 5
+
+
+def test_a_drip_that_holds_a_decoder_slot_is_cut_off_and_its_task_failed(env: Env) -> None:
+    """One byte at a time is never idle, but far below deploy.min_upload_rate: cut once the slot is held a timeout."""
+    stub, session = env.register("eve")
+    collector = env.post("eve")
+    tid = env.task_id(stub, session)
+    meta = {"session": session, "task_id": tid, "round": 1, "num_examples": 50, "num_steps": 5, "metrics": {}}
+    chunks = list(encode("update", meta, {"delta": torch.zeros(8)}, chunk_bytes=1))
+    release = threading.Event()
+
+    def drip() -> Iterator[pb.Chunk]:
+        for c in chunks:
+            yield c
+            if release.wait(IDLE_TIMEOUT / 4):
+                return
+
+    fut = stub.PushResult.future(drip(), timeout=20)
+    try:
+        res = collector.get(4 * IDLE_TIMEOUT)
+        assert res is not None and res.payload is None
+        assert res.failure.startswith("upload cut off: uploading at ") and "below deploy.min_upload_rate (8192 B/s)" in res.failure
+        assert fut.exception(timeout=5).code() == grpc.StatusCode.CANCELLED
+        assert _wait_until(lambda: env.settled("eve"))
+    finally:
+        release.set()
+
+
+def test_re_registering_cannot_raise_the_declared_example_count(env: Env) -> None:
+    stub = env.stub("mallory")
+    stub.Register(pb.RegisterRequest(client_id="mallory", num_examples=100), timeout=10)  # what eve declared first
+    with pytest.raises(grpc.RpcError) as err:
+        stub.Register(pb.RegisterRequest(client_id="mallory", num_examples=1_000_000), timeout=10)
+    assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert "may not claim more (1000000 / 0)" in (err.value.details() or "")
+    stub.Register(pb.RegisterRequest(client_id="mallory", num_examples=60), timeout=10)  # fewer is fine
+
+
+def test_a_task_is_downloaded_a_bounded_number_of_times(env: Env) -> None:
+    stub, session = env.register("trent")
+    env.post("trent")
+    for _ in range(LIMITS.max_task_downloads):
+        env.task_id(stub, session)
+    with pytest.raises(grpc.RpcError) as err:
+        env.task_id(stub, session)
+    assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert "task downloaded 3 times already (deploy.max_task_downloads = 3)" in (err.value.details() or "")
+
+
+def test_pulls_are_rate_limited_per_identity() -> None:
+    g = Guard(Limits(pull_rate=1.0, pull_burst=2))
+    g.admit_pull("a")
+    g.admit_pull("a")
+    with pytest.raises(LimitExceeded, match=r"'a' pulls tasks too often \(deploy.pull_rate = 1/s\)"):
+        g.admit_pull("a")
+    g.admit_pull("b")
+
+
+def test_refusal_logs_are_throttled_per_client_and_kind(caplog: pytest.LogCaptureFixture) -> None:
+    g = Guard(Limits(log_every=0.3))
+    for _ in range(5):
+        g.warn("eve", "push", "refused %s", "x")
+    g.warn("bob", "push", "refused %s", "y")
+    time.sleep(0.35)
+    g.warn("eve", "push", "refused %s", "z")
+    lines = [r.getMessage() for r in caplog.records]
+    assert lines == ["refused x", "refused y", "refused z (and 4 more like it since the last report)"]
 
 
 # ---------------------------------------------------------------- the guard itself

@@ -77,7 +77,7 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
         spec=SPEC,
         dtype=torch.float32,
         settings=ServiceSettings(  # these tests register the same client many times a second
-            run_info={"model": {"name": "linear"}}, max_pull_wait=2.0, limits=Limits(register_burst=1000)
+            run_info={"model": {"name": "linear"}}, max_pull_wait=2.0, limits=Limits(register_burst=1000, log_every=0)
         ),
         revoked=RevocationList(pki / "ca" / certs.REVOKED),
     )
@@ -103,7 +103,7 @@ def _push(stub: pb_grpc.FleetStub, msg: tuple, key: bytes | None) -> pb.PushRepl
 
 def test_register_returns_session_and_model_layout(env: Env) -> None:
     stub = env.stub("eve")
-    reply = stub.Register(pb.RegisterRequest(client_id="eve", num_examples=100), timeout=10)
+    reply = stub.Register(pb.RegisterRequest(client_id="eve", num_examples=100, num_test_examples=10), timeout=10)
     assert len(reply.session) == 32 and reply.spec_digest == spec_digest(SPEC)
     assert "eve" in env.coord.live_clients()
 

@@ -165,6 +165,12 @@ class DeploySection(_Strict):
     max_long_polls: int | None = Field(None, ge=0)  # pulls waiting at once; default max_workers // 2
     register_rate: float = Field(1.0, gt=0.0)  # registrations per second per identity (sustained)
     register_burst: int = Field(10, ge=1)
+    pull_rate: float = Field(10.0, gt=0.0)  # task pulls per second per identity (sustained)
+    pull_burst: int = Field(20, ge=1)
+    min_upload_rate: float = Field(8192.0, gt=0.0)  # bytes/s an upload holding a decoder slot must average
+    max_task_downloads: int = Field(3, ge=1)  # times one task may be downloaded
+    max_decoding: int = Field(4, ge=1)  # results decoded at once (each holds a model-sized buffer)
+    log_every: float = Field(10.0, ge=0.0)  # s between two logged refusals of one kind for one client
 
 
 class RunConfig(_Strict):

@@ -28,10 +28,12 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from fedloom.core.errors import FedloomError
+
 if TYPE_CHECKING:  # a task's body is encoded once by the engine and only passed through here
     from fedloom.transport.wire import Body
 
-__all__ = ["ClientInfo", "Collector", "Coordinator", "Result", "Task"]
+__all__ = ["ClientInfo", "Collector", "Coordinator", "RegistrationRefused", "Result", "Task"]
 
 log = logging.getLogger("fedloom.server")
 
@@ -89,6 +91,10 @@ class Collector:
             return None
 
 
+class RegistrationRefused(FedloomError):
+    """A registration that contradicts what the client declared earlier in the run."""
+
+
 class Coordinator:
     """Registry of clients and the tasks they owe (see the module docstring)."""
 
@@ -103,12 +109,24 @@ class Coordinator:
         self._remember = remember_closed
         self._shutdown = False
         self._told: set[str] = set()  # clients told that the run is over
+        self._declared: dict[str, tuple[int, int]] = {}  # first (train, test) example counts per client
 
     # ------------------------------------------------------------ registry
     def register(self, client_id: str, *, num_examples: int, num_test_examples: int = 0, peer: str = "") -> str:
-        """Register (or re-register) ``client_id``; return its new session token."""
+        """Register (or re-register) ``client_id``; return its new session token.
+
+        The example counts a client declares first bound it for the rest of the run: a
+        re-registration (after leaving, or a reconnect) may not claim more, or a client could
+        buy any aggregation weight by registering again (:class:`RegistrationRefused`).
+        """
         now = time.monotonic()
         with self._lock:
+            first = self._declared.setdefault(client_id, (num_examples, num_test_examples))
+            if num_examples > first[0] or num_test_examples > first[1]:
+                raise RegistrationRefused(
+                    f"{client_id!r} first registered {first[0]} training / {first[1]} test examples in this run "
+                    f"and may not claim more ({num_examples} / {num_test_examples})"
+                )
             old = self._clients.get(client_id)
             if old is not None:
                 self._sessions.pop(old.session, None)
@@ -265,6 +283,10 @@ class Coordinator:
         for task in dead:
             self._fail(task.task_id, "client stopped answering heartbeats")
         return sorted(t.client_id for t in dead)
+
+    def fail(self, task_id: str, reason: str) -> None:
+        """Write off an outstanding task now (its round learns why; later results are refused)."""
+        self._fail(task_id, reason)
 
     def shutdown(self) -> None:
         """The run is over: pulls return at once (clients are told to stop)."""

@@ -55,6 +55,11 @@ def limits(deploy: DeploySection) -> Limits:
         max_long_polls=polls,
         register_rate=deploy.register_rate,
         register_burst=deploy.register_burst,
+        pull_rate=deploy.pull_rate,
+        pull_burst=deploy.pull_burst,
+        min_upload_rate=deploy.min_upload_rate,
+        max_task_downloads=deploy.max_task_downloads,
+        log_every=deploy.log_every,
     )
 
 
@@ -94,6 +99,7 @@ def start_remote_engine(
             max_pull_wait=deploy.max_pull_wait,
             secure=credentials is not None,
             limits=limits(deploy),
+            max_decoding=deploy.max_decoding,
         ),
         revoked=RevocationList(Path(deploy.revoked) if deploy.revoked else None),
     )

@@ -9,15 +9,23 @@ exhaust. :class:`Guard` bounds each of them per participant:
   session's client in insecure mode). An honest agent needs two.
 * **uploads**: at most one upload in flight per task; a second push for the same task is
   refused at its header, before any data is read.
-* **idle streams**: a push or a task download that moves no data for
+* **idle and trickling streams**: a push or a task download that moves no data for
   ``stream_idle_timeout`` seconds is cancelled (its thread and decoder slot released), and
   so is an upload whose task was closed (deadline passed, superseded). Progress is counted
   per gRPC message, so a link must carry one chunk (the agent sends 256 KiB) per timeout.
+  An upload holding a decoder slot must also average ``min_upload_rate`` bytes/s once it
+  has held it for ``stream_idle_timeout`` (a drip of one byte a second would otherwise keep
+  the slot for the whole round); an upload cut off for either reason fails its task, so
+  the client is dropped from that round instead of trickling again.
 * **long polls**: at most ``max_long_polls`` task pulls wait on the server at once and at
   most one per client; beyond that a pull without a task answers at once with ``idle`` and
   a ``retry_after`` hint, so registrations, heartbeats and uploads always find a thread.
-* **registrations**: a token bucket per identity (``register_rate`` per second, bursts of
-  ``register_burst``); too frequent a registration is refused with the time to wait.
+* **registrations and pulls**: token buckets per identity (``register_rate`` and
+  ``pull_rate`` per second, bursts of ``register_burst`` / ``pull_burst``); a call past its
+  bucket is refused with the time to wait. A task may be downloaded at most
+  ``max_task_downloads`` times.
+* **logs**: refusals are logged at most once per ``log_every`` seconds per client and
+  kind, with the number suppressed, so a hammering client cannot fill the disk.
 
 Everything refused here is refused with a reason the caller sees (``RESOURCE_EXHAUSTED``
 or a refused push) and a warning in the server's log; the round goes on.
@@ -26,6 +34,7 @@ or a refused push) and a warning in the server's log; the round goes on.
 from __future__ import annotations
 
 import logging
+import math
 import threading
 import time
 from collections import OrderedDict
@@ -51,14 +60,23 @@ class Limits:
     idle_retry_after: float = 2.0  # seconds a client told "no long poll for you" waits before pulling again
     register_rate: float = 1.0  # registrations per second per identity, sustained
     register_burst: int = 10
+    pull_rate: float = 10.0  # task pulls per second per identity, sustained
+    pull_burst: int = 20
+    min_upload_rate: float = 8192.0  # bytes/s an upload holding a decoder slot must average
+    max_task_downloads: int = 3
+    log_every: float = 10.0  # seconds between two logged refusals of one kind for one client
 
     def __post_init__(self) -> None:
         if self.max_streams_per_client < 2:
             raise ValueError("max_streams_per_client must be at least 2 (an agent pulls and pushes at once)")
-        if self.stream_idle_timeout <= 0 or self.idle_retry_after <= 0 or self.register_rate <= 0:
-            raise ValueError("stream_idle_timeout, idle_retry_after and register_rate must be positive")
-        if self.max_long_polls < 0 or self.register_burst < 1:
-            raise ValueError("max_long_polls must be >= 0 and register_burst >= 1")
+        positive = ("stream_idle_timeout", "idle_retry_after", "register_rate", "pull_rate", "min_upload_rate")
+        for name in positive:
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be positive")
+        if self.max_long_polls < 0 or self.register_burst < 1 or self.pull_burst < 1 or self.max_task_downloads < 1:
+            raise ValueError("max_long_polls must be >= 0; register_burst, pull_burst, max_task_downloads >= 1")
+        if self.log_every < 0:
+            raise ValueError("log_every must be >= 0")
 
 
 class LimitExceeded(Exception):
@@ -79,10 +97,19 @@ class Stream:
     last_progress: float = field(default_factory=time.monotonic)
     watched: bool = False
     alive: Callable[[], bool] | None = None  # False once the stream's purpose is gone (its task closed)
+    on_abort: Callable[[str], Any] | None = None  # told why, when the watchdog cuts the stream (fails its task)
     aborted: str | None = None  # why the watchdog cancelled it
+    received: int = 0  # data bytes since the decoder slot was taken
+    slot_since: float | None = None  # when it took a decoder slot
 
-    def progress(self) -> None:
+    def progress(self, nbytes: int = 0) -> None:
         self.last_progress = time.monotonic()
+        if self.slot_since is not None:
+            self.received += nbytes
+
+    def took_slot(self) -> None:
+        self.slot_since = time.monotonic()
+        self.received = 0
 
     def watch(self, on: bool = True) -> None:
         self.last_progress = time.monotonic()
@@ -100,7 +127,8 @@ class Guard:
         self._uploads: dict[str, Stream] = {}
         self._polls = 0
         self._polling: set[str] = set()
-        self._buckets: OrderedDict[str, tuple[float, float]] = OrderedDict()
+        self._buckets: OrderedDict[tuple[str, str], tuple[float, float]] = OrderedDict()
+        self._logged: OrderedDict[tuple[str, str], tuple[float, int]] = OrderedDict()
         self._stop = threading.Event()
         self._watchdog: threading.Thread | None = None
         self.refusals: dict[str, int] = {}  # kind -> count, for logs and tests
@@ -200,22 +228,40 @@ class Guard:
 
     # ------------------------------------------------------------ registration
     def admit_registration(self, who: str) -> None:
-        """Take one token from ``who``'s bucket; refuse with the time to wait if it is empty."""
-        rate, burst = self.limits.register_rate, float(self.limits.register_burst)
+        """Take one token from ``who``'s registration bucket; refuse with the time to wait if it is empty."""
+        self._take("registrations", who, self.limits.register_rate, self.limits.register_burst, "registers", "register_rate")
+
+    def admit_pull(self, who: str) -> None:
+        """Take one token from ``who``'s pull bucket; refuse with the time to wait if it is empty."""
+        self._take("pulls", who, self.limits.pull_rate, self.limits.pull_burst, "pulls tasks", "pull_rate")
+
+    def _take(self, kind: str, who: str, rate: float, burst: int, verb: str, key: str) -> None:
         now = time.monotonic()
         with self._lock:
-            tokens, then = self._buckets.pop(who, (burst, now))
-            tokens = min(burst, tokens + (now - then) * rate)
+            tokens, then = self._buckets.pop((kind, who), (float(burst), now))
+            tokens = min(float(burst), tokens + (now - then) * rate)
             ok = tokens >= 1.0
-            self._buckets[who] = (tokens - 1.0 if ok else tokens, now)
+            self._buckets[(kind, who)] = (tokens - 1.0 if ok else tokens, now)
             while len(self._buckets) > MAX_TRACKED_IDENTITIES:
                 self._buckets.popitem(last=False)
         if not ok:
             wait = (1.0 - tokens) / rate
-            raise self._refuse(
-                "registrations",
-                f"{who!r} registers too often (deploy.register_rate = {rate:g}/s): retry in {wait:.1f} s",
-            )
+            raise self._refuse(kind, f"{who!r} {verb} too often (deploy.{key} = {rate:g}/s): retry in {wait:.1f} s")
+
+    # ------------------------------------------------------------ logs
+    def warn(self, who: str, kind: str, msg: str, *args: Any) -> None:
+        """``log.warning(msg, *args)``, at most once per ``log_every`` seconds per (client, kind)."""
+        now = time.monotonic()
+        with self._lock:
+            last, suppressed = self._logged.pop((who, kind), (-math.inf, 0))
+            show = now - last >= self.limits.log_every
+            self._logged[(who, kind)] = (now, 0) if show else (last, suppressed + 1)
+            while len(self._logged) > MAX_TRACKED_IDENTITIES:
+                self._logged.popitem(last=False)
+        if show:
+            if suppressed:
+                msg += f" (and {suppressed} more like it since the last report)"
+            log.warning(msg, *args)
 
     # ------------------------------------------------------------ watchdog
     def _watch_loop(self) -> None:
@@ -225,14 +271,17 @@ class Guard:
 
     def sweep(self) -> list[Stream]:
         """Cancel the watched streams that made no progress in time or lost their purpose; return them."""
-        timeout = self.limits.stream_idle_timeout
+        timeout, min_rate = self.limits.stream_idle_timeout, self.limits.min_upload_rate
         now = time.monotonic()
         with self._lock:
             candidates = [s for s in self._active if s.watched and s.aborted is None]
         cancelled = []
         for s in candidates:
+            held = now - s.slot_since if s.slot_since is not None else 0.0
             if now - s.last_progress > timeout:
                 s.aborted = f"no data for {timeout:g} s (deploy.stream_idle_timeout)"
+            elif held > timeout and s.received / held < min_rate:
+                s.aborted = f"uploading at {s.received / held:.0f} B/s, below deploy.min_upload_rate ({min_rate:g} B/s)"
             elif s.alive is not None and not s.alive():
                 s.aborted = "its task was closed"
             else:
@@ -244,5 +293,7 @@ class Guard:
                 s.cancel()
             except Exception:  # noqa: BLE001 - a stream that already ended cannot be cancelled
                 pass
+            if s.on_abort is not None:
+                s.on_abort(s.aborted)
             cancelled.append(s)
         return cancelled

@@ -41,7 +41,7 @@ import torch
 
 from fedloom.core.errors import FedloomError, InvalidUpdateError
 from fedloom.core.params import ParamSpec
-from fedloom.engines.coordinator import Coordinator
+from fedloom.engines.coordinator import Coordinator, RegistrationRefused
 from fedloom.server import certs
 from fedloom.server.limits import Guard, LimitExceeded, Limits, Stream
 from fedloom.transport import codec
@@ -182,11 +182,15 @@ class FleetService(pb_grpc.FleetServicer):
         try:
             self.guard.admit_registration(cid)
         except LimitExceeded as exc:
-            log.warning("refused a registration of %r (%s): %s", cid, context.peer(), exc.reason)
+            self.guard.warn(cid, "register", "refused a registration of %r (%s): %s", cid, context.peer(), exc.reason)
             context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, exc.reason)
-        session = self.coordinator.register(
-            cid, num_examples=request.num_examples, num_test_examples=request.num_test_examples, peer=context.peer()
-        )
+        try:
+            session = self.coordinator.register(
+                cid, num_examples=request.num_examples, num_test_examples=request.num_test_examples, peer=context.peer()
+            )
+        except RegistrationRefused as exc:
+            self.guard.warn(cid, "register", "refused a registration of %r (%s): %s", cid, context.peer(), exc)
+            context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(exc))
         return pb.RegisterReply(
             session=session,
             heartbeat_interval=self.settings.heartbeat_interval,
@@ -206,10 +210,11 @@ class FleetService(pb_grpc.FleetServicer):
     def PullTask(self, request: pb.PullTaskRequest, context: grpc.ServicerContext) -> Iterator[pb.Chunk]:
         cid, _ = self._session_client(request.session, context)
         try:
+            self.guard.admit_pull(cid)
             with self.guard.stream("pull", context.cancel, cid) as stream:
                 yield from self._pull(cid, request, stream)
         except LimitExceeded as exc:
-            log.warning("refused a task pull from %r (%s): %s", cid, context.peer(), exc.reason)
+            self.guard.warn(cid, "pull", "refused a task pull from %r (%s): %s", cid, context.peer(), exc.reason)
             context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, exc.reason)
 
     def _pull(self, cid: str, request: pb.PullTaskRequest, stream: Stream) -> Iterator[pb.Chunk]:
@@ -225,6 +230,11 @@ class FleetService(pb_grpc.FleetServicer):
             else:  # too many long polls waiting: come back later rather than hold a thread
                 yield from encode(IDLE, {"retry_after": self.settings.limits.idle_retry_after})
             return
+        if task.pulled > self.settings.limits.max_task_downloads:
+            raise LimitExceeded(
+                f"task downloaded {task.pulled - 1} times already (deploy.max_task_downloads = "
+                f"{self.settings.limits.max_task_downloads})"
+            )
         sent = 0
         stream.watch()  # a client that stops reading its task is cut off after the idle timeout
         for chunk in encode(task.kind, task.meta, task.body):
@@ -241,7 +251,7 @@ class FleetService(pb_grpc.FleetServicer):
             with self.guard.stream("push", context.cancel, cn) as stream:  # under TLS counted from the first byte
                 return self._push(request_iterator, cn, pem, stream, context)
         except LimitExceeded as exc:
-            log.warning("refused a result from %r (%s): %s", cn or "?", context.peer(), exc.reason)
+            self.guard.warn(cn or "?", "push", "refused a result from %r (%s): %s", cn or "?", context.peer(), exc.reason)
             return pb.PushReply(accepted=False, reason=exc.reason)
 
     def _push(
@@ -252,15 +262,17 @@ class FleetService(pb_grpc.FleetServicer):
             cid, task_id, msg = self._receive(chunks, cn, pem, stream)
             who = cid
         except (_Refused, LimitExceeded) as exc:
-            client = getattr(exc, "client", None)
-            log.warning("refused a result from %r (%s): %s", client or stream.who or who, context.peer(), exc.reason)
+            client = getattr(exc, "client", None) or stream.who or who
+            self.guard.warn(client, "push", "refused a result from %r (%s): %s", client, context.peer(), exc.reason)
             return pb.PushReply(accepted=False, reason=exc.reason)
         except WireError as exc:
-            log.warning("refused a malformed result from %r (%s): %s", stream.who or who, context.peer(), exc)
+            client = stream.who or who
+            self.guard.warn(client, "push", "refused a malformed result from %r (%s): %s", client, context.peer(), exc)
             return pb.PushReply(accepted=False, reason=f"malformed: {exc}")
         except grpc.RpcError:  # the stream ended under us: the client went away, or the watchdog cut it
             if stream.aborted is None:
-                log.warning("a result upload from %r (%s) broke off", stream.who or who, context.peer())
+                client = stream.who or who
+                self.guard.warn(client, "push", "a result upload from %r (%s) broke off", client, context.peer())
             return pb.PushReply(accepted=False, reason=f"cancelled: {stream.aborted or 'stream broke off'}")
         try:
             return self._hand_over(cid, task_id, msg)
@@ -319,17 +331,20 @@ class FleetService(pb_grpc.FleetServicer):
         self.guard.assign(stream, cid)
         self.guard.claim_upload(task_id, stream)
         stream.alive = lambda: self.coordinator.outstanding(cid, task_id) is None
+        stream.on_abort = lambda why: self.coordinator.fail(task_id, f"upload cut off: {why}")
         received = 0
         slot = False
         last_touch = time.monotonic()
         try:
             for chunk in it:
-                stream.progress()
+                stream.progress(len(chunk.data.payload))
                 if not slot and chunk.WhichOneof("body") == "data":
                     while not self._decoding.acquire(timeout=0.5):  # waiting for a slot is our doing, not the client's
                         self.coordinator.touch(cid)
                         stream.progress()
                     slot = True
+                    stream.took_slot()
+                    stream.progress(len(chunk.data.payload))
                 received += len(chunk.data.payload)
                 dec.feed(chunk)
                 now = time.monotonic()
