@@ -50,21 +50,29 @@ def _config(rounds: int = 3, **deploy: Any):  # type: ignore[no-untyped-def]
 
 
 def _deploy(
-    cfg, agent_cls: Callable[..., ClientAgent] = ClientAgent, sites: list[str] = SITES  # type: ignore[no-untyped-def]
+    cfg,  # type: ignore[no-untyped-def]
+    agent_cls: Callable[..., ClientAgent] = ClientAgent,
+    sites: list[str] = SITES,
+    *,
+    extra: tuple[tuple[Callable[..., ClientAgent], str, str], ...] = (),
+    after: Callable[[], None] = lambda: None,
 ) -> tuple[Run, list[ClientAgent]]:
+    """Run ``cfg`` deployed with an agent per site (and ``extra`` (class, data site, client id) agents); return the site agents."""
     run = build_run(cfg, engine="remote")
     port = run.engine.port  # type: ignore[attr-defined]  # a RemoteEngine
-    agents = [
-        agent_cls(run.dataset.clients[s], AgentOptions(server=f"127.0.0.1:{port}", client_id=s, pull_wait=0.5))
-        for s in sites
-    ]
-    threads = [threading.Thread(target=a.run, daemon=True) for a in agents]
+
+    def agent(cls: Callable[..., ClientAgent], site: str, cid: str) -> ClientAgent:
+        return cls(run.dataset.clients[site], AgentOptions(server=f"127.0.0.1:{port}", client_id=cid, pull_wait=0.5))
+
+    agents = [agent(agent_cls, s, s) for s in sites]
+    threads = [threading.Thread(target=a.run, daemon=True) for a in [*agents, *(agent(*e) for e in extra)]]
     for t in threads:
         t.start()
     try:
         run.federation.run(cfg.run.rounds)
     finally:
         run.engine.close()
+        after()
     for t in threads:
         t.join(timeout=30)
         assert not t.is_alive(), "a client agent did not stop when the run ended"
@@ -194,6 +202,11 @@ class _Staller(ClientAgent):
     stalls: list[threading.Event] = []
     calls: list[Any] = []  # keep the calls referenced: a collected future cancels its call
 
+    @classmethod
+    def release_all(cls) -> None:
+        for release in cls.stalls:
+            release.set()
+
     def _serve_one(self) -> bool:
         from fedloom.transport.proto import fedloom_pb2 as pb
         from fedloom.transport.wire import decode, encode
@@ -222,22 +235,7 @@ class _Staller(ClientAgent):
 def test_a_participant_stalling_its_uploads_does_not_stall_the_round() -> None:
     """The reported attack: six stalled uploads for its own task used to hold every decoder slot."""
     cfg = _config(rounds=2, min_clients=4, round_timeout=8, stream_idle_timeout=2.0, round_retries=0)
-    run = build_run(cfg, engine="remote")
-    port = run.engine.port  # type: ignore[attr-defined]  # a RemoteEngine
-    opts = {"server": f"127.0.0.1:{port}", "pull_wait": 0.5}
-    agents = [ClientAgent(run.dataset.clients[s], AgentOptions(client_id=s, **opts)) for s in SITES]
-    eve = _Staller(run.dataset.clients["hospital-C"], AgentOptions(client_id="eve", **opts))
-    threads = [threading.Thread(target=a.run, daemon=True) for a in [*agents, eve]]
-    for t in threads:
-        t.start()
-    try:
-        run.federation.run(cfg.run.rounds)
-    finally:
-        run.engine.close()
-        for release in _Staller.stalls:
-            release.set()
-    for t in threads:
-        t.join(timeout=30)
+    run, agents = _deploy(cfg, extra=((_Staller, "hospital-C", "eve"),), after=_Staller.release_all)
     assert len(run.federation.history) == 2
     for rec in run.federation.history:  # every honest update is taken; eve's round ends at the deadline without her
         assert sorted(rec.clients) == SITES and rec.status == "ok"

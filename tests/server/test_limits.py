@@ -7,10 +7,10 @@ every thread, decoder slot and upload claim the attacker took is given back.
 
 from __future__ import annotations
 
+import sys
 import threading
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
@@ -30,6 +30,9 @@ from fedloom.transport.proto import fedloom_pb2 as pb
 from fedloom.transport.proto import fedloom_pb2_grpc as pb_grpc
 from fedloom.transport.wire import decode, encode, encode_body
 
+sys.path.insert(0, str(Path(__file__).parent))
+from test_service import Env as TLSEnv  # noqa: E402
+
 SPEC = ParamSpec.from_module(nn.Linear(3, 2))  # 8 values
 IDLE_TIMEOUT = 1.0
 LIMITS = Limits(
@@ -38,27 +41,10 @@ LIMITS = Limits(
 CROWD = [f"site-{i:02d}" for i in range(12)]
 
 
-@dataclass
-class Env:
-    port: int
-    coord: Coordinator
-    service: FleetService
-    pki: Path
+class Env(TLSEnv):
+    """test_service's TLS environment (stubs per identity, keys, registration), with an attacker's helpers."""
 
-    def stub(self, who: str) -> pb_grpc.FleetStub:
-        ca = (self.pki / "ca" / "ca.pem").read_bytes()
-        c = certs.load_client_credentials(self.pki / "clients" / who)
-        tls = grpc.ssl_channel_credentials(root_certificates=ca, private_key=c.key_pem, certificate_chain=c.cert_pem)
-        return pb_grpc.FleetStub(grpc.secure_channel(f"localhost:{self.port}", tls))
-
-    def key(self, who: str) -> bytes:
-        return certs.load_client_credentials(self.pki / "clients" / who).key_pem
-
-    def register(self, who: str) -> tuple[pb_grpc.FleetStub, str]:
-        stub = self.stub(who)
-        return stub, stub.Register(pb.RegisterRequest(client_id=who, num_examples=100), timeout=10).session
-
-    def post(self, who: str, body_values: int = 8) -> Collector:
+    def post(self, who: str, body_values: int = 8) -> Collector:  # type: ignore[override]
         body = encode_body({"params": torch.arange(body_values, dtype=torch.float32)})
         return self.coord.post([(who, "task", {"round": 1, "seed": 7}, body)], deadline=time.monotonic() + 60)
 
