@@ -50,7 +50,7 @@ CLIENTS = {
 }
 VICTIM_RATE = "256kbit"  # its ~80 kB update then takes ~2.5 s to upload (< heartbeat_timeout)
 PROXY = Path(__file__).with_name("faultproxy.py")
-ROUND_LINE = re.compile(r"^round\s+(\d+)\s+\|", re.MULTILINE)
+ROUND_LINE = re.compile(r"^round\s+(\d+)\s+\d+ cl\b", re.MULTILINE)  # report.round_line
 TRAINED = re.compile(r"round (\d+): trained on")
 
 
@@ -420,7 +420,7 @@ def _run_scenario(net: Network, tmp_path: Path) -> None:
         assert any(cid in by_round[rnd] for rnd in range(cut_round + 1, ROUNDS + 1)), f"{cid} absent after the cut"
         rc = net.procs[cid].returncode
         # 0: told that the run is over; a random reset may make it miss that and give up later instead
-        assert rc == 0 or (rc == 1 and "giving up" in net.log(cid)), f"{cid} exited {rc}"
+        assert rc == 0 or (rc == 1 and "giving up" in net.log(cid)), f"{cid} exited {rc}:\n{net.log(cid, 'err')[-3000:]}"
 
     # the model still learned: far better than the untrained one. (Not "better than round 1": which
     # clients made round 1 depends on who registered first, and the survivors alone plateau.)
