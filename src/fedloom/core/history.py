@@ -38,6 +38,21 @@ class RoundRecord:
         d["bytes"] = {"down": self.bytes_down, "up": self.bytes_up}
         return d
 
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> RoundRecord:
+        """The record :meth:`to_dict` wrote (a ``null`` metric reads back as NaN)."""
+        return cls(
+            round=int(d["round"]),
+            metrics={k: (math.nan if v is None else float(v)) for k, v in d.get("metrics", {}).items()},
+            clients=list(d.get("clients", [])),
+            num_examples=int(d.get("num_examples", 0)),
+            bytes_down=int(d.get("bytes_down", 0)),
+            bytes_up=int(d.get("bytes_up", 0)),
+            seconds=float(d.get("seconds", 0.0)),
+            rejected=dict(d.get("rejected", {})),
+            status=str(d.get("status", "ok")),
+        )
+
 
 class History:
     """An append-only list of :class:`RoundRecord` with JSON output and metric series."""
@@ -79,3 +94,10 @@ class History:
 
     def save_json(self, path: str | Path) -> None:
         Path(path).write_text(json.dumps(self.to_list(), indent=1))
+
+    @classmethod
+    def load_json(cls, path: str | Path) -> History:
+        """A history written by :meth:`save_json`."""
+        data = json.loads(Path(path).read_text())
+        rows = data["rounds"] if isinstance(data, dict) else data
+        return cls([RoundRecord.from_dict(r) for r in rows])

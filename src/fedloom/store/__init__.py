@@ -6,12 +6,13 @@ it knows nothing of gRPC. :mod:`~fedloom.store.sqlite` holds the :class:`Store`,
 """
 
 from fedloom.store.checkpoint import CHECKPOINT_FORMAT, Checkpoint
-from fedloom.store.sqlite import SCHEMA_VERSION, ClientInfo, RunHandle, RunInfo, Store, config_hash
+from fedloom.store.sqlite import SCHEMA_VERSION, CheckpointInfo, ClientInfo, RunHandle, RunInfo, Store, config_hash
 
 __all__ = [
     "CHECKPOINT_FORMAT",
     "SCHEMA_VERSION",
     "Checkpoint",
+    "CheckpointInfo",
     "ClientInfo",
     "RunHandle",
     "RunInfo",

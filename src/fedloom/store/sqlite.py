@@ -63,6 +63,7 @@ __all__ = [
     "CHECKPOINT_FORMAT",
     "SCHEMA_VERSION",
     "Checkpoint",
+    "CheckpointInfo",
     "ClientInfo",
     "RunHandle",
     "RunInfo",
@@ -182,6 +183,16 @@ class ClientInfo:
     last_status: str
 
 
+@dataclass(frozen=True)
+class CheckpointInfo:
+    """One checkpoint row of a run: its round (the model version), file and creation time."""
+
+    round: int
+    path: Path
+    sha256: str
+    created: float
+
+
 def _slug(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("._")[:40] or "run"
 
@@ -194,26 +205,34 @@ class Store:
     more than one thread. ``keep_checkpoints`` is how many checkpoints per run survive.
     """
 
-    def __init__(self, path: str | Path, *, keep_checkpoints: int = 3, create: bool = True) -> None:
+    def __init__(
+        self, path: str | Path, *, keep_checkpoints: int = 3, create: bool = True, read_only: bool = False
+    ) -> None:
         if keep_checkpoints < 1:
             raise StoreError(f"keep_checkpoints must be >= 1, got {keep_checkpoints}")
         self.path = Path(path).resolve()
         self.root = self.path.parent
         self.keep_checkpoints = keep_checkpoints
+        self.read_only = read_only
         self._lock = threading.RLock()
         if not self.path.exists():
-            if not create:
+            if not create or read_only:
                 raise StoreError(f"no store at {self.path}")
             self.root.mkdir(parents=True, exist_ok=True)
         try:
-            self._db = sqlite3.connect(self.path, timeout=30.0, isolation_level=None, check_same_thread=False)
+            if read_only:  # a reader (fedloom serve) never writes: SQLite refuses any write on this connection
+                uri = f"{self.path.as_uri()}?mode=ro"
+                self._db = sqlite3.connect(uri, uri=True, timeout=30.0, isolation_level=None, check_same_thread=False)
+            else:
+                self._db = sqlite3.connect(self.path, timeout=30.0, isolation_level=None, check_same_thread=False)
         except sqlite3.Error as exc:
             raise StoreError(f"cannot open store {self.path}: {exc}") from None
         self._db.row_factory = sqlite3.Row
         try:
-            self._db.execute("PRAGMA journal_mode=WAL")
-            self._db.execute("PRAGMA synchronous=FULL")
-            self._db.execute("PRAGMA foreign_keys=ON")
+            if not read_only:
+                self._db.execute("PRAGMA journal_mode=WAL")
+                self._db.execute("PRAGMA synchronous=FULL")
+                self._db.execute("PRAGMA foreign_keys=ON")
             self._init_schema()
         except sqlite3.DatabaseError as exc:
             self._db.close()
@@ -223,12 +242,21 @@ class Store:
             raise
 
     @classmethod
-    def open(cls, path: str | Path, *, keep_checkpoints: int = 3, create: bool = True) -> Store:
-        """Open (or, with ``create``, create) the store at ``path``; checkpoints go next to it."""
-        return cls(path, keep_checkpoints=keep_checkpoints, create=create)
+    def open(
+        cls, path: str | Path, *, keep_checkpoints: int = 3, create: bool = True, read_only: bool = False
+    ) -> Store:
+        """Open (or, with ``create``, create) the store at ``path``; checkpoints go next to it.
+
+        ``read_only`` opens an existing store for reading only (the model service, the
+        dashboard): every write method raises :class:`StoreError`, and SQLite itself refuses
+        writes on the connection; the writer process is never blocked (WAL).
+        """
+        return cls(path, keep_checkpoints=keep_checkpoints, create=create, read_only=read_only)
 
     def _init_schema(self) -> None:
         tables = {r[0] for r in self._db.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+        if "meta" not in tables and self.read_only:
+            raise StoreError(f"{self.path} is not a fedloom store (no meta table)")
         if "meta" not in tables:
             if tables - {"sqlite_sequence"}:
                 raise StoreError(f"{self.path} is an SQLite database but not a fedloom store (no meta table)")
@@ -253,6 +281,8 @@ class Store:
     @contextmanager
     def _tx(self) -> Iterator[sqlite3.Connection]:
         """One write transaction (BEGIN IMMEDIATE ... COMMIT), rolled back on any error."""
+        if self.read_only:
+            raise StoreError(f"store {self.path} is open read-only")
         with self._lock:
             try:
                 self._db.execute("BEGIN IMMEDIATE")
@@ -347,6 +377,43 @@ class Store:
             )
             for r in rows
         ]
+
+    def find_run(self, name: str) -> RunHandle | None:
+        """The handle of run ``name`` for reading (history, checkpoints), or None if absent."""
+        rows = self._query("SELECT id, config_hash, checkpoint_dir FROM runs WHERE name=?", (name,))
+        if not rows:
+            return None
+        r = rows[0]
+        return RunHandle(r["id"], name, r["config_hash"], self.root / r["checkpoint_dir"], resumed=True)
+
+    def run_config(self, run: RunHandle) -> dict[str, Any]:
+        """The config the run was started with (its identity: see ``RunConfig.identity``)."""
+        rows = self._query("SELECT config FROM runs WHERE id=?", (run.id,))
+        if not rows:
+            raise StoreError(f"run {run.name!r} is no longer in {self.path}")
+        return dict(json.loads(rows[0]["config"]))
+
+    def run_status(self, run: RunHandle) -> str:
+        """The run's status now (``running``, ``completed``, ...)."""
+        rows = self._query("SELECT status FROM runs WHERE id=?", (run.id,))
+        if not rows:
+            raise StoreError(f"run {run.name!r} is no longer in {self.path}")
+        return str(rows[0]["status"])
+
+    def checkpoints(self, run: RunHandle) -> list[CheckpointInfo]:
+        """The run's checkpoint rows, oldest first (the newest ``keep_checkpoints`` survive)."""
+        rows = self._query("SELECT round, path, sha256, created FROM checkpoints WHERE run_id=? ORDER BY round", (run.id,))
+        return [CheckpointInfo(r["round"], self.root / r["path"], r["sha256"], r["created"]) for r in rows]
+
+    def load_checkpoint(self, run: RunHandle, round: int) -> tuple[Checkpoint, ParamSpec]:
+        """The checkpoint of ``run`` at ``round`` and its layout; :class:`StoreError` if absent or unusable."""
+        rows = self._query("SELECT round, path, sha256 FROM checkpoints WHERE run_id=? AND round=?", (run.id, round))
+        if not rows:
+            raise StoreError(f"run {run.name!r} has no checkpoint of round {round}")
+        try:
+            return self._load(run, rows[0])
+        except UnusableCheckpoint as exc:
+            raise StoreError(f"run {run.name!r}: checkpoint of round {round} is unusable: {exc}") from None
 
     # ------------------------------------------------------------------- rounds
     def record_round(self, run: RunHandle, record: RoundRecord) -> None:
