@@ -28,6 +28,11 @@ pytestmark = pytest.mark.slow
 PIPELINES = {
     "topk-ef": {"pipeline": [{"name": "topk", "fraction": 0.05}], "broadcast": {"name": "qsgd", "bits": 8}},
     "fp16": {"pipeline": [{"name": "fp16"}]},
+    # magnitude pruning: the mask in the instructions, sparse codec both ways, momentum and weight decay
+    "pruned": {
+        "pruning": {"sparsity": 0.75, "start": 1, "end": 2},
+        "client": {"epochs": 1, "batch_size": 32, "lr": 0.01, "max_steps": 12, "momentum": 0.9, "weight_decay": 0.001},
+    },
 }
 
 
@@ -116,7 +121,7 @@ def _ray_env(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     _reload_ray_auth()
 
 
-@pytest.mark.parametrize("pipeline", sorted(PIPELINES))
+@pytest.mark.parametrize("pipeline", sorted(set(PIPELINES) - {"pruned"}))
 def test_every_engine_runs_the_same_pipeline(pipeline: str) -> None:
     seq = _simulate(pipeline, "sequential")
     vec = _simulate(pipeline, "vectorized")
@@ -179,3 +184,27 @@ def test_every_engine_gives_the_same_private_run(privacy: str) -> None:
         assert clip[1] != clip[0]
         for other in (remote.federation, vec.federation, ray_run.federation):
             assert [r.metrics["dp_clip_norm"] for r in other.history] == pytest.approx(clip, rel=1e-12)
+
+
+def test_every_engine_prunes_the_same() -> None:
+    """The pruning mask travels to every engine's clients: pruned weights stay exactly zero everywhere."""
+    from fedloom.cutting.magnitude import MASK_STATE
+
+    seq = _simulate("pruned", "sequential")
+    vec = _simulate("pruned", "vectorized")
+    ray_run = _simulate("pruned", "ray", ray_workers=2)
+    remote, _ = _deploy("pruned")
+    ref = seq.federation
+    keep = ref.state.tensors[MASK_STATE]
+    assert 0.7 < ref.history[-1].metrics["sparsity"] <= 0.75
+    assert torch.equal(remote.federation.state.params, ref.state.params)
+    for o, s in zip(remote.federation.history, ref.history, strict=True):
+        assert (o.bytes_up, o.bytes_down) == (s.bytes_up, s.bytes_down)
+    for other in (vec.federation, ray_run.federation):
+        assert torch.equal(other.state.tensors[MASK_STATE], keep)
+        assert bool((other.state.params[~keep] == 0).all())
+        _close(other.state.params, ref.state.params)
+        assert [r.metrics["sparsity"] for r in other.history] == [r.metrics["sparsity"] for r in ref.history]
+    # after the last pruning the deltas are zero on every pruned weight: the uplink holds only bitmaps and kept values
+    p = int(ref.spec.trainable_mask().sum())
+    assert ref.history[-1].bytes_up <= 3 * (math.ceil(p / 8) + 4 * int(keep.sum()))

@@ -20,6 +20,7 @@ from fedloom.core.config import RunConfig
 from fedloom.core.errors import ConfigError, DataError
 from fedloom.core.params import ParamSpec
 from fedloom.core.seeding import derive_seed
+from fedloom.cutting.magnitude import MagnitudePruner
 from fedloom.data.base import FederatedDataset
 from fedloom.data.registry import load_dataset
 from fedloom.engines.base import Engine
@@ -35,7 +36,7 @@ from fedloom.strategies.registry import build_strategy
 if TYPE_CHECKING:
     from fedloom.privacy.plan import PrivacyPlan
 
-__all__ = ["ENGINES", "Run", "build_engine", "build_pipeline", "build_run", "initial_model"]
+__all__ = ["ENGINES", "Run", "build_engine", "build_pipeline", "build_pruner", "build_run", "initial_model"]
 
 ENGINES = ("auto", "sequential", "vectorized", "ray")
 
@@ -102,10 +103,30 @@ def build_engine(
 
 
 def build_pipeline(cfg: RunConfig) -> Pipeline:
-    """The update pipeline of ``[[pipeline]]`` and ``[broadcast]`` (errors name ``pipeline.<i>.<key>``)."""
+    """The update pipeline of ``[[pipeline]]`` and ``[broadcast]`` (errors name ``pipeline.<i>.<key>``).
+
+    With ``[pruning]`` (and ``send_sparse``), the ``sparse`` codec is added for the uplink when
+    no stage encodes updates, and for the broadcast when none is configured: the pruned
+    weights' zeros are not sent.
+    """
     stages = tuple(build_stage(st.name, st.options(), key=f"pipeline.{i}") for i, st in enumerate(cfg.pipeline))
     down = build_stage(cfg.broadcast.name, cfg.broadcast.options(), key="broadcast") if cfg.broadcast else None
+    if cfg.pruning is not None and cfg.pruning.send_sparse:
+        if not any(getattr(st, "codec", None) is not None for st in stages):
+            stages = (*stages, build_stage("sparse", {}, key="pruning.send_sparse"))
+        if down is None:
+            down = build_stage("sparse", {}, key="pruning.send_sparse")
     return Pipeline(stages, broadcast_stage=down)
+
+
+def build_pruner(cfg: RunConfig) -> MagnitudePruner | None:
+    """The ``[pruning]`` table's pruner (None without one)."""
+    if cfg.pruning is None:
+        return None
+    p = cfg.pruning
+    return MagnitudePruner(
+        sparsity=p.sparsity, start=p.start, end=p.end, every=p.every, scope=p.scope, include_bias=p.include_bias
+    )
 
 
 def build_run(cfg: RunConfig, *, engine: str | None = None, fresh: bool = False) -> Run:
@@ -212,5 +233,6 @@ def build_run(cfg: RunConfig, *, engine: str | None = None, fresh: bool = False)
         over_selection=cfg.deploy.over_selection if remote else 0.0,
         round_retries=cfg.deploy.round_retries if remote else 0,
         pipeline=pipeline,
+        pruner=build_pruner(cfg),
     )
     return Run(cfg, dataset, model_fn, spec, strategy, eng, federation, privacy)

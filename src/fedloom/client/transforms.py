@@ -14,8 +14,12 @@ client and broadcasts as ``(1, *shape)``).
   after K steps at learning rate η the client sets ``c_i⁺ = c_i − c + (x − y_i)/(K·η)``, sends
   ``extras["control_delta"] = c_i⁺ − c_i`` and keeps ``c_i⁺`` as client state.
 
+* :class:`PruneMask` — magnitude pruning (:mod:`fedloom.cutting.magnitude`): ``g *= m`` and,
+  after the optimizer step, ``w *= m`` (so momentum, weight decay or Adam cannot move a pruned
+  weight: it stays exactly zero).
+
 ``after_step`` is the hook for transforms that act on the parameters after the optimizer
-(a pruning mask keeping pruned weights at exactly zero). Sample-level DP-SGD is not a
+(the pruning mask). Sample-level DP-SGD is not a
 transform: it changes how each backend computes the gradient (:mod:`fedloom.client.dpsgd`),
 and the transforms then edit the privatized gradient (post-processing). An instruction names its
 transforms as recipes (:class:`~fedloom.core.types.ComponentSpec`); :func:`build_transforms`
@@ -32,12 +36,13 @@ from typing import ClassVar
 
 import torch
 
+from fedloom.core.bits import packed_len, unpack
 from fedloom.core.errors import ConfigError
-from fedloom.core.keys import CLIENT_CONTROL, CONTROL_DELTA, PROXIMAL, SCAFFOLD, SERVER_CONTROL
+from fedloom.core.keys import CLIENT_CONTROL, CONTROL_DELTA, PROXIMAL, PRUNE, PRUNE_MASK, SCAFFOLD, SERVER_CONTROL
 from fedloom.core.params import ParamSpec
 from fedloom.core.types import ClientInstruction, ComponentSpec
 
-__all__ = ["TRANSFORMS", "GradientTransform", "Proximal", "ScaffoldCorrection", "build_transforms"]
+__all__ = ["TRANSFORMS", "GradientTransform", "Proximal", "PruneMask", "ScaffoldCorrection", "build_transforms"]
 
 Vectors = Mapping[str, torch.Tensor]
 Laid = Mapping[str, Sequence[torch.Tensor]]
@@ -133,7 +138,34 @@ class ScaffoldCorrection(GradientTransform):
         return {CONTROL_DELTA: c_delta}
 
 
-TRANSFORMS: dict[str, type[GradientTransform]] = {PROXIMAL: Proximal, SCAFFOLD: ScaffoldCorrection}
+@dataclass(frozen=True)
+class PruneMask(GradientTransform):
+    """Keep pruned weights at exactly zero: mask the gradients, and the weights after each step."""
+
+    name: ClassVar[str] = PRUNE
+    laid_out: ClassVar[tuple[str, ...]] = ("mask",)
+    shared: ClassVar[frozenset[str]] = frozenset({"mask"})
+
+    def prepare(self, spec, global_vec, instruction, client_state):  # type: ignore[no-untyped-def]
+        bits = instruction.payload.get(PRUNE_MASK)
+        if bits is None:
+            raise ConfigError(f"pruning needs the mask {PRUNE_MASK!r} in the payload", key="pruning")
+        if bits.dtype != torch.uint8 or tuple(bits.shape) != (packed_len(spec.numel, 1),):
+            raise ConfigError(
+                f"payload {PRUNE_MASK!r} is {bits.dtype} {tuple(bits.shape)}, expected uint8 ({packed_len(spec.numel, 1)},)",
+                key="pruning",
+            )
+        keep = unpack(bits.cpu(), 1, spec.numel)
+        return {"mask": keep.to(device=global_vec.device, dtype=global_vec.dtype)}
+
+    def apply(self, params, grads, vecs):  # type: ignore[no-untyped-def]
+        torch._foreach_mul_(list(grads), list(vecs["mask"]))
+
+    def after_step(self, params, vecs):  # type: ignore[no-untyped-def]
+        torch._foreach_mul_([p.data for p in params], list(vecs["mask"]))
+
+
+TRANSFORMS: dict[str, type[GradientTransform]] = {PROXIMAL: Proximal, SCAFFOLD: ScaffoldCorrection, PRUNE: PruneMask}
 """Name -> transform class (read-only by convention)."""
 
 _BUILT: dict[ComponentSpec, GradientTransform] = {}

@@ -15,6 +15,7 @@ tensor of the payload against the exact layout the configured codec produces and
 from fedloom.compress.base import EncodingStage
 from fedloom.compress.cast import BFloat16, Float16
 from fedloom.compress.qsgd import QSGD
+from fedloom.compress.sparse import Sparse
 from fedloom.compress.topk import TopK
 
-__all__ = ["QSGD", "BFloat16", "EncodingStage", "Float16", "TopK"]
+__all__ = ["QSGD", "BFloat16", "EncodingStage", "Float16", "Sparse", "TopK"]

@@ -34,6 +34,9 @@ class EncodingStage(Stage):
     """A stage whose client half turns dense deltas into payloads of codec :attr:`codec`."""
 
     supports_broadcast: ClassVar[bool] = True
+    variable: ClassVar[frozenset[str]] = frozenset()
+    """Payload tensors whose length depends on the data (a sparse codec's values): the layout
+    check requires only their dtype and one dimension; ``_decode`` checks their length."""
 
     @property
     def codec(self) -> str:
@@ -98,6 +101,8 @@ class EncodingStage(Stage):
             t = payload.tensors[name]
             if not isinstance(t, torch.Tensor):
                 raise _PayloadError(f"payload[{name!r}] is not a tensor")
+            if name in self.variable and t.dtype == dtype and t.dim() == 1 and t.numel() <= p:
+                continue
             if t.dtype != dtype or tuple(t.shape) != shape:
                 raise _PayloadError(
                     f"payload[{name!r}] is {t.dtype} {tuple(t.shape)}, expected {dtype} {shape} (truncated or mis-sized?)"

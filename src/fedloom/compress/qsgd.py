@@ -26,7 +26,7 @@ from typing import ClassVar
 import torch
 import torch.nn.functional as F
 
-from fedloom.compress._bits import pack, packed_len, unpack
+from fedloom.core.bits import pack, packed_len, unpack
 from fedloom.compress._random import uniform
 from fedloom.compress.base import EncodingStage, check_finite
 from fedloom.core.errors import ConfigError, InvalidUpdateError

@@ -30,6 +30,7 @@ __all__ = [
     "DeploySection",
     "ModelSection",
     "PrivacySection",
+    "PruningSection",
     "RunConfig",
     "RunSection",
     "StageSection",
@@ -111,6 +112,25 @@ class PrivacySection(_Strict):
     noise: Literal["auto", "seeded", "os"] = "auto"
 
 
+class PruningSection(_Strict):
+    """``[pruning]``: gradual magnitude pruning of the global model (Zhu & Gupta 2017).
+
+    The sparsity of the prunable weights rises from 0 after round ``start`` to ``sparsity``
+    at round ``end`` (cubic schedule, the mask updated every ``every`` rounds), over all
+    prunable tensors together (``scope = "global"``) or each separately (``"layer"``).
+    ``send_sparse``: send only the nonzero entries up and down (the ``sparse`` codec) when
+    no other codec is configured.
+    """
+
+    sparsity: float = Field(ge=0.0, lt=1.0)
+    start: int = Field(1, ge=1)
+    end: int = Field(1, ge=1)
+    every: int = Field(1, ge=1)
+    scope: Literal["global", "layer"] = "global"
+    include_bias: bool = False
+    send_sparse: bool = True
+
+
 class StageSection(_Open):
     """One ``[[pipeline]]`` entry (or the ``[broadcast]`` table): a stage name and its options."""
 
@@ -183,6 +203,7 @@ class RunConfig(_Strict):
     broadcast: StageSection | None = None
     deploy: DeploySection = DeploySection()
     privacy: PrivacySection | None = None
+    pruning: PruningSection | None = None
 
     def identity(self) -> dict[str, Any]:
         """The settings that determine the run's results, as JSON-able data.

@@ -10,7 +10,8 @@ SCAFFOLD (Karimireddy et al. 2020):
 * :data:`CONTROL_DELTA` — update extras key of a client's control-variate change Δc_i.
 
 Gradient transforms (:mod:`fedloom.client.transforms`), named in instructions:
-:data:`PROXIMAL` (FedProx), :data:`SCAFFOLD`.
+:data:`PROXIMAL` (FedProx), :data:`SCAFFOLD`, :data:`PRUNE` (magnitude pruning's mask, whose
+bits travel in the instruction payload under :data:`PRUNE_MASK`).
 
 Tensor names on the wire (:mod:`fedloom.transport.codec`):
 
@@ -33,6 +34,8 @@ __all__ = [
     "PARAMS",
     "PAYLOAD_PREFIX",
     "PROXIMAL",
+    "PRUNE",
+    "PRUNE_MASK",
     "SCAFFOLD",
     "SERVER_CONTROL",
 ]
@@ -47,6 +50,10 @@ PROXIMAL = "proximal"
 """Gradient-transform name of FedProx's proximal term (option ``mu``)."""
 SCAFFOLD = "scaffold"
 """Gradient-transform name of SCAFFOLD's control-variate correction."""
+PRUNE = "prune"
+"""Gradient-transform name of the pruning mask (pruned weights stay exactly zero)."""
+PRUNE_MASK = "prune_mask"
+"""Payload key of the keep-mask: 1 bit per entry of the flat vector, packed low bit first."""
 
 PARAMS = "params"
 """Wire name of the dense global vector."""

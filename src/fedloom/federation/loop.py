@@ -24,6 +24,11 @@ uniform weighting) replaces the strategy's weighting stage. A round with no vali
 still runs the stages' finalize when a stage asks for it (central DP noises an empty sum, so
 that skipping a round never depends on who was sampled).
 
+With a ``pruner`` (:class:`~fedloom.cutting.magnitude.MagnitudePruner`), every round ends by
+pruning the new global model to the schedule's sparsity (metric ``sparsity``); the mask is
+server state, and each instruction carries it with the transform that keeps pruned weights
+at zero during local training.
+
 With a :class:`~fedloom.store.Store`, construction resumes from the run's latest
 valid checkpoint (server state, client states, history up to it; later records are dropped
 and those rounds rerun), and each round is recorded, then checkpointed every
@@ -48,6 +53,7 @@ from fedloom.core.errors import BudgetExhausted, ConfigError, InvalidUpdateError
 from fedloom.core.params import ParamSpec
 from fedloom.core.seeding import derive_seed
 from fedloom.core.types import Aggregate, ClientUpdate, tensor_bytes
+from fedloom.cutting.magnitude import MagnitudePruner
 from fedloom.engines.base import Engine
 from fedloom.core.history import History, RoundRecord
 from fedloom.pipeline import Pipeline, StageContext
@@ -94,6 +100,7 @@ class Federation:
         over_selection: float = 0.0,
         round_retries: int = 0,
         pipeline: Pipeline | None = None,
+        pruner: MagnitudePruner | None = None,
     ) -> None:
         if (store is None) != (run_handle is None):
             raise ValueError("store and run_handle go together: run_handle = store.start_or_resume_run(...)")
@@ -105,6 +112,7 @@ class Federation:
             raise ValueError(f"round_retries must be >= 0, got {round_retries}")
         self.over_selection = over_selection
         self.round_retries = round_retries
+        self.pruner = pruner
         self.strategy = strategy
         self.engine = engine
         self.spec = spec
@@ -237,6 +245,9 @@ class Federation:
             log.warning("round %d: %d valid updates < min_updates %d; model unchanged", rnd, len(accepted), self.min_updates)
             self.state = replace(self.state, round=rnd)
             num_examples = 0
+        if self.pruner is not None:
+            self.state, prune_metrics = self.pruner.apply(self.state, self.spec, rnd)
+            metrics.update(prune_metrics)
         if self.evaluate is not None and (rnd % self.eval_every == 0):
             metrics.update({f"test_{k}": v for k, v in self.evaluate(self.state.params).items()})
         if self.federated_eval_every > 0 and rnd % self.federated_eval_every == 0:
@@ -288,6 +299,12 @@ class Federation:
         instructions = [self.strategy.client_config(self.state, rnd, cid) for cid in cohort]
         if recipes:
             instructions = [replace(ins, stages=recipes) for ins in instructions]
+        pruning = self.pruner.for_clients(self.state, self.spec) if self.pruner is not None else None
+        if pruning is not None:
+            recipe, payload = pruning
+            instructions = [
+                replace(ins, transforms=(*ins.transforms, recipe), payload={**ins.payload, **payload}) for ins in instructions
+            ]
         expected = set(cohort)
         aggregator = self.strategy.aggregator(self.state, rnd)
         ctx = self._ctx(rnd)

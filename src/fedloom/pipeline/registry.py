@@ -28,6 +28,7 @@ STAGES: dict[str, str] = {
     "bf16": "fedloom.compress.cast:BFloat16",
     "qsgd": "fedloom.compress.qsgd:QSGD",
     "topk": "fedloom.compress.topk:TopK",
+    "sparse": "fedloom.compress.sparse:Sparse",
     "dp_central": "fedloom.privacy.central:CentralDP",
     "dp_local": "fedloom.privacy.local:LocalDP",
     "dp_sample": "fedloom.privacy.sample:SampleDP",

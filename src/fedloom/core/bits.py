@@ -1,4 +1,4 @@
-"""Packing b-bit codes (b in 1, 2, 4, 8) into bytes, row by row, and back."""
+"""Packing b-bit codes (b in 1, 2, 4, 8) into bytes, row by row, and back (codecs, pruning masks)."""
 
 from __future__ import annotations
 
