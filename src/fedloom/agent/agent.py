@@ -147,6 +147,7 @@ class ClientAgent:
         self._spec: ParamSpec | None = None
         self._task: TaskSpec | None = None
         self._stop = threading.Event()
+        self._hb_channel: grpc.Channel | None = None
         self._channel: grpc.Channel | None = None
         self._stub: pb_grpc.FleetStub | None = None
         self._hb_interval = 0.5  # until the server says otherwise at registration
@@ -192,7 +193,7 @@ class ClientAgent:
 
     def _heartbeat_loop(self) -> None:
         # Its own TCP connection, so heartbeats never queue behind a model transfer on a slow link.
-        channel = self._open_channel(("grpc.use_local_subchannel_pool", 1))
+        channel = self._hb_channel = self._open_channel(("grpc.use_local_subchannel_pool", 1))
         stub = pb_grpc.FleetStub(channel)
         try:
             while not self._stop.wait(self._hb_interval):
@@ -244,6 +245,13 @@ class ClientAgent:
         finally:
             self._stop.set()
             self._leave()
+            # Close the heartbeat channel (cancelling a heartbeat in flight on a dead link) and wait
+            # for its thread: a daemon thread still inside gRPC when the interpreter exits can abort
+            # the process (SIGABRT) after a run that ended well.
+            hb_channel = self._hb_channel
+            if hb_channel is not None:
+                hb_channel.close()
+            hb.join(timeout=15)
         return self.report
 
     def _reset_channel(self) -> None:
