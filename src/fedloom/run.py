@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
@@ -26,6 +27,7 @@ from fedloom.data.registry import load_dataset
 from fedloom.engines.base import Engine
 from fedloom.engines.ray import RayEngine
 from fedloom.engines.vectorized import local_engine
+from fedloom.federation.callbacks import Callback
 from fedloom.federation.loop import Federation
 from fedloom.models.registry import build_model
 from fedloom.pipeline import Pipeline, build_stage
@@ -36,7 +38,7 @@ from fedloom.strategies.registry import build_strategy
 if TYPE_CHECKING:
     from fedloom.privacy.plan import PrivacyPlan
 
-__all__ = ["ENGINES", "Run", "build_engine", "build_pipeline", "build_pruner", "build_run", "initial_model"]
+__all__ = ["ENGINES", "Run", "build_engine", "build_loggers", "build_pipeline", "build_pruner", "build_run", "initial_model"]
 
 ENGINES = ("auto", "sequential", "vectorized", "ray")
 
@@ -127,6 +129,21 @@ def build_pruner(cfg: RunConfig) -> MagnitudePruner | None:
     return MagnitudePruner(
         sparsity=p.sparsity, start=p.start, end=p.end, every=p.every, scope=p.scope, include_bias=p.include_bias
     )
+
+
+def build_loggers(cfg: RunConfig) -> list[Callback]:
+    """The ``[tracking]`` loggers (TensorBoard, MLflow) as round callbacks."""
+    from fedloom.federation.loggers import MLflowLogger, TensorBoardLogger  # their libraries load lazily
+
+    t = cfg.tracking
+    out: list[Callback] = []
+    if t.tensorboard is not None:
+        out.append(TensorBoardLogger(Path(t.tensorboard) / cfg.run.name, config=cfg.identity()))
+    if t.mlflow_uri is not None:
+        out.append(
+            MLflowLogger(tracking_uri=t.mlflow_uri, experiment=t.mlflow_experiment, run_name=cfg.run.name, config=cfg.identity())
+        )
+    return out
 
 
 def build_run(cfg: RunConfig, *, engine: str | None = None, fresh: bool = False) -> Run:
@@ -234,5 +251,6 @@ def build_run(cfg: RunConfig, *, engine: str | None = None, fresh: bool = False)
         round_retries=cfg.deploy.round_retries if remote else 0,
         pipeline=pipeline,
         pruner=build_pruner(cfg),
+        callbacks=build_loggers(cfg),
     )
     return Run(cfg, dataset, model_fn, spec, strategy, eng, federation, privacy)

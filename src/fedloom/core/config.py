@@ -34,6 +34,7 @@ __all__ = [
     "RunConfig",
     "RunSection",
     "StageSection",
+    "TrackingSection",
     "StrategySection",
     "apply_overrides",
     "load_config",
@@ -131,6 +132,19 @@ class PruningSection(_Strict):
     send_sparse: bool = True
 
 
+class TrackingSection(_Strict):
+    """``[tracking]``: experiment-tracking loggers (the ``tracking`` extra); none by default.
+
+    ``tensorboard``: a directory; event files go to ``<dir>/<run name>``. ``mlflow_uri``: an
+    MLflow tracking URI (``http://HOST:5000``, ``sqlite:///mlflow.db``); one MLflow run per
+    fedloom run in experiment ``mlflow_experiment``.
+    """
+
+    tensorboard: str | None = None
+    mlflow_uri: str | None = None
+    mlflow_experiment: str = "fedloom"
+
+
 class StageSection(_Open):
     """One ``[[pipeline]]`` entry (or the ``[broadcast]`` table): a stage name and its options."""
 
@@ -204,6 +218,7 @@ class RunConfig(_Strict):
     deploy: DeploySection = DeploySection()
     privacy: PrivacySection | None = None
     pruning: PruningSection | None = None
+    tracking: TrackingSection = TrackingSection()
 
     def identity(self) -> dict[str, Any]:
         """The settings that determine the run's results, as JSON-able data.
@@ -213,11 +228,12 @@ class RunConfig(_Strict):
         (``privacy.max_epsilon``), the number of rounds (rounds
         1..k do not depend on it, so a finished run can be extended by raising it), where
         the ray engine runs (``run.ray_address``, ``run.ray_workers``) and the ``[deploy]``
-        settings (network, credentials, timeouts): a store resumes a run only if this is
-        unchanged.
+        settings (network, credentials, timeouts) and the ``[tracking]`` loggers: a store
+        resumes a run only if this is unchanged.
         """
         data = self.model_dump(mode="json")
         data.pop("deploy")
+        data.pop("tracking")
         for key in ("store", "checkpoint_every", "keep_checkpoints", "rounds", "ray_address", "ray_workers"):
             data["run"].pop(key)
         if data.get("privacy"):

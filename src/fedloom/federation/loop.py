@@ -29,11 +29,13 @@ pruning the new global model to the schedule's sparsity (metric ``sparsity``); t
 server state, and each instruction carries it with the transform that keeps pruned weights
 at zero during local training.
 
-With a :class:`~fedloom.store.Store`, construction resumes from the run's latest
-valid checkpoint (server state, client states, history up to it; later records are dropped
-and those rounds rerun), and each round is recorded, then checkpointed every
-``checkpoint_every`` rounds and after the last one. Record before checkpoint: a checkpoint
-at round k therefore always has records for rounds 1..k.
+After each round, every callback (:mod:`fedloom.federation.callbacks`) gets the round's
+event, and at the end the run's status. With a :class:`~fedloom.store.Store`, construction
+resumes from the run's latest valid checkpoint (server state, client states, history up to
+it; later records are dropped and those rounds rerun), and the first callback is a
+:class:`~fedloom.federation.callbacks.StoreRecorder`: each round is recorded, then
+checkpointed every ``checkpoint_every`` rounds and after the last one. Record before
+checkpoint: a checkpoint at round k therefore always has records for rounds 1..k.
 """
 
 from __future__ import annotations
@@ -41,21 +43,21 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Callable
-from contextlib import suppress
+from collections.abc import Callable, Sequence
 from dataclasses import replace
 from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
-from fedloom.core.errors import BudgetExhausted, ConfigError, InvalidUpdateError, StoreError, StrategyError
+from fedloom.core.errors import BudgetExhausted, ConfigError, InvalidUpdateError, StrategyError
 from fedloom.core.params import ParamSpec
 from fedloom.core.seeding import derive_seed
 from fedloom.core.types import Aggregate, ClientUpdate, tensor_bytes
 from fedloom.cutting.magnitude import MagnitudePruner
 from fedloom.engines.base import Engine
 from fedloom.core.history import History, RoundRecord
+from fedloom.federation.callbacks import Callback, FunctionCallback, RoundEvent, StoreRecorder
 from fedloom.pipeline import Pipeline, StageContext
 from fedloom.strategies.base import Aggregator, ServerState, Strategy
 
@@ -101,6 +103,7 @@ class Federation:
         round_retries: int = 0,
         pipeline: Pipeline | None = None,
         pruner: MagnitudePruner | None = None,
+        callbacks: Sequence[Callback] = (),
     ) -> None:
         if (store is None) != (run_handle is None):
             raise ValueError("store and run_handle go together: run_handle = store.start_or_resume_run(...)")
@@ -149,8 +152,10 @@ class Federation:
         self.run_handle = run_handle
         self.checkpoint_every = checkpoint_every
         self.resumed_from = 0
+        self.callbacks: list[Callback] = list(callbacks)
         if store is not None and run_handle is not None:
             self._resume(store, run_handle)
+            self.callbacks.insert(0, StoreRecorder(store, run_handle, checkpoint_every=checkpoint_every))
 
     def _resume(self, store: Store, run: RunHandle) -> None:
         ckpt = store.latest_checkpoint(run, spec=self.spec)
@@ -165,43 +170,56 @@ class Federation:
     def run(self, rounds: int, *, callback: RoundCallback | None = None) -> History:
         """Run until ``rounds`` rounds have completed in total (a resumed state counts).
 
-        With a store, the last round is always checkpointed and the run marked ``completed``
-        (``failed`` or ``interrupted`` if an exception or Ctrl-C stops it).
+        ``callback(record, state)`` is called after each round, after the federation's own
+        callbacks. With a store, the last round is always checkpointed and the run marked
+        ``completed`` (``failed`` or ``interrupted`` if an exception or Ctrl-C stops it).
         """
+        extra = FunctionCallback(callback) if callback is not None else None
+        if extra is not None:
+            self.callbacks.append(extra)
         try:
             while self.state.round < rounds:
                 try:
-                    record = self.step(checkpoint=self.state.round + 1 >= rounds)
+                    self.step(checkpoint=self.state.round + 1 >= rounds)
                 except BudgetExhausted as exc:
                     self._stop(str(exc))
                     return self.history
-                if callback is not None:
-                    callback(record, self.state)
         except BaseException as exc:
-            if self.store is not None and self.run_handle is not None:
-                status = "interrupted" if isinstance(exc, KeyboardInterrupt) else "failed"
-                with suppress(StoreError):  # never mask the original error
-                    self.store.set_status(self.run_handle, status)
+            self._end("interrupted" if isinstance(exc, KeyboardInterrupt) else "failed", quiet=True)
             raise
-        if self.store is not None and self.run_handle is not None:
-            self.store.set_status(self.run_handle, "completed")
+        finally:
+            if extra is not None:
+                self.callbacks.remove(extra)
+        self._end("completed")
         return self.history
 
+    def _event(self, record: RoundRecord | None, *, last: bool = False) -> RoundEvent:
+        return RoundEvent(record, self.state, self.spec, self.engine.client_states.to_tensors, last=last)
+
+    def _end(self, status: str, *, quiet: bool = False) -> None:
+        """Tell every callback the run ended with ``status`` (``quiet``: never raise, an error is in flight)."""
+        event = self._event(self.history.records[-1] if self.history.records else None, last=True)
+        for cb in list(self.callbacks):
+            if not quiet:
+                cb.on_end(status, event)
+                continue
+            try:
+                cb.on_end(status, event)
+            except Exception:  # noqa: BLE001 - never mask the original error
+                log.exception("callback %s failed while the run ended %s", type(cb).__name__, status)
+
     def _stop(self, reason: str) -> None:
-        """Stop before the next round: log why, checkpoint the model, mark the run in the store."""
+        """Stop before the next round: log why; the callbacks (the store: a checkpoint, the status) hear of it."""
         self.stop_reason = reason
         log.warning("stopping before round %d: %s", self.state.round + 1, reason)
-        if self.store is not None and self.run_handle is not None:
-            latest = self.store.latest_checkpoint(self.run_handle, spec=self.spec)
-            if latest is None or latest.state.round != self.state.round:
-                self.store.save_checkpoint(self.run_handle, self.state, self.engine.client_states.to_tensors(), self.spec)
-            self.store.set_status(self.run_handle, "budget_exhausted")
+        self._end("budget_exhausted")
 
     def step(self, *, checkpoint: bool = False) -> RoundRecord:
         """Run one round and return its record.
 
-        With a store, the record is committed first, then a checkpoint is saved if this
-        round is a multiple of ``checkpoint_every`` or ``checkpoint`` is set. Raises
+        Every callback then gets the round's event: with a store, the record is committed
+        first, then a checkpoint is saved if this round is a multiple of ``checkpoint_every``
+        or ``checkpoint`` is set (``checkpoint``: this is the run's last round). Raises
         :class:`~fedloom.core.errors.BudgetExhausted` (nothing run) if a stage refuses the round.
         """
         t0 = time.perf_counter()
@@ -264,12 +282,9 @@ class Federation:
             status=status,
         )
         self.history.append(record)
-        if self.store is not None and self.run_handle is not None:
-            self.store.record_round(self.run_handle, record)
-            if checkpoint or rnd % self.checkpoint_every == 0:
-                self.store.save_checkpoint(
-                    self.run_handle, self.state, self.engine.client_states.to_tensors(), self.spec
-                )
+        event = self._event(record, last=checkpoint)
+        for cb in list(self.callbacks):
+            cb.on_round(event)
         return record
 
     def _attempt(
