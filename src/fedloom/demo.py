@@ -10,6 +10,8 @@ same number of passes over its training data.
 from __future__ import annotations
 
 import argparse
+import os
+import sys
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -58,15 +60,17 @@ def main(argv: list[str] | None = None) -> None:
     args = ap.parse_args(argv)
     console = Console(width=max(Console().width, 120))
     t0 = time.perf_counter()
-    cfg_dict = {**CONFIG, "run": {**CONFIG["run"], "rounds": args.rounds}}
-    run = build_run(parse_config(cfg_dict))
+    store = args.out / "fedloom.db"  # both federated runs, checkpointed: `fedloom serve` serves them
+    cfg_dict = {**CONFIG, "run": {**CONFIG["run"], "rounds": args.rounds, "store": str(store)}}
+    run = build_run(parse_config(cfg_dict), fresh=True)
     ds, task = run.dataset, run.dataset.task
     console.print(f"[bold]hospital length of stay[/]: {', '.join(f'{c} ({d.num_examples + len(d.test or [])} patients)' for c, d in ds.clients.items())}")
 
     console.print(f"federated: FedAvg and SCAFFOLD, {args.rounds} rounds x {run.strategy.train.epochs} local epoch(s)")
     history = run.federation.run(args.rounds)
     fed_model = run.global_model()
-    scaffold_run = build_run(parse_config({**cfg_dict, **SCAFFOLD}))
+    scaffold_cfg = {**cfg_dict, **SCAFFOLD, "run": {**cfg_dict["run"], "name": "hospital-demo-scaffold"}}
+    scaffold_run = build_run(parse_config(scaffold_cfg), fresh=True)
     scaffold_run.federation.run(args.rounds)
     scaffold_model = scaffold_run.global_model()
     epochs = args.rounds * run.strategy.train.epochs
@@ -105,6 +109,12 @@ def main(argv: list[str] | None = None) -> None:
     console.print(table)
     write_run_outputs(args.out, history=history, model=fed_model, config=cfg_dict, title="hospital demo (federated)")
     console.print(f"federated run written to {args.out}/ (history.json, model.safetensors, metrics.png); {time.perf_counter() - t0:.1f} s")
+    exe = Path(sys.executable).with_name("fedloom")
+    shown = os.path.relpath(exe) if exe.exists() and not os.path.relpath(exe).startswith("..") else "fedloom"
+    cmd = f"{shown} serve {store}"
+    console.print("\n[bold]serve the federated models and watch both runs on the dashboard:[/]")
+    console.print(f"  {cmd}", highlight=False, soft_wrap=True)
+    console.print("  then open http://127.0.0.1:8000/ (API docs: /docs)", highlight=False)
 
 
 if __name__ == "__main__":
