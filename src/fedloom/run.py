@@ -108,13 +108,14 @@ def build_pipeline(cfg: RunConfig) -> Pipeline:
     """The update pipeline of ``[[pipeline]]`` and ``[broadcast]`` (errors name ``pipeline.<i>.<key>``).
 
     With ``[pruning]`` (and ``send_sparse``), the ``sparse`` codec is added for the uplink when
-    no stage encodes updates, and for the broadcast when none is configured: the pruned
-    weights' zeros are not sent.
+    no stage encodes updates (and local DP does not noise every entry), and for the broadcast
+    when none is configured: the pruned weights' zeros are not sent.
     """
     stages = tuple(build_stage(st.name, st.options(), key=f"pipeline.{i}") for i, st in enumerate(cfg.pipeline))
     down = build_stage(cfg.broadcast.name, cfg.broadcast.options(), key="broadcast") if cfg.broadcast else None
     if cfg.pruning is not None and cfg.pruning.send_sparse:
-        if not any(getattr(st, "codec", None) is not None for st in stages):
+        local_noise = cfg.privacy is not None and cfg.privacy.mode == "local"  # noised deltas have no zeros
+        if not local_noise and not any(getattr(st, "codec", None) is not None for st in stages):
             stages = (*stages, build_stage("sparse", {}, key="pruning.send_sparse"))
         if down is None:
             down = build_stage("sparse", {}, key="pruning.send_sparse")

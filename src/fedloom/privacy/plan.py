@@ -47,8 +47,9 @@ __all__ = ["PRIVACY_STAGES", "PrivacyPlan", "plan_privacy"]
 log = logging.getLogger("fedloom.privacy")
 
 PRIVACY_STAGES = frozenset({CentralDP.name, LocalDP.name, SampleDP.name})
-SAFE_AFTER_CLIP = frozenset({"fp16", "bf16"})
-"""Encodings allowed after central DP's clip: deterministic casts, within the norm check's slack... or refused."""
+SAFE_AFTER_CLIP = frozenset({"fp16", "bf16", "sparse"})
+"""Encodings allowed after central DP's clip: deterministic casts (within the norm check's slack) and the
+lossless sparse codec; any other is refused."""
 
 
 @dataclass(frozen=True)
