@@ -279,6 +279,52 @@ def runs(
 
 
 @app.command()
+def serve(
+    source: Annotated[Path, typer.Argument(help="a run store (run.store) or a run directory (fedloom run --out DIR)")],
+    host: Annotated[str, typer.Option("--host", help="address to listen on")] = "127.0.0.1",
+    port: Annotated[int, typer.Option("--port", min=0, max=65535)] = 8000,
+    token: Annotated[
+        str | None, typer.Option("--token", envvar="FEDLOOM_SERVE_TOKEN", help="require this bearer token on /v1 and /api")
+    ] = None,
+    tls_cert: Annotated[Path | None, typer.Option("--tls-cert", help="PEM certificate: serve HTTPS")] = None,
+    tls_key: Annotated[Path | None, typer.Option("--tls-key", help="PEM private key of --tls-cert")] = None,
+    max_rows: Annotated[int, typer.Option("--max-rows", min=1, help="most inputs per predict request")] = 1024,
+    dashboard: Annotated[bool, typer.Option("--dashboard/--no-dashboard", help="serve the web dashboard at /")] = True,
+) -> None:
+    """Serve a run's models over REST (/v1, /docs, /metrics) and its live dashboard (/), read only."""
+    try:
+        import uvicorn
+
+        from fedloom.serve.app import create_app
+        from fedloom.serve.dashboard import dashboard_router
+    except ImportError as exc:
+        console.print(f"[bold red]error:[/] {exc.name} is missing: pip install 'fedloom[serve]'")
+        raise typer.Exit(2) from None
+    from fedloom.serve.source import open_source
+
+    if (tls_cert is None) != (tls_key is None):
+        console.print("[bold red]error:[/] give both --tls-cert and --tls-key, or neither")
+        raise typer.Exit(2)
+    try:
+        src = open_source(source)
+    except FedloomError as exc:
+        console.print(f"[bold red]error:[/] {exc}")
+        raise typer.Exit(2) from None
+    routers = [dashboard_router(src, token=token)] if dashboard else []
+    api = create_app(src, token=token, max_rows=max_rows, routers=routers)
+    scheme = "https" if tls_cert else "http"
+    console.print(f"serving {source} at {scheme}://{host}:{port}/ (API docs: /docs){' with a bearer token' if token else ''}")
+    uvicorn.run(
+        api,
+        host=host,
+        port=port,
+        ssl_certfile=str(tls_cert) if tls_cert else None,
+        ssl_keyfile=str(tls_key) if tls_key else None,
+        log_level="warning",
+    )
+
+
+@app.command()
 def scenarios() -> None:
     """List the built-in datasets and application scenarios."""
     from fedloom.data.scenarios import SCENARIOS

@@ -122,6 +122,10 @@ class ModelSource:
         """``running``, ``completed``, ``failed``, ``interrupted`` or ``budget_exhausted``."""
         raise NotImplementedError
 
+    def planned_rounds(self, name: str) -> int | None:
+        """How many rounds the run was started for, where known (a store keeps only its identity: None)."""
+        return None
+
     def default_run(self) -> str:
         """The run a request without a run name means: the newest one."""
         runs = self.runs()
@@ -287,6 +291,10 @@ class RunDirSource(ModelSource):
     def status(self, name: str) -> str:
         self._check(name)
         return "completed"
+
+    def planned_rounds(self, name: str) -> int | None:
+        self._check(name)
+        return self.config.run.rounds
 
 
 def open_source(path: str | Path) -> ModelSource:
