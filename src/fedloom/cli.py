@@ -325,6 +325,44 @@ def serve(
 
 
 @app.command()
+def export(
+    source: Annotated[Path, typer.Argument(help="a run store (run.store) or a run directory (fedloom run --out DIR)")],
+    out: Annotated[Path, typer.Option("--out", help="the file to write")],
+    fmt: Annotated[str, typer.Option("--format", help="safetensors | onnx | torchscript")] = "safetensors",
+    run_name: Annotated[str | None, typer.Option("--run", help="the run (default: the newest in the store)")] = None,
+    version: Annotated[str, typer.Option("--version", help="a checkpoint's round, or latest")] = "latest",
+    prune: Annotated[
+        float, typer.Option("--prune", help="structured pruning: fraction of neurons / channels removed per layer")
+    ] = 0.0,
+    quantize: Annotated[str, typer.Option("--quantize", help="none | int8 | fp16")] = "none",
+    sparse: Annotated[bool, typer.Option("--sparse", help="safetensors: store zeros as bits (pruned models)")] = False,
+) -> None:
+    """Export one model version, optionally pruned and quantized; checked against torch after writing."""
+    from fedloom.serve.export import export_model
+    from fedloom.serve.source import open_source
+
+    if not version.isdigit() and version != "latest":
+        console.print(f"[bold red]error:[/] --version must be a round number or latest, got {version!r}")
+        raise typer.Exit(2)
+    try:
+        src = open_source(source)
+        rep = export_model(
+            src, out, run=run_name, version=int(version) if version.isdigit() else "latest", fmt=fmt,  # type: ignore[arg-type]
+            prune=prune, quantize=quantize, sparse=sparse,  # type: ignore[arg-type]
+        )  # fmt: skip
+    except FedloomError as exc:
+        console.print(f"[bold red]error:[/] {exc}")
+        raise typer.Exit(2) from None
+    check = "" if rep.max_abs_diff is None else f"; max |diff| vs torch {rep.max_abs_diff:.2e}"
+    units = "".join(f", {k} {a}/{b}" for k, (a, b) in rep.kept_units.items())
+    console.print(
+        f"wrote {rep.path}: {rep.bytes:,} bytes ({rep.dense_bytes / rep.bytes:.1f}x smaller than the dense float32 "
+        f"state), {rep.params:,} parameters{units}{check}",
+        highlight=False,
+    )
+
+
+@app.command()
 def scenarios() -> None:
     """List the built-in datasets and application scenarios."""
     from fedloom.data.scenarios import SCENARIOS
