@@ -114,9 +114,9 @@ def build_model_from_cut(skeleton: nn.Module, state: Mapping[str, torch.Tensor],
         for name, m in list(model.named_modules()):
             if isinstance(m, nn.Linear):
                 key = f"{name}.weight" if name else "weight"
-                q = nnqd.Linear(m.in_features, m.out_features, bias_=m.bias is not None, dtype=torch.qint8)
-                with warnings.catch_warnings():
-                    warnings.simplefilter("ignore", DeprecationWarning)
+                with warnings.catch_warnings():  # torch 2.13 deprecates quantized tensors (still supported)
+                    warnings.simplefilter("ignore")
+                    q = nnqd.Linear(m.in_features, m.out_features, bias_=m.bias is not None, dtype=torch.qint8)
                     qw = torch._make_per_tensor_quantized_tensor(state[key], float(state[f"{key}::scale"]), 0)
                     q.set_weight_bias(qw, None if m.bias is None else m.bias.detach().float())
                 parent, _, child = name.rpartition(".")

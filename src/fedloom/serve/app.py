@@ -102,9 +102,13 @@ def _inputs(req: PredictRequest, task: TaskSpec, max_rows: int) -> torch.Tensor:
             rows.append([rec[n] for n in names])
         return torch.tensor(rows, dtype=torch.float32)
     if kind == "images":
-        if len(task.input_shape) < 2:
+        side = math.isqrt(numel)
+        if len(task.input_shape) >= 2:
+            h, w = task.input_shape[-2:]
+        elif not task.feature_names and side * side == numel:  # MNIST: 784 pixels = 28x28
+            h = w = side
+        else:
             raise HTTPException(422, f"this model takes rows of {numel} features, not images")
-        h, w = task.input_shape[-2:]
         for i, img in enumerate(data):
             if len(img) != h or any(len(r) != w for r in img):
                 raise HTTPException(422, f"images[{i}] is not {h}x{w}")
