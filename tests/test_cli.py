@@ -158,3 +158,13 @@ def test_private_example_reports_epsilon_every_round_within_80_columns(tmp_path:
         want = max(acct.epsilon(((sigma, q, h["round"] * s),), 1e-4) for q, s in (dpsgd_sampling(n, train) for n in sizes))
         assert h["metrics"]["dp_epsilon"] == pytest.approx(want, rel=1e-3)  # σ printed with 4 digits
         assert "train_loss" not in h["metrics"]
+
+
+@pytest.mark.parametrize("example", sorted(p.name for p in EXAMPLES.glob("*.toml")))
+def test_every_example_config_is_valid(example: str) -> None:
+    from fedloom.core.config import load_config
+    from fedloom.run import build_pipeline, build_pruner
+
+    cfg = load_config(EXAMPLES / example)
+    build_pipeline(cfg)
+    build_pruner(cfg)
