@@ -256,3 +256,16 @@ def test_a_run_directory_serves_its_final_model(tmp_path: Path) -> None:
     got = c.post("/v1/models/2/predict", json={"rows": x.tolist()}).json()["predictions"]
     assert got == pytest.approx(r.global_model().eval()(x).reshape(-1).tolist(), rel=1e-6)
     assert json.loads(c.get("/api/runs/dir").text)["total_rounds"] == 2
+
+
+def test_a_chunked_body_over_the_limit_is_refused(stores: dict[str, Path]) -> None:
+    c = TestClient(create_app(open_source(stores["store"]), max_body=1000))
+
+    def chunks():  # type: ignore[no-untyped-def]
+        yield b'{"rows": [['
+        for _ in range(500):
+            yield b"0.0, "
+        yield b"0.0]]}"
+
+    r = c.post("/v1/models/latest/predict?run=hosp", content=chunks(), headers={"content-type": "application/json"})
+    assert r.status_code == 413 and "over 1000 bytes" in r.json()["detail"]

@@ -22,6 +22,7 @@ bytes (413), an unknown run or version (404) — never a 500. The service only r
 
 from __future__ import annotations
 
+import json
 import math
 import time
 from collections.abc import Sequence
@@ -137,6 +138,44 @@ def _predict(served: Served, x: torch.Tensor) -> dict[str, Any]:
     return res
 
 
+class _BodyLimit:
+    """ASGI middleware: a request body over ``limit`` bytes is refused with 413, chunked or not.
+
+    The body is read (up to the limit) before the app sees the request, then replayed to it.
+    """
+
+    def __init__(self, app: Any, limit: int) -> None:
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http" or scope.get("method") in ("GET", "HEAD", "OPTIONS"):
+            await self.app(scope, receive, send)
+            return
+        parts: list[bytes] = []
+        seen = 0
+        while True:
+            msg = await receive()
+            if msg["type"] == "http.disconnect":
+                return
+            chunk = msg.get("body", b"")
+            seen += len(chunk)
+            if seen > self.limit:
+                body = json.dumps({"detail": f"request body over {self.limit} bytes"}).encode()
+                await send({"type": "http.response.start", "status": 413,
+                            "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})  # fmt: skip
+                await send({"type": "http.response.body", "body": body})
+                return
+            parts.append(chunk)
+            if not msg.get("more_body", False):
+                break
+        replay = [{"type": "http.request", "body": b"".join(parts), "more_body": False}]
+
+        async def replayed() -> Any:
+            return replay.pop() if replay else await receive()
+
+        await self.app(scope, replayed, send)
+
+
 def create_app(
     source: ModelSource,
     *,
@@ -162,6 +201,8 @@ def create_app(
     swaps.set_function(lambda: cache.swaps)
     app.state.cache = cache
     app.state.source = source
+
+    app.add_middleware(_BodyLimit, limit=max_body)
 
     @app.middleware("http")
     async def observe(request: Request, call_next):  # type: ignore[no-untyped-def]
