@@ -143,11 +143,11 @@ def _sizes(model: torch.nn.Module, d: str) -> dict[str, int]:
     return out
 
 
-def _run_suite(name: str, rounds: int, repeats: int, seed: int) -> list[dict[str, Any]]:
+def _run_suite(name: str, rounds: int, repeats: int, seed: int, sparsities: tuple[float, ...] = SPARSITIES) -> list[dict[str, Any]]:
     spec = SUITES[name]
     rows = []
     sparsest = None
-    for s in SPARSITIES:
+    for s in sparsities:
         cfg = {"run": {"name": f"{name}-{s}", "seed": seed, "rounds": rounds, "eval_every": rounds}, **spec["config"]}
         if s > 0:
             cfg["pruning"] = {"sparsity": s, "start": max(1, round(0.2 * rounds)), "end": round(0.7 * rounds)}
@@ -198,7 +198,7 @@ def _run_suite(name: str, rounds: int, repeats: int, seed: int) -> list[dict[str
         with tempfile.TemporaryDirectory() as d:
             sizes = _sizes(small, d)
         rows.append({
-            "suite": name, "structured_from_sparsity": SPARSITIES[-1], "structured_fraction": frac,
+            "suite": name, "structured_from_sparsity": sparsities[-1], "structured_fraction": frac,
             "kept_units": {k: list(v) for k, v in rep.kept.items()}, "params": rep.params_after, "metric_name": metric,
             "fp32": evaluate_model(small, split, task)[metric], "bytes": sizes,
             "latency_ms": {"fp32": {"b1": _latency(small, x1, repeats), "b64": _latency(small, x64, repeats)}},
@@ -242,7 +242,10 @@ def main() -> None:
     ap.add_argument("--rounds", default="", help="per-suite overrides: cnn=30,hospital=40")
     ap.add_argument("--repeats", type=int, default=50)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--sparsities", default="", help="only these (e.g. 0.95: retrains the sparsest model for the "
+                    "structured rows); rows of the JSON not run again are kept")  # fmt: skip
     args = ap.parse_args()
+    only = tuple(float(v) for v in args.sparsities.split(",") if v) or SPARSITIES
     overrides = dict(kv.split("=") for kv in args.rounds.split(",") if kv)
     result: dict[str, Any] = {
         "bench": "cutting",
@@ -252,10 +255,16 @@ def main() -> None:
         "command": "python bench/cutting.py " + " ".join(f"--{k} {v}" for k, v in vars(args).items() if v not in ("", None)),
         "rows": [],
     }
+    if args.json.exists():  # keep what is not run again
+        result["rows"] = json.loads(args.json.read_text())["rows"]
     for suite in args.suites.split(","):
         rounds = int(overrides.get(suite, SUITES[suite]["rounds"]))
-        rows = _run_suite(suite, rounds, args.repeats, args.seed)
-        result["rows"] += rows
+        rows = _run_suite(suite, rounds, args.repeats, args.seed, only)
+        result["rows"] = [
+            r for r in result["rows"]
+            if r["suite"] != suite or ("sparsity" in r and r["sparsity"] not in only)
+        ] + rows  # fmt: skip
+        result["rows"].sort(key=lambda r: (list(SUITES).index(r["suite"]), "sparsity" not in r, r.get("sparsity", 0), r.get("structured_fraction", 0)))
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(result, indent=1))
         args.json.with_suffix(".md").write_text(_markdown(result))

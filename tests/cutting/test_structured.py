@@ -69,3 +69,23 @@ def test_an_unknown_architecture_or_fraction_is_refused() -> None:
     with pytest.raises(ConfigError, match="prune"):
         cut(McMahan2NN(), 1.0)
     assert [ln.block for ln in links_of(McMahanCNN())] == [1, 49, 1]
+
+
+@pytest.mark.parametrize(
+    ("make", "shape"),
+    [(lambda: McMahanCNN(), (4, 1, 28, 28)), (lambda: McMahan2NN(), (4, 784)), (lambda: MLP(21, hidden=(16, 8), batchnorm=True), (4, 21))],
+)
+def test_removing_only_free_units_leaves_the_function_unchanged(make, shape) -> None:  # type: ignore[no-untyped-def]
+    """Dead units (zero incoming weights, nonzero biases: magnitude pruning's leftovers) are folded away exactly."""
+    torch.manual_seed(0)
+    model = _trained_like(make())
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, (nn.Linear, nn.Conv2d)):
+                m.bias.uniform_(-0.5, 0.5)  # some constants are ReLU(b) > 0
+                m.weight[: m.weight.shape[0] // 3] = 0.0  # a third of every layer's units dead
+    masked, small, rep = cut(model, 0.0)
+    assert rep.params_after < rep.params_before
+    x = torch.randn(*shape, generator=torch.Generator().manual_seed(1))
+    torch.testing.assert_close(small(x), model(x), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(masked(x), model(x), rtol=1e-5, atol=1e-5)

@@ -12,8 +12,13 @@ as the *smaller dense model*, because a removed unit's output only ever meets ze
 :func:`cut` returns both, and ``tests/cutting/test_structured.py`` checks that they agree.
 
 Which units go: per link, the ``fraction`` of units with the smallest L2 norm of their
-incoming weights (and bias), always including units whose incoming weights are all zero
-(what magnitude pruning leaves behind), keeping at least one unit. The links of the built-in
+incoming weights (and bias), always including the *free* units, keeping at least one: a unit
+whose incoming weights are all zero (what magnitude pruning leaves behind) outputs a constant
+c = ReLU(norm(bias)); when c = 0, or when the consumer is a Linear layer, removing it changes
+nothing — its constant contribution W[:, j]·c is added to the consumer's bias (in both the
+masked and the smaller model), so removing only free units (``fraction = 0``) returns the same
+function as the original model. (A padded convolution sees a constant channel as non-constant
+at its borders, so a constant channel feeding one is free only when c = 0.) The links of the built-in
 architectures (McMahan's CNN and 2NN, the tabular MLP) are known; another architecture is
 refused with the reason.
 """
@@ -40,6 +45,7 @@ class Link:
     consumer: str
     norm: str | None = None
     block: int = 1  # consumer inputs per unit (H·W when a conv's channels are flattened into a Linear)
+    fold: bool = True  # a constant unit's output can be folded into the consumer's bias (False: a padded conv)
 
 
 @dataclass(frozen=True)
@@ -57,7 +63,8 @@ def links_of(model: nn.Module) -> list[Link]:
     from fedloom.models.tabular import MLP
 
     if isinstance(model, McMahanCNN):
-        return [Link("conv1", "conv2"), Link("conv2", "fc1", block=49), Link("fc1", "fc2")]
+        # conv2 pads its input: a constant channel is not constant at the borders, so only a zero one is free
+        return [Link("conv1", "conv2", fold=False), Link("conv2", "fc1", block=49), Link("fc1", "fc2")]
     if isinstance(model, McMahan2NN):
         return [Link("fc1", "fc2"), Link("fc2", "fc3")]
     if isinstance(model, MLP):
@@ -84,15 +91,51 @@ def _scores(layer: nn.Module) -> torch.Tensor:
     return s.sqrt()
 
 
-def _keep(layer: nn.Module, fraction: float) -> torch.Tensor:
-    """Indices (sorted) of the units of ``layer`` that stay."""
-    scores = _scores(layer)
+def _constant(model: nn.Module, ln: Link) -> torch.Tensor:
+    """Each unit's output if its incoming weights were all zero: ReLU(norm(bias)) (the built-in models' activation)."""
+    prod = model.get_submodule(ln.producer)
+    n = prod.weight.shape[0]  # type: ignore[index]
+    b = prod.bias.detach().clone() if prod.bias is not None else torch.zeros(n)  # type: ignore[union-attr]
+    if ln.norm is not None:
+        bn = model.get_submodule(ln.norm)
+        b = (b - bn.running_mean) / torch.sqrt(bn.running_var + bn.eps)  # type: ignore[operator]
+        if bn.affine:  # type: ignore[union-attr]
+            b = b * bn.weight.detach() + bn.bias.detach()  # type: ignore[union-attr]
+    return torch.relu(b)
+
+
+def _free(model: nn.Module, ln: Link) -> torch.Tensor:
+    """Units whose removal changes nothing: no incoming weight, and a constant output that is 0 or foldable."""
+    prod = model.get_submodule(ln.producer)
+    dead = prod.weight.detach().flatten(1).abs().sum(1) == 0  # type: ignore[union-attr]
+    return dead & ((_constant(model, ln) == 0) | ln.fold)
+
+
+def _keep(model: nn.Module, ln: Link, fraction: float) -> torch.Tensor:
+    """Indices (sorted) of the units of the link's producer that stay."""
+    scores = _scores(model.get_submodule(ln.producer))
     n = scores.numel()
-    dead = layer.weight.detach().flatten(1).abs().sum(1) == 0  # type: ignore[union-attr]
-    drop = max(math.floor(fraction * n), int(dead.sum()))
-    drop = min(drop, n - 1)
-    order = torch.argsort(scores + torch.where(dead, -1.0, 0.0) * (scores.max() + 1), stable=True)
+    free = _free(model, ln)
+    drop = min(max(math.floor(fraction * n), int(free.sum())), n - 1)
+    order = torch.argsort(scores + torch.where(free, -1.0, 0.0) * (scores.max() + 1), stable=True)
     return order[drop:].sort().values
+
+
+def _fold(model: nn.Module, ln: Link, gone: torch.Tensor, free: torch.Tensor) -> None:
+    """Add the removed free units' constant contribution to the consumer's bias (exact: no padding in between)."""
+    units = (gone & free).nonzero().flatten()
+    if not len(units) or not ln.fold:
+        return
+    consumer = model.get_submodule(ln.consumer)
+    const = _constant(model, ln)
+    cols = _columns(units, ln.block)
+    values = const[units].repeat_interleave(ln.block)
+    with torch.no_grad():
+        w = consumer.weight[:, cols]  # type: ignore[index]
+        extra = (w.flatten(2).sum(2) if w.dim() > 2 else w) @ values
+        if consumer.bias is None:  # type: ignore[union-attr]
+            raise ConfigError(f"cannot fold removed units into {ln.consumer}: it has no bias", key="prune")
+        consumer.bias.add_(extra)  # type: ignore[union-attr]
 
 
 def _columns(keep: torch.Tensor, block: int) -> torch.Tensor:
@@ -163,7 +206,7 @@ def cut(model: nn.Module, fraction: float) -> tuple[nn.Module, nn.Module, CutRep
     masked = copy.deepcopy(model).eval()
     small = copy.deepcopy(model).eval()
     kept: dict[str, tuple[int, int]] = {}
-    keeps = {ln.producer: _keep(model.get_submodule(ln.producer), fraction) for ln in links}
+    keeps = {ln.producer: _keep(model, ln, fraction) for ln in links}
     for ln in links:
         keep = keeps[ln.producer]
         prod = model.get_submodule(ln.producer)
@@ -171,6 +214,9 @@ def cut(model: nn.Module, fraction: float) -> tuple[nn.Module, nn.Module, CutRep
         kept[ln.producer] = (len(keep), int(n))
         gone = torch.ones(n, dtype=torch.bool)
         gone[keep] = False
+        free = _free(model, ln)
+        _fold(masked, ln, gone, free)  # removed constant units live on in the consumer's bias, in both models
+        _fold(small, ln, gone, free)
         with torch.no_grad():  # the masked model: removed units' rows and consumer columns zeroed
             mp, mc = masked.get_submodule(ln.producer), masked.get_submodule(ln.consumer)
             mp.weight[gone] = 0.0  # type: ignore[index]
