@@ -1,11 +1,15 @@
 """The dashboard in a real browser: Debian's chromium driven by Playwright watches a real run advance.
 
-A real training run (``fedloom run`` in a subprocess) writes into a store while the real
-service (``fedloom serve``, uvicorn, in another subprocess) serves the dashboard from it. The
-page must show the round number rising without a reload, draw non-blank charts, list the
-checkpoint versions and log no error. Set ``FEDLOOM_SCREENSHOTS=1`` to rewrite the README's
-screenshots (``docs/img/dashboard*.png``). Skipped when ``chromium`` is not installed (CI
-installs Debian's package; Playwright never downloads a browser here).
+The real service (``fedloom serve``, uvicorn, a subprocess) serves a store in which a finished
+run (``fedloom run``, 3 rounds with local DP) already lies. The page opens on it; then a real
+training run starts in another subprocess (60 rounds of a hospital MLP, where hospital-B sends
+a NaN update every 7th round, which the server rejects). The page must list the new run, and,
+without a reload, show its round number rise, draw non-blank charts, fill in the checkpoint
+versions and the rejected updates, fit a 420 px screen, and log no error.
+
+Set ``FEDLOOM_SCREENSHOTS=1`` to rewrite the README's screenshots (``docs/img/dashboard*.png``).
+Skipped when ``chromium`` is not installed (CI installs Debian's package; Playwright never
+downloads a browser here).
 """
 
 from __future__ import annotations
@@ -25,10 +29,11 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(240)]
 
 CHROMIUM = shutil.which("chromium")
 ROOT = Path(__file__).resolve().parents[2]
+SCREENSHOTS = os.environ.get("FEDLOOM_SCREENSHOTS") == "1"
 
 CONFIG = """
 [run]
-name = "dash-{name}"
+name = "{name}"
 seed = 0
 rounds = {rounds}
 store = "{store}"
@@ -53,6 +58,40 @@ optimizer = "adam"
 loss = "huber"
 """
 
+DP = """
+[privacy]
+mode = "local"
+noise_multiplier = 0.5
+clip_norm = 1.0
+"""
+
+# A training run like `fedloom run` (the same build_run), whose hospital-B sends a NaN update in
+# rounds 4, 11, 18, ...: a broken client, rejected by the server with its reason.
+TRAINER = """
+import sys
+from dataclasses import replace
+
+import torch
+
+from fedloom.core.config import load_config
+from fedloom.run import build_run
+
+run = build_run(load_config(sys.argv[1]), fresh=True)
+fed = run.federation
+inner = fed.engine.run_cohort
+
+
+def run_cohort(*args, **kwargs):
+    rnd = fed.state.round + 1
+    for u in inner(*args, **kwargs):
+        broken = rnd % 7 == 4 and u.client_id == "hospital-B"
+        yield replace(u, delta=torch.full_like(u.delta, float("nan"))) if broken else u
+
+
+fed.engine.run_cohort = run_cohort
+fed.run(run.config.run.rounds)
+"""
+
 
 def _fedloom() -> list[str]:
     script = Path(sys.executable).with_name("fedloom")
@@ -72,22 +111,21 @@ def _distinct_colours(png: bytes) -> int:
     return len(img.getcolors(maxcolors=1 << 24) or [])
 
 
-@pytest.mark.skipif(CHROMIUM is None, reason="needs Debian's chromium (apt-get install chromium)")
+@pytest.mark.skipif(CHROMIUM is None, reason="needs Debian's chromium on PATH (apt-get install chromium)")
 def test_dashboard_follows_a_live_run(tmp_path: Path) -> None:
     from playwright.sync_api import sync_playwright
 
     store = tmp_path / "store.db"
     done = tmp_path / "done.toml"
-    done.write_text(CONFIG.format(name="done", rounds=3, store=store))
+    done.write_text(CONFIG.format(name="dash-done", rounds=3, store=store) + DP)
     subprocess.run([*_fedloom(), "run", str(done), "--out", str(tmp_path / "o1")], check=True, capture_output=True, timeout=120)
     live = tmp_path / "live.toml"
-    live.write_text(CONFIG.format(name="live", rounds=400, store=store))
+    live.write_text(CONFIG.format(name="dash-live", rounds=60, store=store))
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    trainer = subprocess.Popen([*_fedloom(), "run", str(live), "--out", str(tmp_path / "o2")], env=env,
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
     port = _free_port()
     server = subprocess.Popen([*_fedloom(), "serve", str(store), "--port", str(port)], env=env,
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT)  # fmt: skip
+    trainer: subprocess.Popen[bytes] | None = None
     errors: list[str] = []
     try:
         with sync_playwright() as p:
@@ -98,50 +136,80 @@ def test_dashboard_follows_a_live_run(tmp_path: Path) -> None:
             page.on("pageerror", lambda e: errors.append(f"pageerror: {e}"))
             page.on("console", lambda m: errors.append(f"console {m.type}: {m.text}") if m.type == "error" else None)
             deadline = time.monotonic() + 60
-            while True:  # the service and the live run start up
+            while True:  # the service starts up
                 try:
-                    page.goto(f"http://127.0.0.1:{port}/?run=dash-live", timeout=5000)
+                    page.goto(f"http://127.0.0.1:{port}/", timeout=5000)
                     break
                 except Exception:
                     if time.monotonic() > deadline or server.poll() is not None:
                         raise
-                    time.sleep(0.5)
-            page.wait_for_selector("#run:not([hidden])", timeout=30000)
-            assert page.locator("#run-list li").count() == 2
-            assert page.inner_text("#run-name") == "dash-live"
+                    time.sleep(0.3)
+            page.evaluate("window.__loaded_once = true")  # gone if the page ever reloads
+            # from here on every request must succeed (an EventSource closed by the page aside)
+            page.on("requestfailed", lambda r: errors.append(f"request failed: {r.url}") if "/events" not in r.url else None)
+
+            # the finished run: its 3 rounds, versions, ε, and a stream that says it is up to date
+            page.wait_for_function("document.getElementById('run-name').textContent === 'dash-done'")
+            page.wait_for_function("document.getElementById('round').dataset.round === '3'")
+            page.wait_for_function("document.getElementById('conn').dataset.state === 'final'")
+            assert page.inner_text("#run-status") == "completed"
+            assert page.locator("#versions tbody tr").count() == 3
+            assert page.inner_text("#epsilon").startswith("ε = ")
+            assert page.locator('#charts figure[data-metric="dp_epsilon"] canvas').count() == 1
+
+            # a new run starts; the runs list picks it up (it polls), and the page follows it
+            trainer = subprocess.Popen([sys.executable, "-c", TRAINER, str(live)], env=env,
+                                       stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)  # fmt: skip
+            page.wait_for_selector('#run-list li[data-run="dash-live"]', timeout=60000)
+            page.click('#run-list li[data-run="dash-live"]')
+            page.wait_for_function("document.getElementById('run-name').textContent === 'dash-live'")
 
             def shown_round() -> int:
                 return int(page.get_attribute("#round", "data-round") or 0)
 
             seen = [shown_round()]
             t_end = time.monotonic() + 90
-            while len(set(seen)) < 3 and time.monotonic() < t_end:  # two increases, no reload
-                page.wait_for_timeout(500)
+            while len(set(seen)) < 3 and time.monotonic() < t_end and trainer.poll() is None:
+                page.wait_for_timeout(300)
                 seen.append(shown_round())
-            assert len(set(seen)) >= 3 and seen == sorted(seen), f"the round shown did not advance: {seen}"
+            assert len(set(seen)) >= 3 and seen == sorted(seen), f"the round shown did not rise twice: {seen}"
+            assert page.inner_text("#conn") == "live" and page.inner_text("#run-status") == "running"
             page.wait_for_function("document.querySelectorAll('#versions tbody tr').length > 0", timeout=30000)
-            assert page.inner_text("#run-status") == "running"
-            assert page.inner_text("#conn") == "live"
+            names = page.eval_on_selector_all("#charts figure[data-metric]", "fs => fs.map(f => f.dataset.metric)")
+            assert names[0] == "test_mae" and "train_loss" in names and names.index("train_loss") > names.index("test_loss")
             chart = page.locator('#charts figure[data-metric="test_mae"] canvas')
             assert _distinct_colours(chart.screenshot()) > 20, "the MAE chart is blank"
-            assert _distinct_colours(page.locator("#chart-clients").screenshot()) > 5
-            if os.environ.get("FEDLOOM_SCREENSHOTS") == "1":
+            assert _distinct_colours(page.locator("#chart-clients").screenshot()) > 5, "the clients chart is blank"
+
+            # hospital-B's NaN update in round 4 shows up with its reason
+            page.wait_for_function("document.querySelectorAll('#rejected tbody tr').length > 0", timeout=60000)
+            row = page.locator("#rejected tbody tr").last.inner_text()
+            assert row.startswith("4") and "hospital-B" in row and "NaN" in row, row
+            assert page.is_hidden("#no-rejections")
+
+            if SCREENSHOTS:  # a run well under way, still running
+                page.wait_for_function("+document.getElementById('round').dataset.round >= 20", timeout=90000)
+                page.mouse.move(0, 0)
                 (ROOT / "docs" / "img").mkdir(parents=True, exist_ok=True)
                 page.screenshot(path=str(ROOT / "docs" / "img" / "dashboard.png"), full_page=True)
-                page.set_viewport_size({"width": 420, "height": 900})
-                page.wait_for_timeout(500)
+            # a phone: everything fits in 420 px, no sideways scrolling
+            page.set_viewport_size({"width": 420, "height": 900})
+            page.wait_for_timeout(400)  # the charts redraw after a resize
+            width = page.evaluate("document.documentElement.scrollWidth")
+            assert width <= 420, f"the page is {width} px wide at 420 px"
+            assert _distinct_colours(chart.screenshot()) > 20, "the MAE chart is blank at 420 px"
+            if SCREENSHOTS:
                 page.screenshot(path=str(ROOT / "docs" / "img" / "dashboard-narrow.png"), full_page=True)
-            # the finished run: completed, its three versions
-            page.click('#run-list li[data-run="dash-done"]')
-            page.wait_for_function("document.getElementById('run-name').textContent === 'dash-done'")
-            page.wait_for_function("document.getElementById('round').dataset.round === '3'")
-            assert page.inner_text("#run-status") == "completed"
-            page.wait_for_function("document.querySelectorAll('#versions tbody tr').length === 3")
+            assert page.evaluate("window.__loaded_once === true"), "the page reloaded"
             browser.close()
     finally:
-        trainer.terminate()
-        server.terminate()
-        trainer.wait(timeout=30)
+        for proc in (trainer, server):
+            if proc is not None and proc.poll() is None:
+                proc.terminate()
+        if trainer is not None:
+            trainer.wait(timeout=30)
         out = server.communicate(timeout=30)[0].decode(errors="replace")
     assert not errors, errors
     assert "Traceback" not in out, out
+    if trainer is not None and trainer.returncode not in (0, -15):
+        pytest.fail(f"the training run failed: {trainer.stderr.read().decode() if trainer.stderr else ''}")
