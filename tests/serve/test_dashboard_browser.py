@@ -1,11 +1,13 @@
 """The dashboard in a real browser: Debian's chromium driven by Playwright watches a real run advance.
 
-The real service (``fedloom serve``, uvicorn, a subprocess) serves a store in which a finished
-run (``fedloom run``, 3 rounds with local DP) already lies. The page opens on it; then a real
+The real service (``fedloom serve`` with a token, uvicorn, a subprocess) serves a store in
+which a finished run (``fedloom run``, 3 rounds with local DP) already lies. The page opens on
+it; then a real
 training run starts in another subprocess (60 rounds of a hospital MLP, where hospital-B sends
 a NaN update every 7th round, which the server rejects). The page must list the new run, and,
 without a reload, show its round number rise, draw non-blank charts, fill in the checkpoint
-versions and the rejected updates, fit a 420 px screen, and log no error.
+versions and the rejected updates, show a value under the pointer, fit a 420 px screen, and
+log no error (a request the token refused would be one).
 
 Set ``FEDLOOM_SCREENSHOTS=1`` to rewrite the README's screenshots (``docs/img/dashboard*.png``).
 Skipped when ``chromium`` is not installed (CI installs Debian's package; Playwright never
@@ -30,6 +32,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(240)]
 CHROMIUM = shutil.which("chromium")
 ROOT = Path(__file__).resolve().parents[2]
 SCREENSHOTS = os.environ.get("FEDLOOM_SCREENSHOTS") == "1"
+TOKEN = "dash-s3cret"  # the service wants it on /api; the page passes its own ?access_token= on
 
 CONFIG = """
 [run]
@@ -116,14 +119,16 @@ def test_dashboard_follows_a_live_run(tmp_path: Path) -> None:
     from playwright.sync_api import sync_playwright
 
     store = tmp_path / "store.db"
+    # one torch thread each: the trainer, the service and the browser share the machine's cores
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
     done = tmp_path / "done.toml"
     done.write_text(CONFIG.format(name="dash-done", rounds=3, store=store) + DP)
-    subprocess.run([*_fedloom(), "run", str(done), "--out", str(tmp_path / "o1")], check=True, capture_output=True, timeout=120)
+    subprocess.run([*_fedloom(), "run", str(done), "--out", str(tmp_path / "o1")], env=env, check=True, capture_output=True,
+                   timeout=120)  # fmt: skip
     live = tmp_path / "live.toml"
     live.write_text(CONFIG.format(name="dash-live", rounds=60, store=store))
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     port = _free_port()
-    server = subprocess.Popen([*_fedloom(), "serve", str(store), "--port", str(port)], env=env,
+    server = subprocess.Popen([*_fedloom(), "serve", str(store), "--port", str(port), "--token", TOKEN], env=env,
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT)  # fmt: skip
     trainer: subprocess.Popen[bytes] | None = None
     errors: list[str] = []
@@ -138,7 +143,7 @@ def test_dashboard_follows_a_live_run(tmp_path: Path) -> None:
             deadline = time.monotonic() + 60
             while True:  # the service starts up
                 try:
-                    page.goto(f"http://127.0.0.1:{port}/", timeout=5000)
+                    page.goto(f"http://127.0.0.1:{port}/?access_token={TOKEN}", timeout=5000)
                     break
                 except Exception:
                     if time.monotonic() > deadline or server.poll() is not None:
@@ -180,6 +185,13 @@ def test_dashboard_follows_a_live_run(tmp_path: Path) -> None:
             chart = page.locator('#charts figure[data-metric="test_mae"] canvas')
             assert _distinct_colours(chart.screenshot()) > 20, "the MAE chart is blank"
             assert _distinct_colours(page.locator("#chart-clients").screenshot()) > 5, "the clients chart is blank"
+            box = chart.bounding_box()
+            assert box is not None
+            page.mouse.move(box["x"] + box["width"] * 0.6, box["y"] + box["height"] / 2)
+            page.wait_for_function("document.querySelector('#charts figure[data-metric=\"test_mae\"] canvas')._fedchart.hover !== null")
+            hovered = page.evaluate("document.querySelector('#charts figure[data-metric=\"test_mae\"] canvas')._fedchart.hover")
+            assert isinstance(hovered, int) and hovered >= 1  # the read-out shows a round
+            page.mouse.move(0, 0)
 
             # hospital-B's NaN update in round 4 shows up with its reason
             page.wait_for_function("document.querySelectorAll('#rejected tbody tr').length > 0", timeout=60000)
@@ -189,7 +201,6 @@ def test_dashboard_follows_a_live_run(tmp_path: Path) -> None:
 
             if SCREENSHOTS:  # a run well under way, still running
                 page.wait_for_function("+document.getElementById('round').dataset.round >= 20", timeout=90000)
-                page.mouse.move(0, 0)
                 (ROOT / "docs" / "img").mkdir(parents=True, exist_ok=True)
                 page.screenshot(path=str(ROOT / "docs" / "img" / "dashboard.png"), full_page=True)
             # a phone: everything fits in 420 px, no sideways scrolling

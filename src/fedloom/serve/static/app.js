@@ -77,7 +77,8 @@ async function selectRun(name) {
   if (state.source) { state.source.close(); state.source = null; }
   state.run = name;
   document.querySelectorAll("#run-list li").forEach((li) => li.classList.toggle("active", li.dataset.run === name));
-  const snap = await getJSON("api/runs/" + encodeURIComponent(name));
+  let snap;
+  try { snap = await getJSON("api/runs/" + encodeURIComponent(name)); } catch (e) { problem(e); return; }
   if (gen !== state.gen) return; // another run was picked meanwhile
   Object.assign(state, { rounds: snap.rounds, versions: snap.versions, total: snap.total_rounds, ended: false });
   $("charts").querySelectorAll("figure[data-metric]").forEach((f) => f.remove());
@@ -216,7 +217,17 @@ function renderVersions() {
   }
 }
 
+// a request the service refused (a missing token: open the page as /?access_token=...), shown on the page
+function problem(e) {
+  const p = $("problem");
+  p.hidden = !e;
+  if (!e) return;
+  p.textContent = e.message + (/\b401\b/.test(e.message) ? " (open this page as /?access_token=YOUR_TOKEN)" : "");
+  console.warn("dashboard:", e.message);
+}
+const refresh = () => loadRuns().then(() => problem(null), problem);
+
 let resizing = null;
 window.addEventListener("resize", () => { clearTimeout(resizing); resizing = setTimeout(() => state.run && renderCharts(), 100); });
-loadRuns().catch((e) => { setConn("lost"); console.warn("dashboard:", e.message); });
-setInterval(() => loadRuns().catch((e) => console.warn("dashboard:", e.message)), 5000);
+refresh().then(() => { if (!$("problem").hidden) setConn("lost"); });
+setInterval(refresh, 5000);
