@@ -32,6 +32,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(240)]
 CHROMIUM = shutil.which("chromium")
 ROOT = Path(__file__).resolve().parents[2]
 SCREENSHOTS = os.environ.get("FEDLOOM_SCREENSHOTS") == "1"
+MAE_CANVAS = '#charts figure[data-metric="test_mae"] canvas'
 TOKEN = "dash-s3cret"  # the service wants it on /api; the page passes its own ?access_token= on
 
 CONFIG = """
@@ -182,14 +183,14 @@ def test_dashboard_follows_a_live_run(tmp_path: Path) -> None:
             page.wait_for_function("document.querySelectorAll('#versions tbody tr').length > 0", timeout=30000)
             names = page.eval_on_selector_all("#charts figure[data-metric]", "fs => fs.map(f => f.dataset.metric)")
             assert names[0] == "test_mae" and "train_loss" in names and names.index("train_loss") > names.index("test_loss")
-            chart = page.locator('#charts figure[data-metric="test_mae"] canvas')
+            chart = page.locator(MAE_CANVAS)
             assert _distinct_colours(chart.screenshot()) > 20, "the MAE chart is blank"
             assert _distinct_colours(page.locator("#chart-clients").screenshot()) > 5, "the clients chart is blank"
             box = chart.bounding_box()
             assert box is not None
             page.mouse.move(box["x"] + box["width"] * 0.6, box["y"] + box["height"] / 2)
-            page.wait_for_function("document.querySelector('#charts figure[data-metric=\"test_mae\"] canvas')._fedchart.hover !== null")
-            hovered = page.evaluate("document.querySelector('#charts figure[data-metric=\"test_mae\"] canvas')._fedchart.hover")
+            page.wait_for_function("s => document.querySelector(s)._fedchart.hover !== null", arg=MAE_CANVAS)
+            hovered = page.evaluate("s => document.querySelector(s)._fedchart.hover", MAE_CANVAS)
             assert isinstance(hovered, int) and hovered >= 1  # the read-out shows a round
             page.mouse.move(0, 0)
 
