@@ -1,19 +1,15 @@
 """The model service's cache: which model answers a request, swapped without a failed request.
 
 :class:`ModelCache` resolves ``(run, version)`` — ``version`` a round number or ``latest`` — to a
-:class:`Served` model: an immutable bundle of the eval-mode module, its version, its task and
-input spec. A request holds its :class:`Served` for its whole life, so a newer checkpoint
-arriving (the run still training into the store) never changes the model under a request
-that already started.
-
-Each run's version list is re-read from the source at most every ``refresh`` seconds. When
-it shows a newer version than the one ``latest`` serves, one request loads it (others arriving
-meanwhile are answered at once by the current model, not made to wait) and the new
-:class:`Served` replaces the old one by one reference assignment. If loading fails (the file
-was pruned between listing and loading, a torn read), the previous latest keeps answering
-and the load is retried on the next refresh; a pinned version whose file is gone is a
-:class:`~fedloom.serve.source.SourceError` (the service's 404). Loaded models are kept in a
-small LRU (``capacity``) so pinned versions do not reload on every request.
+:class:`Served` model: an immutable bundle of the eval-mode module, its version and its task.
+A request holds its :class:`Served` for its whole life, so a newer checkpoint arriving (the
+run still training into the store) never changes the model under a request that already
+started. ``latest`` is re-read from the store at most every ``refresh`` seconds; a new newest
+version is loaded once (under a lock; other requests keep being answered by the previous
+one meanwhile) and then swapped in by replacing one reference. If loading it fails (its
+file was pruned between listing and loading, a torn read), the previous latest keeps
+answering and the load is retried on the next refresh. Loaded models are kept in a small
+LRU (``capacity``) so pinned versions do not reload on every request.
 """
 
 from __future__ import annotations
@@ -27,8 +23,7 @@ from dataclasses import dataclass
 from torch import nn
 
 from fedloom.data.base import TaskSpec
-from fedloom.serve.schemas import InputSpec, input_spec
-from fedloom.serve.source import ModelSource, ModelVersion, RunModels, SourceError
+from fedloom.serve.source import ModelSource, SourceError
 
 __all__ = ["ModelCache", "Served"]
 
@@ -43,11 +38,10 @@ class Served:
     version: int
     model: nn.Module
     task: TaskSpec
-    spec: InputSpec
 
 
 class ModelCache:
-    """Loaded models by (run, version), each run's current ``latest``, and its input spec."""
+    """Loaded models by (run, version), and each run's current ``latest``."""
 
     def __init__(self, source: ModelSource, *, capacity: int = 4, refresh: float = 0.5) -> None:
         self.source = source
@@ -56,33 +50,9 @@ class ModelCache:
         self.swaps = 0
         self._loaded: OrderedDict[tuple[str, int], Served] = OrderedDict()
         self._latest: dict[str, Served] = {}
-        self._listed: dict[str, tuple[float, list[ModelVersion]]] = {}
-        self._specs: dict[str, tuple[RunModels, InputSpec]] = {}
-        self._lock = threading.Lock()
-        self._refreshing: dict[str, threading.Lock] = {}
         self._checked: dict[str, float] = {}
-
-    def spec(self, run: str) -> InputSpec:
-        """What requests for ``run`` take (:class:`SourceError` if there is no such run)."""
-        models = self.source.run(run)
-        with self._lock:
-            hit = self._specs.get(run)
-        if hit is not None and hit[0] is models:
-            return hit[1]
-        spec = input_spec(models)
-        with self._lock:
-            self._specs[run] = (models, spec)
-        return spec
-
-    def versions(self, run: str, *, fresh: bool = False) -> list[ModelVersion]:
-        """The run's versions, re-read from the source at most every ``refresh`` seconds (or now: ``fresh``)."""
-        now = time.monotonic()
-        hit = self._listed.get(run)
-        if hit is not None and not fresh and now - hit[0] < self.refresh:
-            return hit[1]
-        versions = self.source.versions(run)
-        self._listed[run] = (now, versions)
-        return versions
+        self._lock = threading.Lock()
+        self._load_lock = threading.Lock()
 
     def _load(self, run: str, version: int) -> Served:
         key = (run, version)
@@ -92,7 +62,7 @@ class ModelCache:
                 self._loaded.move_to_end(key)
                 return hit
         models = self.source.run(run)
-        served = Served(run, version, models.load(version), models.task, self.spec(run))
+        served = Served(run, version, models.load(version), models.task)
         with self._lock:
             self._loaded[key] = served
             while len(self._loaded) > self.capacity:
@@ -101,53 +71,44 @@ class ModelCache:
 
     def get(self, run: str, version: int | str) -> Served:
         """The model for ``version`` of ``run`` (:class:`SourceError` if there is none)."""
-        if version == "latest":
-            return self.latest(run)
-        assert isinstance(version, int)
-        known = {v.version for v in self.versions(run)}
-        if version not in known and version > max(known, default=-1):
-            known = {v.version for v in self.versions(run, fresh=True)}  # newer than the cached list
-        if version not in known:
-            raise SourceError(f"run {run!r} has no version {version}; it has {sorted(known)}")
-        return self._load(run, version)
+        if version != "latest":
+            assert isinstance(version, int)
+            if version not in {v.version for v in self.source.versions(run)}:
+                raise SourceError(f"run {run!r} has no version {version}")
+            return self._load(run, version)
+        return self.latest(run)
 
     def latest(self, run: str) -> Served:
-        """The newest loadable version of ``run``; moves forward as the run trains."""
+        now = time.monotonic()
         current = self._latest.get(run)
-        if current is not None and time.monotonic() - self._checked.get(run, -1e18) < self.refresh:
+        if current is not None and now - self._checked.get(run, 0.0) < self.refresh:
             return current
-        with self._lock:
-            gate = self._refreshing.setdefault(run, threading.Lock())
-        if not gate.acquire(blocking=current is None):
-            return current  # type: ignore[return-value]  # another request is refreshing: answer with what serves now
-        try:
-            return self._refresh(run)
-        finally:
-            gate.release()
-
-    def _refresh(self, run: str) -> Served:
-        current = self._latest.get(run)
-        self._checked[run] = time.monotonic()
-        versions = self.versions(run, fresh=True)
-        if not versions:
+        with self._load_lock:
+            current = self._latest.get(run)
+            if current is not None and now - self._checked.get(run, 0.0) < self.refresh:
+                return current
+            versions = self.source.versions(run)
+            self._checked[run] = now
+            if not versions:
+                if current is not None:
+                    return current
+                raise SourceError(f"run {run!r} has no checkpoint yet")
+            newest = versions[-1].version
+            if current is not None and current.version == newest:
+                return current
+            for v in reversed(versions):
+                if current is not None and v.version <= current.version:
+                    break
+                try:
+                    served = self._load(run, v.version)
+                except SourceError as exc:  # pruned or torn: keep what answers now
+                    log.warning("run %r: cannot load version %d yet: %s", run, v.version, exc)
+                    continue
+                if current is not None:
+                    self.swaps += 1
+                    log.info("run %r: serving version %d (was %d)", run, served.version, current.version)
+                self._latest[run] = served
+                return served
             if current is not None:
                 return current
-            raise SourceError(f"run {run!r} has no checkpoint yet")
-        if current is not None and current.version == versions[-1].version:
-            return current
-        for v in reversed(versions):
-            if current is not None and v.version <= current.version:
-                break
-            try:
-                served = self._load(run, v.version)
-            except SourceError as exc:  # pruned or torn: keep what answers now
-                log.warning("run %r: cannot load version %d yet: %s", run, v.version, exc)
-                continue
-            if current is not None:
-                self.swaps += 1
-                log.info("run %r: serving version %d (was %d)", run, served.version, current.version)
-            self._latest[run] = served
-            return served
-        if current is not None:
-            return current
-        raise SourceError(f"run {run!r}: no loadable checkpoint")
+            raise SourceError(f"run {run!r}: no loadable checkpoint")
