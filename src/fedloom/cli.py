@@ -341,7 +341,7 @@ def export(
     from fedloom.serve.export import export_model
     from fedloom.serve.source import open_source
 
-    if not version.isdigit() and version != "latest":
+    if not (version.isascii() and version.isdigit()) and version != "latest":
         console.print(f"[bold red]error:[/] --version must be a round number or latest, got {version!r}")
         raise typer.Exit(2)
     try:

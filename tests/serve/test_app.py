@@ -269,3 +269,9 @@ def test_a_chunked_body_over_the_limit_is_refused(stores: dict[str, Path]) -> No
 
     r = c.post("/v1/models/latest/predict?run=hosp", content=chunks(), headers={"content-type": "application/json"})
     assert r.status_code == 413 and "over 1000 bytes" in r.json()["detail"]
+
+
+def test_a_non_ascii_digit_version_is_a_404(client: TestClient) -> None:
+    """Found by schemathesis: "²".isdigit() is True but int("²") raises."""
+    assert client.get("/v1/models/%C2%B2?run=hosp").status_code == 404
+    assert client.post("/v1/models/%C2%B2/predict?run=hosp", json={"rows": [ROW]}).status_code == 404

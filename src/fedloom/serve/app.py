@@ -207,7 +207,7 @@ def create_app(
     @app.middleware("http")
     async def observe(request: Request, call_next):  # type: ignore[no-untyped-def]
         size = request.headers.get("content-length")
-        if size is not None and (not size.isdigit() or int(size) > max_body):
+        if size is not None and (not (size.isascii() and size.isdigit()) or int(size) > max_body):
             return JSONResponse({"detail": f"request body over {max_body} bytes"}, status_code=413)
         t0 = time.perf_counter()
         response = await call_next(request)
@@ -235,7 +235,7 @@ def create_app(
     def parse_version(version: str) -> int | str:
         if version == "latest":
             return "latest"
-        if not version.isdigit():
+        if not (version.isascii() and version.isdigit()):  # "²".isdigit() is True but int("²") fails
             raise HTTPException(404, f"version must be a round number or 'latest', got {version!r}")
         return int(version)
 

@@ -165,7 +165,7 @@ async def run_events(
 
 def _last_event_id(request: Request, after: int | None) -> int:
     header = request.headers.get("last-event-id", "").strip()
-    if header.isdigit():
+    if header.isascii() and header.isdigit():
         return int(header)  # a reconnecting browser: what it saw last wins over the URL's ?after=
     return after if after is not None and after > 0 else 0
 
