@@ -108,14 +108,15 @@ def build_pipeline(cfg: RunConfig) -> Pipeline:
     """The update pipeline of ``[[pipeline]]`` and ``[broadcast]`` (errors name ``pipeline.<i>.<key>``).
 
     With ``[pruning]`` (and ``send_sparse``), the ``sparse`` codec is added for the uplink when
-    no stage encodes updates (and local DP does not noise every entry), and for the broadcast
+    no stage encodes updates (and neither local DP nor secure aggregation fills every entry), and for the broadcast
     when none is configured: the pruned weights' zeros are not sent.
     """
     stages = tuple(build_stage(st.name, st.options(), key=f"pipeline.{i}") for i, st in enumerate(cfg.pipeline))
     down = build_stage(cfg.broadcast.name, cfg.broadcast.options(), key="broadcast") if cfg.broadcast else None
     if cfg.pruning is not None and cfg.pruning.send_sparse:
         local_noise = cfg.privacy is not None and cfg.privacy.mode == "local"  # noised deltas have no zeros
-        if not local_noise and not any(getattr(st, "codec", None) is not None for st in stages):
+        secure = cfg.secure is not None  # secure aggregation masks the dense delta: every entry travels
+        if not local_noise and not secure and not any(getattr(st, "codec", None) is not None for st in stages):
             stages = (*stages, build_stage("sparse", {}, key="pruning.send_sparse"))
         if down is None:
             down = build_stage("sparse", {}, key="pruning.send_sparse")
@@ -202,6 +203,15 @@ def build_run(cfg: RunConfig, *, engine: str | None = None, fresh: bool = False)
         )
         strategy = replace(strategy, train=privacy.train)
         pipeline = Pipeline((privacy.stage, *pipeline.stages), broadcast_stage=pipeline.broadcast_stage)
+    secure = None
+    if cfg.secure is not None:
+        from fedloom.secure.plan import plan_secure
+
+        if remote and cfg.secure.dropout:
+            raise ConfigError("simulated dropouts are for simulation; deployed clients drop out on their own", key="secure.dropout")
+        secure, drops = plan_secure(
+            cfg.secure.model_dump(), strategy=strategy, stages=pipeline.stages, params=init_vec, seed=cfg.run.seed
+        )
     if remote:
         from fedloom.server.deploy import run_info, start_remote_engine  # gRPC: only for a deployment
 
@@ -222,6 +232,8 @@ def build_run(cfg: RunConfig, *, engine: str | None = None, fresh: bool = False)
             ray_address=cfg.run.ray_address,
             ray_workers=cfg.run.ray_workers,
         )
+        if secure is not None:
+            eng.protocol_clients.drop = drops
 
     evaluator = None
     if dataset.server_test is not None:
@@ -253,5 +265,6 @@ def build_run(cfg: RunConfig, *, engine: str | None = None, fresh: bool = False)
         pipeline=pipeline,
         pruner=build_pruner(cfg),
         callbacks=build_loggers(cfg),
+        secure=secure,
     )
     return Run(cfg, dataset, model_fn, spec, strategy, eng, federation, privacy)

@@ -113,8 +113,32 @@ def test_schema_is_created_versioned_and_a_newer_version_is_refused(tmp_path: Pa
     con.execute("UPDATE meta SET value=? WHERE key='schema_version'", (str(SCHEMA_VERSION + 1),))
     con.commit()
     con.close()
-    with pytest.raises(StoreError, match=r"schema version 2, newer than this fedloom supports \(1\)"):
+    with pytest.raises(StoreError, match=r"schema version 3, newer than this fedloom supports \(2\)"):
         Store.open(db)
+
+
+def test_a_version_1_store_is_migrated_and_keeps_its_rounds(tmp_path: Path) -> None:
+    """v2 added rounds.reason: a v1 store opens, gains the column, and its old rounds read back."""
+    db = tmp_path / "fedloom.db"
+    with Store.open(db) as store:
+        run = store.start_or_resume_run("r", {"a": 1}, fresh=True)
+        store.record_round(run, RoundRecord(round=1, metrics={"x": 1.0}, clients=["c"], num_examples=3,
+                                            bytes_down=1, bytes_up=2, seconds=0.5))
+    con = sqlite3.connect(db)
+    con.execute("ALTER TABLE rounds DROP COLUMN reason")  # as version 1 wrote it
+    con.execute("UPDATE meta SET value='1' WHERE key='schema_version'")
+    con.commit()
+    con.close()
+    with Store.open(db, read_only=True) as store:  # read-only: read as it is, no reason
+        assert store.history(store.find_run("r")).records[0].reason == ""
+    with Store.open(db) as store:
+        run = store.find_run("r")
+        assert [r.num_examples for r in store.history(run)] == [3]
+        store.record_round(run, RoundRecord(round=2, metrics={}, clients=[], num_examples=0, bytes_down=0,
+                                            bytes_up=0, seconds=0.1, status="aborted", reason="too few"))
+        assert [(r.status, r.reason) for r in store.history(run)] == [("ok", ""), ("aborted", "too few")]
+    con = sqlite3.connect(db)
+    assert con.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()[0] == "2"
 
 
 def test_open_refuses_what_is_not_a_store(tmp_path: Path) -> None:

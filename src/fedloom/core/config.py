@@ -145,6 +145,29 @@ class TrackingSection(_Strict):
     mlflow_experiment: str = "fedloom"
 
 
+class SecureSection(_Strict):
+    """``[secure]``: secure aggregation (SecAgg, or SecAgg+ on a sparse graph); the server learns only the sum.
+
+    ``threshold``: shares needed to recover a client's secrets (an int, or a fraction f of
+    its neighbours: ⌊f·d⌋ + 1). ``neighbours``: SecAgg+'s even degree k (default
+    2⌈1.5·log2 n⌉). ``bits``/``modulus_bits``/``clip``: each entry of the (weighted) delta is
+    divided by ``weight_scale`` (set it near the largest client weight, e.g. the largest
+    site's example count under FedAvg, so that ``clip`` is in the delta's own units), clipped
+    to [−clip, clip] and stochastically rounded to 2^bits levels in Z_{2^modulus_bits}.
+    ``dropout``: simulation only, the probability that a client drops before each stage
+    (``advertise``, ``share``, ``input``, ``unmask``).
+    """
+
+    protocol: Literal["secagg", "secagg+"] = "secagg"
+    threshold: float | int = 0.5
+    neighbours: int | None = None
+    bits: int = Field(16, ge=1, le=31)
+    modulus_bits: int = Field(32, ge=8, le=32)
+    clip: float = Field(1.0, gt=0.0)
+    weight_scale: float = Field(1.0, gt=0.0)
+    dropout: dict[str, float] = {}
+
+
 class StageSection(_Open):
     """One ``[[pipeline]]`` entry (or the ``[broadcast]`` table): a stage name and its options."""
 
@@ -219,6 +242,7 @@ class RunConfig(_Strict):
     privacy: PrivacySection | None = None
     pruning: PruningSection | None = None
     tracking: TrackingSection = TrackingSection()
+    secure: SecureSection | None = None
 
     def identity(self) -> dict[str, Any]:
         """The settings that determine the run's results, as JSON-able data.

@@ -15,6 +15,8 @@ __all__ = [
     "FedloomError",
     "InvalidUpdateError",
     "PayloadError",
+    "ProtocolAbort",
+    "ProtocolError",
     "SpecError",
     "StoreError",
     "StrategyError",
@@ -80,3 +82,11 @@ class StoreError(FedloomError):
 
 class BudgetExhausted(FedloomError):
     """The next round would exceed a budget (``privacy.max_epsilon``): the run stops before it."""
+
+
+class ProtocolError(FedloomError, ValueError):
+    """A protocol message (secure aggregation) that is out of stage, replayed, malformed or forged."""
+
+
+class ProtocolAbort(FedloomError):
+    """A round's protocol cannot finish (too few clients left): the round is aborted, nothing is revealed."""

@@ -19,7 +19,10 @@ class RoundRecord:
     ``metrics`` holds server-side evaluation (``test_*``), the example-weighted training
     metrics of the cohort (``train_*``) and federated evaluation (``fed_*``) when run.
     ``bytes_down``/``bytes_up`` count the tensors sent to / received from clients.
-    ``rejected`` maps client ids to the reason their update was refused.
+    ``rejected`` maps client ids to the reason their update was refused. ``status`` is
+    ``ok``, ``insufficient`` (too few valid updates for the rule: the model is unchanged) or
+    ``aborted`` (a secure-aggregation round that could not finish: unchanged, nothing
+    unmasked); ``reason`` says why when it is not ``ok``.
     """
 
     round: int
@@ -31,6 +34,7 @@ class RoundRecord:
     seconds: float
     rejected: dict[str, str] = field(default_factory=dict)
     status: str = "ok"
+    reason: str = ""
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -51,6 +55,7 @@ class RoundRecord:
             seconds=float(d.get("seconds", 0.0)),
             rejected=dict(d.get("rejected", {})),
             status=str(d.get("status", "ok")),
+            reason=str(d.get("reason", "")),
         )
 
 

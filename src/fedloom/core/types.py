@@ -17,7 +17,7 @@ import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 
@@ -32,6 +32,7 @@ __all__ = [
     "LossName",
     "OptimizerName",
     "Payload",
+    "ProtocolMessage",
     "TrainConfig",
     "tensor_bytes",
 ]
@@ -205,6 +206,31 @@ def tensor_bytes(t: torch.Tensor | None) -> int:
 
 
 @dataclass(frozen=True)
+class ProtocolMessage:
+    """One message of a multi-exchange round protocol (secure aggregation), either way.
+
+    ``protocol`` and ``stage`` name where it belongs in the protocol's state machine, which
+    refuses it out of stage; ``client_id`` is the client it goes to or comes from; ``meta``
+    is JSON (ids, counts), ``tensors`` the binary parts (keys, ciphertexts, masked vectors).
+    """
+
+    protocol: str
+    stage: str
+    round: int
+    client_id: str
+    meta: Mapping[str, Any] = field(default_factory=dict)
+    tensors: Mapping[str, torch.Tensor] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "meta", _frozen_map(self.meta))
+        object.__setattr__(self, "tensors", _frozen_map(self.tensors))
+
+    @property
+    def nbytes(self) -> int:
+        return sum(tensor_bytes(t) for t in self.tensors.values())
+
+
+@dataclass(frozen=True)
 class ClientInstruction:
     """One client's orders for one round.
 
@@ -225,6 +251,8 @@ class ClientInstruction:
     transforms: tuple[ComponentSpec, ...] = ()
     stages: tuple[ComponentSpec, ...] = ()
     model_version: int | None = None
+    protocol: ProtocolMessage | None = None
+    """A round protocol's message delivered with the training task (secure aggregation's masked-input stage)."""
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "payload", _frozen_map(self.payload))

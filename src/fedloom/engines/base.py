@@ -8,14 +8,15 @@ only in where the work runs (DESIGN.md): the algorithm code is shared.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 
 import torch
 from torch import nn
 
 from fedloom.core.params import ParamSpec
-from fedloom.core.types import ClientInstruction, ClientUpdate, Payload
+from fedloom.core.types import ClientInstruction, ClientUpdate, Payload, ProtocolMessage
 from fedloom.pipeline import finish_clients
+from fedloom.secure.host import ProtocolClients
 
 __all__ = ["ClientStateStore", "Engine", "ModelFn"]
 
@@ -61,6 +62,29 @@ class Engine(ABC):
     def __init__(self, *, spec: ParamSpec) -> None:
         self.spec = spec
         self.client_states = ClientStateStore()
+        self.protocol_clients = ProtocolClients()
+        """The client side of round protocols (secure aggregation) for in-process clients."""
+
+    def exchange(self, requests: Sequence[ProtocolMessage]) -> Iterable[ProtocolMessage]:
+        """Deliver one protocol message to each addressed client; yield the replies that come back.
+
+        A round may take several exchanges with its cohort (secure aggregation's key setup,
+        shares, unmasking); the client sides are state machines that refuse what is out of
+        stage. Simulation engines answer from :attr:`protocol_clients`; the remote engine
+        sends the messages over gRPC. A client that dropped or refused yields nothing.
+        """
+        return self.protocol_clients.exchange(requests)
+
+    def seal(self, instructions: Sequence[ClientInstruction], updates: Sequence[ClientUpdate]) -> list[ClientUpdate]:
+        """The updates after the input stage of their instructions' protocol (masking); dropped ones left out."""
+        if all(ins.protocol is None for ins in instructions):
+            return list(updates)
+        out = []
+        for ins, up in zip(instructions, updates, strict=True):
+            sealed = up if ins.protocol is None else self.protocol_clients.seal(ins, up)
+            if sealed is not None:
+                out.append(sealed)
+        return out
 
     @abstractmethod
     def available_clients(self) -> list[str]:
@@ -88,11 +112,15 @@ class Engine(ABC):
         states: Sequence[Mapping[str, torch.Tensor]],
         deltas: torch.Tensor | None = None,
     ) -> list[ClientUpdate]:
-        """Run the instructions' client stages on trained clients as one batch; keep their states."""
+        """Run the instructions' client stages on trained clients as one batch; keep their states.
+
+        Then the protocol's input stage (:meth:`seal`): under secure aggregation the updates
+        leave masked, and a client that drops out here yields none.
+        """
         out, new_states = finish_clients(self.spec, instructions, updates, states, deltas)
         for ins, st in zip(instructions, new_states, strict=True):
             self.client_states.put(ins.client_id, st)
-        return out
+        return self.seal(instructions, out)
 
     @abstractmethod
     def evaluate_clients(

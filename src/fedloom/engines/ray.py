@@ -369,14 +369,17 @@ class RayEngine(Engine):
         if not instructions:
             return
         g_ref = ray.put(global_vec.detach().cpu())  # once per round, read by every worker
+        # a round protocol's client sessions live here, in the driver: workers train, the driver seals
+        by_id = {ins.client_id: ins for ins in instructions}
+        sent = [dataclasses.replace(ins, protocol=None) if ins.protocol is not None else ins for ins in instructions]
         streams = []
-        for actor, part in zip(self._actors, shard(instructions, len(self._actors)), strict=False):
+        for actor, part in zip(self._actors, shard(sent, len(self._actors)), strict=False):
             states = {ins.client_id: dict(s) for ins in part if (s := self.client_states.get(ins.client_id))}
             streams.append(actor.run_shard.options(num_returns="streaming").remote(g_ref, part, states))
         for update, state, pid in self._drain(ray, streams):
             self.client_states.put(update.client_id, state)
             self.last_worker_pids[update.client_id] = pid
-            yield update
+            yield from self.seal([by_id[update.client_id]], [update])
 
     def _drain(self, ray: ModuleType, streams: list[Any]) -> Iterator[Any]:
         """The items of Ray streaming generators: as they arrive, or stream by stream if ``ordered``."""

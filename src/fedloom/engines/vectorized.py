@@ -203,6 +203,7 @@ class VectorizedEngine(Engine):
         self.memory_budget_bytes = memory_budget_bytes or default
         self._sequential = SequentialEngine(model_fn=model_fn, dataset=dataset, spec=spec, device=device)
         self._sequential.client_states = self.client_states
+        self._sequential.protocol_clients = self.protocol_clients
         reason = ""
         if program is None:  # not probed by the caller (local_engine probes once and passes it)
             program, reason = lockstep_program(model_fn, spec, dataset, self.device)

@@ -44,13 +44,13 @@ import logging
 import math
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import replace
-from typing import TYPE_CHECKING
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
-from fedloom.core.errors import BudgetExhausted, ConfigError, InvalidUpdateError, StrategyError
+from fedloom.core.errors import BudgetExhausted, ConfigError, InvalidUpdateError, ProtocolAbort, ProtocolError, StrategyError
 from fedloom.core.params import ParamSpec
 from fedloom.core.seeding import derive_seed
 from fedloom.core.types import Aggregate, ClientUpdate, tensor_bytes
@@ -61,7 +61,8 @@ from fedloom.federation.callbacks import Callback, FunctionCallback, RoundEvent,
 from fedloom.pipeline import Pipeline, StageContext
 from fedloom.strategies.base import Aggregator, ServerState, Strategy
 
-if TYPE_CHECKING:  # the loop only calls the store
+if TYPE_CHECKING:  # the loop only calls the store; secure aggregation loads on first use
+    from fedloom.secure.secagg import SecAggConfig, SecAggServer
     from fedloom.store import RunHandle, Store
 
 __all__ = ["Evaluator", "Federation", "RoundCallback"]
@@ -104,6 +105,7 @@ class Federation:
         pipeline: Pipeline | None = None,
         pruner: MagnitudePruner | None = None,
         callbacks: Sequence[Callback] = (),
+        secure: SecAggConfig | None = None,
     ) -> None:
         if (store is None) != (run_handle is None):
             raise ValueError("store and run_handle go together: run_handle = store.start_or_resume_run(...)")
@@ -116,6 +118,7 @@ class Federation:
         self.over_selection = over_selection
         self.round_retries = round_retries
         self.pruner = pruner
+        self.secure = secure
         self.strategy = strategy
         self.engine = engine
         self.spec = spec
@@ -230,9 +233,10 @@ class Federation:
         rejected: dict[str, str] = {}
         attempt = 0
         while True:
-            aggregator, accepted, down, up, num_available = self._attempt(rnd, attempt, rejected, pipe)
-            bytes_down += down
-            bytes_up += up
+            tried = self._attempt(rnd, attempt, rejected, pipe)
+            aggregator, accepted, num_available = tried.aggregator, tried.accepted, tried.available
+            bytes_down += tried.bytes_down
+            bytes_up += tried.bytes_up
             if len(accepted) >= self.min_updates or attempt >= self.round_retries:
                 break
             attempt += 1
@@ -243,14 +247,32 @@ class Federation:
 
         metrics: dict[str, float] = {}
         status = "ok"
-        empty = aggregator is not None and not accepted and pipe.aggregates_empty
+        reason = tried.aborted
+        aggregate: Aggregate | None = None
+        empty = aggregator is not None and not accepted and pipe.aggregates_empty and tried.protocol is None
         if aggregator is not None and (len(accepted) >= self.min_updates or empty):
             # the population this aggregate's cohort was selected from (SCAFFOLD's N)
             if empty:
                 zero = torch.zeros(self.spec.numel, dtype=torch.float64, device=self.state.params.device)
                 aggregate = Aggregate(delta=zero, num_clients=0, num_examples=0, weight=0.0, num_available=num_available)
             else:
-                aggregate = replace(aggregator.result(), num_available=num_available)
+                try:
+                    aggregate = replace(aggregator.result(), num_available=num_available)
+                except ProtocolAbort as exc:
+                    status, reason = "aborted", str(exc)
+                except StrategyError as exc:  # e.g. Krum after rejections left n <= 2f + 2
+                    status, reason = "insufficient", str(exc)
+                finally:
+                    if tried.protocol is not None:
+                        bytes_down += tried.protocol.bytes_down
+                        bytes_up += tried.protocol.bytes_up
+                        rejected.update({c: r for c, r in tried.protocol.rejected.items() if c not in rejected})
+        elif reason:
+            status = "aborted"
+        else:
+            status = "insufficient"
+            reason = f"{len(accepted)} valid updates < min_updates {self.min_updates}"
+        if aggregate is not None:
             aggregate, tensors, meta, stage_metrics = pipe.finalize(
                 aggregate, self._ctx(rnd), self.state.tensors, self.state.meta
             )
@@ -259,10 +281,11 @@ class Federation:
             metrics.update({f"train_{k}" if not k.startswith("train_") else k: v for k, v in aggregate.metrics.items()})
             num_examples = aggregate.num_examples
         else:
-            status = "insufficient"
-            log.warning("round %d: %d valid updates < min_updates %d; model unchanged", rnd, len(accepted), self.min_updates)
+            log.warning("round %d %s: %s; model unchanged", rnd, status, reason)
             self.state = replace(self.state, round=rnd)
             num_examples = 0
+        if self.secure is not None:
+            self.engine.protocol_clients.end_round()  # in-process sessions: fresh keys next round
         if self.pruner is not None:
             self.state, prune_metrics = self.pruner.apply(self.state, self.spec, rnd)
             metrics.update(prune_metrics)
@@ -280,6 +303,7 @@ class Federation:
             seconds=time.perf_counter() - t0,
             rejected=rejected,
             status=status,
+            reason=reason if status != "ok" else "",
         )
         self.history.append(record)
         event = self._event(record, last=checkpoint)
@@ -287,13 +311,11 @@ class Federation:
             cb.on_round(event)
         return record
 
-    def _attempt(
-        self, rnd: int, attempt: int, rejected: dict[str, str], pipe: Pipeline
-    ) -> tuple[Aggregator | None, list[str], int, int, int]:
+    def _attempt(self, rnd: int, attempt: int, rejected: dict[str, str], pipe: Pipeline) -> _Attempt:
         """One try at round ``rnd``: select, dispatch, stream the updates into a fresh aggregator.
 
-        Returns the aggregator, the accepted ids, bytes down and up, and the number of distinct
-        clients that were available.
+        With secure aggregation, the protocol's setup exchanges run first and only the clients
+        that completed them train; the aggregator then sums masked inputs.
         """
         try:
             available = self.engine.available_clients()
@@ -302,7 +324,7 @@ class Federation:
             if not self.round_retries:
                 raise  # nothing will change: a configuration error, not a dropout
             log.warning("round %d: cannot select a cohort: %s", rnd, exc)
-            return None, [], 0, 0, 0
+            return _Attempt(None, [], 0, 0, 0)
         target = len(cohort)
         if self.over_selection > 0.0:
             rest = sorted(set(available) - set(cohort))
@@ -310,8 +332,23 @@ class Federation:
             if extra:
                 rng = np.random.default_rng([derive_seed(self.strategy.seed, "over-selection"), rnd, attempt])
                 cohort = cohort + sorted(rest[i] for i in rng.choice(len(rest), size=extra, replace=False))
+        proto: SecAggServer | None = None
+        if self.secure is not None:
+            proto = self.secure.server(rnd, cohort, derive_seed(self.strategy.seed, "secagg", rnd, attempt))
+            try:
+                trained = set(proto.setup(self.engine.exchange))
+            except ProtocolAbort as exc:
+                rejected.update(proto.rejected)
+                log.warning("round %d: %s", rnd, exc)
+                return _Attempt(None, [], proto.bytes_down, proto.bytes_up, len(set(available)), aborted=str(exc))
+            rejected.update(proto.rejected)
+            proto.rejected.clear()
+            target = min(target, len(trained))
+            cohort = [c for c in cohort if c in trained]
         recipes = pipe.recipes
         instructions = [self.strategy.client_config(self.state, rnd, cid) for cid in cohort]
+        if proto is not None:
+            instructions = [replace(ins, protocol=proto.input_message(ins.client_id)) for ins in instructions]
         if recipes:
             instructions = [replace(ins, stages=recipes) for ins in instructions]
         pruning = self.pruner.for_clients(self.state, self.spec) if self.pruner is not None else None
@@ -322,6 +359,10 @@ class Federation:
             ]
         expected = set(cohort)
         aggregator = self.strategy.aggregator(self.state, rnd)
+        if proto is not None:
+            from fedloom.secure.aggregator import SecureSumAggregator
+
+            aggregator = SecureSumAggregator(proto, self.engine.exchange, self.spec.numel, self.state.params.dtype)
         ctx = self._ctx(rnd)
         sent = pipe.broadcast(self.state.params, ctx, derive_seed(self.strategy.seed, "broadcast", rnd))
         bytes_down = sum(sent.nbytes + sum(tensor_bytes(t) for t in ins.payload.values()) for ins in instructions)
@@ -333,9 +374,9 @@ class Federation:
             for update in stream:
                 bytes_up += update.nbytes
                 try:
-                    update = self._check(update, expected, rnd, ctx, pipe)
+                    update = self._check(update, expected, rnd, ctx, pipe, proto)
                     aggregator.add(update)
-                except (InvalidUpdateError, StrategyError) as exc:
+                except (InvalidUpdateError, StrategyError, ProtocolError) as exc:
                     reason = getattr(exc, "reason", str(exc))
                     rejected[update.client_id] = reason
                     log.warning("round %d: rejected update from %r: %s", rnd, update.client_id, reason)
@@ -350,7 +391,7 @@ class Federation:
                 close()
             for cid, reason in self.engine.take_rejections().items():
                 rejected[cid] = reason
-        return aggregator, accepted, bytes_down, bytes_up, len(set(available))
+        return _Attempt(aggregator, accepted, bytes_down, bytes_up, len(set(available)), protocol=proto)
 
     def federated_evaluation(self) -> dict[str, float]:
         """Example-weighted mean of every client's metrics on its own test split (``fed_*``)."""
@@ -366,7 +407,13 @@ class Federation:
         return StageContext(self.spec, rnd, self.state.params.dtype)
 
     def _check(
-        self, update: ClientUpdate, expected: set[str], rnd: int, ctx: StageContext, pipe: Pipeline
+        self,
+        update: ClientUpdate,
+        expected: set[str],
+        rnd: int,
+        ctx: StageContext,
+        pipe: Pipeline,
+        proto: SecAggServer | None = None,
     ) -> ClientUpdate:
         """The update decoded by the stages' server halves and validated, or InvalidUpdateError."""
         cid = update.client_id
@@ -375,6 +422,12 @@ class Federation:
         if update.round != rnd:
             raise InvalidUpdateError(f"update is for round {update.round}, not {rnd}", client_id=cid)
         update.validate_header(max_examples=self.max_examples)
+        if proto is not None:  # a masked input: the protocol checks it, the server halves check its header
+            try:
+                proto.check(update)
+            except ProtocolError as exc:
+                raise InvalidUpdateError(f"secagg: {exc}", client_id=cid) from None
+            return pipe.decode(update, ctx)
         try:
             update = pipe.decode(update, ctx)
         except InvalidUpdateError:
@@ -384,3 +437,16 @@ class Federation:
             raise InvalidUpdateError(f"decoding failed: {type(exc).__name__}: {exc}", client_id=cid) from None
         update.validate(numel=self.spec.numel, dtype=self.state.params.dtype, max_examples=self.max_examples)
         return update
+
+
+@dataclass
+class _Attempt:
+    """What one try at a round produced."""
+
+    aggregator: Aggregator | None
+    accepted: list[str]
+    bytes_down: int
+    bytes_up: int
+    available: int
+    protocol: Any = None
+    aborted: str = ""

@@ -73,7 +73,7 @@ __all__ = [
 
 log = logging.getLogger("fedloom.store")
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -98,6 +98,7 @@ CREATE TABLE IF NOT EXISTS rounds (
     status TEXT NOT NULL,
     rejected TEXT NOT NULL,
     recorded REAL NOT NULL,
+    reason TEXT NOT NULL DEFAULT '',
     PRIMARY KEY (run_id, round)
 );
 CREATE TABLE IF NOT EXISTS clients (
@@ -274,7 +275,14 @@ class Store:
                 f"{self.path} has schema version {version}, newer than this fedloom supports "
                 f"({SCHEMA_VERSION}); upgrade fedloom to open it"
             )
-        if version < SCHEMA_VERSION:
+        if version == 1 and not self.read_only:  # v2 adds rounds.reason (why a round was insufficient or aborted)
+            self._db.executescript(
+                "BEGIN IMMEDIATE;"
+                "ALTER TABLE rounds ADD COLUMN reason TEXT NOT NULL DEFAULT '';"
+                "UPDATE meta SET value='2' WHERE key='schema_version';COMMIT;"
+            )
+            version = 2
+        if version < 1:
             raise StoreError(f"{self.path} has schema version {version}; no migration to {SCHEMA_VERSION} exists")
 
     # ----------------------------------------------------------------- plumbing
@@ -427,7 +435,7 @@ class Store:
             db.execute("DELETE FROM rounds WHERE run_id=? AND round=?", (run.id, record.round))
             db.execute(
                 "INSERT INTO rounds (run_id, round, metrics, clients, num_examples, bytes_down, bytes_up,"
-                " seconds, status, rejected, recorded) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                " seconds, status, rejected, recorded, reason) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (
                     run.id,
                     record.round,
@@ -440,6 +448,7 @@ class Store:
                     record.status,
                     json.dumps(record.rejected),
                     now,
+                    record.reason,
                 ),
             )
             # Rejected first: a client rejected and then accepted in the same round counts as ok.
@@ -466,6 +475,7 @@ class Store:
                     seconds=r["seconds"],
                     rejected=json.loads(r["rejected"]),
                     status=r["status"],
+                    reason=r["reason"] if "reason" in r.keys() else "",  # a read-only v1 store has none
                 )
                 for r in rows
             ]
