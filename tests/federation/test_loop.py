@@ -197,3 +197,22 @@ def test_malformed_payloads_are_rejected_naming_the_stage_and_the_round_goes_on(
     assert torch.isfinite(fed.state.params).all() and not torch.equal(fed.state.params, before)
     # bytes: what each client's payload cost as sent (4 honest-sized payloads + one of 10**6 codes)
     assert rec.bytes_up > 10**6
+
+
+def test_a_robust_rule_with_too_few_updates_makes_the_round_insufficient_not_the_run_fail() -> None:
+    """Krum with f=1 needs n > 2f+2 = 4: a NaN update dropped from a cohort of 5 leaves 4."""
+    from fedloom.strategies.robust import Krum
+
+    class NaNFromC0(SequentialEngine):
+        def run_cohort(self, global_vec, instructions, **kw):  # type: ignore[no-untyped-def]
+            for up in super().run_cohort(global_vec, instructions, **kw):
+                yield replace(up, delta=torch.full_like(up.delta, float("nan"))) if up.client_id == "c0" else up
+
+    ds = _dataset([8, 8, 8, 8, 8])
+    fed = _federation(ds, Krum(train=TrainConfig(loss="mse", lr=0.05), fraction=1.0, f=1), engine_cls=NaNFromC0)
+    w0 = fed.state.params.clone()
+    h = fed.run(2)
+    assert [r.status for r in h] == ["insufficient", "insufficient"]
+    assert h[0].reason == "Krum with f=1 needs more than 2f+2=4 updates, got 4"
+    assert "c0" in h[0].rejected
+    assert torch.equal(fed.state.params, w0) and fed.state.round == 2

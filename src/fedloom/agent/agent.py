@@ -36,6 +36,7 @@ from fedloom.core.types import Payload
 from fedloom.data.base import ClientData, TaskSpec
 from fedloom.models.registry import build_model
 from fedloom.pipeline import StageContext, build_stage, finish_clients
+from fedloom.secure.host import ProtocolClients
 from fedloom.store.checkpoint import atomic_write
 from fedloom.transport import codec
 from fedloom.transport.credentials import load_client_credentials
@@ -47,6 +48,8 @@ from fedloom.transport.protocol import (
     FAILURE,
     GRPC_OPTIONS,
     IDLE,
+    PROTOCOL,
+    PROTOCOL_REPLY,
     SERVER_KINDS,
     SHUTDOWN,
     UPDATE,
@@ -151,6 +154,7 @@ class ClientAgent:
         self._channel: grpc.Channel | None = None
         self._stub: pb_grpc.FleetStub | None = None
         self._hb_interval = 0.5  # until the server says otherwise at registration
+        self._protocols = ProtocolClients()  # this client's side of secure aggregation (one round at a time)
 
     # ------------------------------------------------------------ connection
     def _open_channel(self, *extra: tuple[str, Any]) -> grpc.Channel:
@@ -361,6 +365,14 @@ class ClientAgent:
             metrics = evaluate_vector(self._model, self._spec, params.to(self.device), test, self._task)
             self.report.evaluations += 1
             return EVAL_RESULT, codec.encode_eval_result(len(test), metrics), {}
+        if msg.kind == PROTOCOL:
+            pm = codec.decode_protocol(msg.meta, msg.tensors, client_id=self.client_id)
+            reply = self._protocols.handle(pm)
+            if reply is None:
+                return FAILURE, codec.encode_failure(f"secure aggregation refused: {self._protocols.last_error}"), {}
+            log.info("round %d: %s %s answered", pm.round, pm.protocol, pm.stage)
+            meta, tensors = codec.encode_protocol(reply)
+            return PROTOCOL_REPLY, meta, tensors
         task = codec.decode_instruction(msg.meta, msg.tensors)
         ins = task.instruction
         params = task.params if task.broadcast is None else self._received(task.broadcast, ins.round)
@@ -373,6 +385,12 @@ class ClientAgent:
         self.state = dict(states[0])
         self._save_state()
         up = ups[0]
+        if ins.protocol is not None:  # secure aggregation: the update leaves masked
+            sealed = self._protocols.seal(ins, up)
+            if sealed is None:
+                return FAILURE, codec.encode_failure(f"secure aggregation refused: {self._protocols.last_error}"), {}
+            up = sealed
+            log.info("round %d: %s input answered", ins.round, ins.protocol.protocol)
         self.report.tasks += 1
         log.info("round %d: trained on %d examples (%d steps)", ins.round, up.num_examples, up.num_steps)
         meta, tensors = codec.encode_update(up)

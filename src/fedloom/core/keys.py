@@ -20,7 +20,9 @@ Tensor names on the wire (:mod:`fedloom.transport.codec`):
   :class:`~fedloom.core.types.Payload` tensors;
 * :data:`EXTRAS_PREFIX` + key — an update's extras;
 * :data:`BROADCAST_PREFIX` + name — the tensors of an encoded broadcast (the global model
-  as a :class:`~fedloom.core.types.Payload`, sent instead of :data:`PARAMS`).
+  as a :class:`~fedloom.core.types.Payload`, sent instead of :data:`PARAMS`);
+* :data:`PROTOCOL_PREFIX` + name — the tensors of a round protocol's message carried by a
+  training task (secure aggregation's masked-input stage).
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ __all__ = [
     "EXTRAS_PREFIX",
     "PARAMS",
     "PAYLOAD_PREFIX",
+    "PROTOCOL_PREFIX",
     "PROXIMAL",
     "PRUNE",
     "PRUNE_MASK",
@@ -64,4 +67,5 @@ PAYLOAD_PREFIX = "payload/"
 EXTRAS_PREFIX = "extras/"
 """Wire-name prefix of an update's extras."""
 BROADCAST_PREFIX = "broadcast/"
+PROTOCOL_PREFIX = "protocol/"
 """Wire-name prefix of the tensors of an encoded broadcast payload."""

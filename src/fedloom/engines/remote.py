@@ -19,11 +19,11 @@ from typing import Any
 import torch
 
 from fedloom.core.params import ParamSpec
-from fedloom.core.types import ClientInstruction, ClientUpdate, Payload
+from fedloom.core.types import ClientInstruction, ClientUpdate, Payload, ProtocolMessage
 from fedloom.engines.base import Engine
 from fedloom.engines.coordinator import Collector, Coordinator
 from fedloom.transport import codec
-from fedloom.transport.protocol import TASK
+from fedloom.transport.protocol import PROTOCOL, TASK
 from fedloom.transport.wire import Body, encode_body
 
 __all__ = ["RemoteEngine"]
@@ -82,6 +82,8 @@ class RemoteEngine(Engine):
         out = []
         for ins in instructions:
             key = tuple(id(v) for v in ins.payload.values())
+            if ins.protocol is not None:  # a protocol message is each client's own
+                key = (*key, *(id(v) for v in ins.protocol.tensors.values()))
             if key not in cache:
                 tensors = codec.instruction_tensors(ins, params=global_vec, broadcast=broadcast)
                 cache[key] = encode_body(tensors, chunk_bytes=self.chunk_bytes)
@@ -140,6 +142,22 @@ class RemoteEngine(Engine):
         collector = self.coordinator.post(tasks, deadline=deadline)
         rnd = instructions[0].round
         yield from self._collect(collector, {ins.client_id for ins in instructions}, f"round {rnd}")
+
+    def exchange(self, requests: Sequence[ProtocolMessage]) -> Iterator[ProtocolMessage]:
+        """Send each protocol message to its client as a ``protocol`` task; yield the replies as they come.
+
+        Clients that do not answer by the round timeout, leave, or stop heartbeating are
+        counted out (the protocol treats them as dropped); a refusal arrives as a failure.
+        """
+        if not requests:
+            return
+        tasks = []
+        for m in requests:
+            meta, tensors = codec.encode_protocol(m)
+            tasks.append((m.client_id, PROTOCOL, meta, encode_body(tensors, chunk_bytes=self.chunk_bytes)))
+        collector = self.coordinator.post(tasks, deadline=time.monotonic() + self.round_timeout)
+        what = f"round {requests[0].round} {requests[0].protocol} {requests[0].stage}"
+        yield from self._collect(collector, {m.client_id for m in requests}, what)
 
     def evaluate_clients(
         self, global_vec: torch.Tensor, client_ids: Sequence[str]

@@ -258,8 +258,8 @@ class Federation:
             else:
                 try:
                     aggregate = replace(aggregator.result(), num_available=num_available)
-                except ProtocolAbort as exc:
-                    status, reason = "aborted", str(exc)
+                except ProtocolAbort as exc:  # the masked inputs are discarded: nobody contributed
+                    status, reason, accepted = "aborted", str(exc), []
                 except StrategyError as exc:  # e.g. Krum after rejections left n <= 2f + 2
                     status, reason = "insufficient", str(exc)
                 finally:

@@ -62,6 +62,7 @@ class ProtocolClients:
         self.drop = drop
         self._sessions: dict[str, Any] = {}
         self.dropped: list[tuple[int, str, str]] = []
+        self.last_error = ""  # why the last message was refused
 
     def _dropped(self, msg: ProtocolMessage, stage: str) -> bool:
         if self.drop is not None and self.drop(msg.round, msg.client_id, stage):
@@ -84,11 +85,13 @@ class ProtocolClients:
         session = self._sessions.get(msg.client_id)
         if session is None:
             log.warning("client %r: %s message without a session; ignored", msg.client_id, msg.stage)
+            self.last_error = f"{msg.stage}: no session of this round (a message out of order)"
             return None
         try:
             return session.handle(msg)
         except ProtocolError as exc:
             log.warning("client %r refused the server's %s message: %s", msg.client_id, msg.stage, exc)
+            self.last_error = f"{msg.stage}: {exc}"
             self._sessions.pop(msg.client_id, None)
             return None
 
@@ -107,11 +110,13 @@ class ProtocolClients:
         session = self._sessions.get(instruction.client_id)
         if session is None:
             log.warning("client %r: a masked-input task without a session; dropped", instruction.client_id)
+            self.last_error = "input: no session of this round (a message out of order)"
             return None
         try:
             return session.seal(update, msg, seed=derive_seed(instruction.seed, "secagg"))
         except ProtocolError as exc:
             log.warning("client %r refused the input stage: %s", instruction.client_id, exc)
+            self.last_error = f"input: {exc}"
             self._sessions.pop(instruction.client_id, None)
             return None
 

@@ -46,6 +46,8 @@ def plan_secure(
     except TypeError as exc:
         raise ConfigError(str(exc), key="secure") from None
     who = f"strategy {strategy.name!r}"
+    if strategy.update_extras:
+        raise ConfigError(f"{who} sends {list(strategy.update_extras)} with each update, which secure aggregation does not hide", key="secure")
     agg = strategy.aggregator(strategy.init(params), 1)
     if type(agg) is not SumAggregator:
         raise ConfigError(
@@ -53,8 +55,6 @@ def plan_secure(
             "secure aggregation gives the server only their sum",
             key="secure",
         )
-    if strategy.update_extras:
-        raise ConfigError(f"{who} sends {list(strategy.update_extras)} with each update, which secure aggregation does not hide", key="secure")
     for st in stages:
         if getattr(st, "codec", None) is not None:
             raise ConfigError(f"stage {st.name!r} encodes the update; secure aggregation quantizes and masks it itself", key="secure")

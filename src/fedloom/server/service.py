@@ -52,6 +52,8 @@ from fedloom.transport.protocol import (
     EVAL_RESULT,
     EVALUATE,
     FAILURE,
+    PROTOCOL,
+    PROTOCOL_REPLY,
     GRPC_OPTIONS,
     IDLE,
     SHUTDOWN,
@@ -375,10 +377,12 @@ class FleetService(pb_grpc.FleetServicer):
         task = self.coordinator.task(task_id)
         if task is None:
             raise _Refused("task closed")
-        expected = {TASK: UPDATE, EVALUATE: EVAL_RESULT}[task.kind]
+        expected = {TASK: UPDATE, EVALUATE: EVAL_RESULT, PROTOCOL: PROTOCOL_REPLY}[task.kind]
         if msg.kind != expected:
             raise InvalidUpdateError(f"a {task.kind} task needs a {expected!r} message, got {msg.kind!r}", client_id=cid)
         registered = self.coordinator.info(cid)
+        if msg.kind == PROTOCOL_REPLY:  # the sender is the session's client; the protocol's server checks the rest
+            return codec.decode_protocol(meta, msg.tensors, client_id=cid)
         if msg.kind == EVAL_RESULT:
             n, metrics = codec.decode_eval_result(
                 meta, client_id=cid, max_examples=registered.num_test_examples if registered is not None else None

@@ -13,6 +13,12 @@ A training task (kind ``task``) from a :class:`~fedloom.core.types.ClientInstruc
              Payload, whose codec and meta are in the metadata), and "payload/<key>" per
              instruction payload tensor
 
+A training task of a secure round also carries the protocol message of its input stage:
+``protocol: {protocol, stage, round, meta}`` in the metadata and its tensors as
+``"protocol/<name>"``. A protocol stage on its own (kind ``protocol``, server to client;
+``protocol_reply``, client to server) is the same object as metadata and its tensors
+unprefixed; the client id of a reply is the sender's (its session), never the message's.
+
 An update (kind ``update``) from a :class:`~fedloom.core.types.ClientUpdate`::
 
     meta     round, num_examples, num_steps, metrics, model_version, [weight],
@@ -39,8 +45,8 @@ from typing import Any
 import torch
 
 from fedloom.core.errors import ConfigError, FedloomError, InvalidUpdateError
-from fedloom.core.keys import BROADCAST_PREFIX, DELTA, EXTRAS_PREFIX, PARAMS, PAYLOAD_PREFIX
-from fedloom.core.types import ClientInstruction, ClientUpdate, ComponentSpec, JSONScalar, Payload, TrainConfig
+from fedloom.core.keys import BROADCAST_PREFIX, DELTA, EXTRAS_PREFIX, PARAMS, PAYLOAD_PREFIX, PROTOCOL_PREFIX
+from fedloom.core.types import ClientInstruction, ClientUpdate, ComponentSpec, JSONScalar, Payload, ProtocolMessage, TrainConfig
 from fedloom.transport.protocol import EVALUATE, TASK
 
 __all__ = [
@@ -50,11 +56,13 @@ __all__ = [
     "decode_evaluation",
     "decode_failure",
     "decode_instruction",
+    "decode_protocol",
     "decode_update",
     "encode_eval_result",
     "encode_evaluation",
     "encode_failure",
     "encode_instruction",
+    "encode_protocol",
     "encode_update",
     "instruction_meta",
     "instruction_tensors",
@@ -143,6 +151,8 @@ def instruction_meta(
         meta["deadline_s"] = deadline_s
     if broadcast is not None:
         meta["broadcast"] = _payload_meta(broadcast)
+    if ins.protocol is not None:
+        meta["protocol"] = encode_protocol(ins.protocol)[0]
     return meta
 
 
@@ -155,6 +165,8 @@ def instruction_tensors(
         raise ValueError("a task carries exactly one of params and a broadcast payload")
     out = {PARAMS: params} if params is not None else _prefixed(BROADCAST_PREFIX, broadcast.tensors)  # type: ignore[union-attr]
     out.update(_prefixed(PAYLOAD_PREFIX, ins.payload))
+    if ins.protocol is not None:
+        out.update(_prefixed(PROTOCOL_PREFIX, ins.protocol.tensors))
     return out
 
 
@@ -210,7 +222,7 @@ def decode_instruction(meta: Mapping[str, Any], tensors: Mapping[str, torch.Tens
     except ConfigError as exc:
         raise TaskError(f"task train: {exc}") from None
 
-    unknown = [k for k in tensors if k != PARAMS and not k.startswith((PAYLOAD_PREFIX, BROADCAST_PREFIX))]
+    unknown = [k for k in tensors if k != PARAMS and not k.startswith((PAYLOAD_PREFIX, BROADCAST_PREFIX, PROTOCOL_PREFIX))]
     if unknown:
         raise TaskError(f"task has unexpected tensors {unknown[:5]}")
     payload = _unprefixed(PAYLOAD_PREFIX, tensors)
@@ -230,6 +242,15 @@ def decode_instruction(meta: Mapping[str, Any], tensors: Mapping[str, torch.Tens
         raise TaskError(f"task has broadcast tensors {sorted(encoded)[:5]} but no broadcast codec")
     elif params is None:
         raise TaskError("task without params")
+    protocol: ProtocolMessage | None = None
+    ptensors = _unprefixed(PROTOCOL_PREFIX, tensors)
+    if "protocol" in meta:
+        try:
+            protocol = decode_protocol(meta["protocol"], ptensors, client_id=client_id)
+        except InvalidUpdateError as exc:
+            raise TaskError(f"task protocol: {exc.reason}") from None
+    elif ptensors:
+        raise TaskError(f"task has protocol tensors {sorted(ptensors)[:5]} but no protocol message")
     try:
         ins = ClientInstruction(
             round=meta["round"],
@@ -240,10 +261,42 @@ def decode_instruction(meta: Mapping[str, Any], tensors: Mapping[str, torch.Tens
             transforms=_components(meta.get("transforms"), "transforms"),
             stages=_components(meta.get("stages"), "stages"),
             model_version=version,
+            protocol=protocol,
         )
     except ConfigError as exc:
         raise TaskError(f"task: {exc}") from None
     return DecodedTask(ins, params, broadcast, None if deadline is None else float(deadline))
+
+
+def encode_protocol(msg: ProtocolMessage) -> tuple[Meta, Tensors]:
+    """``(meta, tensors)`` of a protocol message (kind ``protocol`` or ``protocol_reply``)."""
+    return {"protocol": msg.protocol, "stage": msg.stage, "round": msg.round, "meta": dict(msg.meta)}, dict(msg.tensors)
+
+
+def decode_protocol(meta: Mapping[str, Any], tensors: Mapping[str, torch.Tensor], *, client_id: str) -> ProtocolMessage:
+    """The :class:`ProtocolMessage` of :func:`encode_protocol`, to or from ``client_id``.
+
+    Only its shape is checked here (InvalidUpdateError naming the field); whether it fits the
+    protocol's stage is the state machine's to say.
+    """
+
+    def bad(reason: str) -> InvalidUpdateError:
+        return InvalidUpdateError(f"protocol message: {reason}", client_id=client_id)
+
+    if not isinstance(meta, Mapping):
+        raise bad(f"must be a JSON object, got {type(meta).__name__}")
+    unknown = sorted(set(meta) - {"protocol", "stage", "round", "meta", "session", "task_id"})
+    if unknown:
+        raise bad(f"unexpected fields {unknown[:5]}")
+    for key in ("protocol", "stage"):
+        if not isinstance(meta.get(key), str) or not meta.get(key):
+            raise bad(f"{key} must be a non-empty string, got {meta.get(key)!r}")
+    if not _is_int(meta.get("round")):
+        raise bad(f"round must be an integer, got {meta.get('round')!r}")
+    body = meta.get("meta", {})
+    if not isinstance(body, dict):
+        raise bad(f"meta must be a JSON object, got {type(body).__name__}")
+    return ProtocolMessage(meta["protocol"], meta["stage"], meta["round"], client_id, meta=body, tensors=dict(tensors))
 
 
 def encode_evaluation(client_id: str, params: torch.Tensor) -> tuple[str, Meta, Tensors]:

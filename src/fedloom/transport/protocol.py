@@ -4,9 +4,10 @@ A server and a client of the same fedloom version exchange ``fedloom.v1.Fleet`` 
 (``proto/fedloom.proto``) whose header names a kind:
 
 * server to client: :data:`TASK` (train), :data:`EVALUATE` (federated evaluation),
-  :data:`IDLE` (nothing yet, pull again), :data:`SHUTDOWN` (the run is over);
+  :data:`PROTOCOL` (one stage of a round protocol: secure aggregation's key setup, shares,
+  unmasking), :data:`IDLE` (nothing yet, pull again), :data:`SHUTDOWN` (the run is over);
 * client to server: :data:`UPDATE` (a training result), :data:`EVAL_RESULT`,
-  :data:`FAILURE` (the client could not do the task, with a reason).
+  :data:`PROTOCOL_REPLY`, :data:`FAILURE` (the client could not do the task, with a reason).
 
 :func:`spec_digest` is sent at registration: a client that built a different model layout
 stops instead of training on the wrong one.
@@ -25,6 +26,8 @@ __all__ = [
     "FAILURE",
     "GRPC_OPTIONS",
     "IDLE",
+    "PROTOCOL",
+    "PROTOCOL_REPLY",
     "SERVER_KINDS",
     "SHUTDOWN",
     "TASK",
@@ -39,10 +42,12 @@ SHUTDOWN = "shutdown"
 UPDATE = "update"
 EVAL_RESULT = "eval_result"
 FAILURE = "failure"
+PROTOCOL = "protocol"
+PROTOCOL_REPLY = "protocol_reply"
 
-SERVER_KINDS = frozenset({TASK, EVALUATE, IDLE, SHUTDOWN})
+SERVER_KINDS = frozenset({TASK, EVALUATE, PROTOCOL, IDLE, SHUTDOWN})
 """Kinds a client accepts from the server."""
-CLIENT_KINDS = frozenset({UPDATE, EVAL_RESULT, FAILURE})
+CLIENT_KINDS = frozenset({UPDATE, EVAL_RESULT, PROTOCOL_REPLY, FAILURE})
 """Kinds the server accepts from a client."""
 
 GRPC_OPTIONS = [
