@@ -41,13 +41,26 @@ def _run(secure: dict[str, Any] | None, engine: str = "sequential", rounds: int 
 SECURE = {"weight_scale": 12000.0, "clip": 50.0, "bits": 28}  # nothing clips: |n_i Δ_i| / 12000 < 50
 
 
+def _reload_ray_auth() -> None:
+    try:  # Ray caches its RAY_AUTH_* settings
+        from ray._private.authentication_test_utils import reset_auth_token_state
+    except ImportError:
+        return
+    reset_auth_token_state()
+
+
 @pytest.fixture()
 def ray_env(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """A throwaway auth token (never written to ~/.ray), no usage stats, no outside cluster."""
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.delenv("RAY_AUTH_TOKEN_PATH", raising=False)
     monkeypatch.setenv("RAY_USAGE_STATS_ENABLED", "0")
     monkeypatch.setenv("RAY_AUTH_MODE", "token")
     monkeypatch.setenv("RAY_AUTH_TOKEN", secrets.token_hex(16))
+    _reload_ray_auth()
     yield
+    monkeypatch.undo()
+    _reload_ray_auth()
 
 
 def test_one_secure_round_is_the_plain_round_within_the_quantization_bound() -> None:
