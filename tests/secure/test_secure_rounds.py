@@ -149,3 +149,48 @@ def test_pruning_under_secagg_sends_the_dense_masked_delta() -> None:
     assert r.federation.history[0].status == "ok"
     assert [st.name for st in r.federation.pipeline.stages] == ["weight_examples"]
     assert r.federation.pipeline.broadcast_stage is not None and r.federation.pipeline.broadcast_stage.name == "sparse"
+
+
+CKKS = {**SECURE, "bits": 24, "protocol": "ckks"}
+
+
+def test_a_ckks_run_equals_the_secagg_run_on_every_simulation_engine() -> None:
+    pytest.importorskip("tenseal")
+    from fedloom.secure import ckks
+    sa = _run({**SECURE, "bits": 24}, rounds=2)
+    seq = _run(CKKS, rounds=2)
+    vec = _run(CKKS, engine="vectorized", rounds=2)
+    assert torch.equal(seq.federation.state.params, sa.federation.state.params)  # the same levels, summed exactly
+    torch.testing.assert_close(vec.federation.state.params, seq.federation.state.params, rtol=1e-5, atol=1e-5)
+    for r in seq.federation.history:
+        assert r.status == "ok" and len(r.clients) == 3
+        # up: one ciphertext per client (4096 slots) and the key holder's public context;
+        # down: the public context to each client and the summed ciphertext to the key holder
+        ct, pub = ckks.ciphertext_bytes(8192), len(ckks.public_bytes(ckks.new_context(8192)))
+        assert abs(r.bytes_up - (3 * ct + pub)) < 5000  # and the headers
+        assert abs(r.bytes_down - (3 * pub + ct + 3 * 4 * seq.spec.numel)) < 5000  # and the model broadcast
+
+
+def test_a_ckks_key_holder_dropping_aborts_its_round_only(tmp_path) -> None:
+    pytest.importorskip("tenseal")
+    r = _run({**CKKS, "dropout": {"decrypt": 0.5}}, rounds=6)
+    h = r.federation.history
+    assert {x.status for x in h} == {"ok", "aborted"}, [x.status for x in h]
+    for x in h:
+        if x.status == "aborted":
+            assert "did not decrypt the sum" in x.reason and x.clients == []
+
+
+def test_ckks_options_are_checked_with_their_keys() -> None:
+    for sec, key in (
+        ({"protocol": "ckks", "threshold": 2}, "secure.threshold"),
+        ({"protocol": "ckks", "bits": 28}, "secure.bits"),
+        ({"protocol": "ckks", "poly_modulus_degree": 2048}, "secure.poly_modulus_degree"),
+        ({"protocol": "secagg", "poly_modulus_degree": 8192}, "secure.poly_modulus_degree"),
+        ({"protocol": "ckks", "dropout": {"unmask": 0.1}}, "secure.dropout.unmask"),
+    ):
+        with pytest.raises(ConfigError) as e:
+            build_run(_config(sec))
+        assert e.value.key == key, (sec, e.value)
+    with pytest.raises(ConfigError, match="needs every individual update"):
+        build_run(_config(CKKS, strategy={"name": "median", "fraction": 1.0}))

@@ -65,6 +65,7 @@ log = logging.getLogger("fedloom.client")
 # Results go up in 256 KiB messages: the server counts progress per message and cuts off a
 # stream idle for deploy.stream_idle_timeout (60 s), so this keeps links down to ~4.4 kB/s alive.
 UPLOAD_CHUNK_BYTES = 256 << 10
+MAX_ANNOUNCED_BYTES = 16 << 30  # the most a server may say one message holds (16 GiB)
 
 _RETRYABLE = {
     grpc.StatusCode.UNAVAILABLE,
@@ -154,6 +155,7 @@ class ClientAgent:
         self._channel: grpc.Channel | None = None
         self._stub: pb_grpc.FleetStub | None = None
         self._hb_interval = 0.5  # until the server says otherwise at registration
+        self._max_message_bytes = 0
         self._protocols = ProtocolClients()  # this client's side of secure aggregation (one round at a time)
 
     # ------------------------------------------------------------ connection
@@ -184,6 +186,9 @@ class ClientAgent:
             timeout=30,
         )
         info = json.loads(reply.run_json)
+        limit = info.get("max_message_bytes", 0)
+        if isinstance(limit, int) and not isinstance(limit, bool) and 0 < limit <= MAX_ANNOUNCED_BYTES:
+            self._max_message_bytes = limit  # e.g. a model's worth of CKKS ciphertexts to decrypt
         if self._model is None:
             self._task = task_from_dict(info["task"])
             self._model = build_model(info["model"]["name"], self._task, **info["model"].get("options", {})).to(self.device)
@@ -278,7 +283,7 @@ class ClientAgent:
         stub = self._connect()
         assert self._spec is not None and self._session is not None
         wait = self.options.pull_wait
-        max_bytes = 2 * self._spec.numel * 8 + (1 << 20)
+        max_bytes = max(2 * self._spec.numel * 8 + (1 << 20), self._max_message_bytes)
         chunks = stub.PullTask(pb.PullTaskRequest(session=self._session, wait_seconds=wait), timeout=wait + 120)
         seen = [0]
 

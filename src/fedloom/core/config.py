@@ -155,10 +155,17 @@ class SecureSection(_Strict):
     site's example count under FedAvg, so that ``clip`` is in the delta's own units), clipped
     to [−clip, clip] and stochastically rounded to 2^bits levels in Z_{2^modulus_bits}.
     ``dropout``: simulation only, the probability that a client drops before each stage
-    (``advertise``, ``share``, ``input``, ``unmask``).
+    (``advertise``, ``share``, ``input``, ``unmask``; under CKKS ``keys``, ``input``, ``decrypt``).
+
+    ``protocol = "ckks"``: homomorphic encryption (TenSEAL, the ``he`` extra) instead of
+    masking: the same clipped, quantized levels are encrypted under a key pair that one
+    cohort client (the round's key holder) makes; the server adds the ciphertexts and the
+    key holder decrypts only the sum. ``poly_modulus_degree``: 8192 (4096 slots per
+    ciphertext) or 16384. ``threshold``, ``neighbours`` and ``modulus_bits`` are SecAgg's.
     """
 
-    protocol: Literal["secagg", "secagg+"] = "secagg"
+    protocol: Literal["secagg", "secagg+", "ckks"] = "secagg"
+    poly_modulus_degree: int | None = None
     threshold: float | int = 0.5
     neighbours: int | None = None
     bits: int = Field(16, ge=1, le=31)

@@ -62,7 +62,7 @@ from fedloom.pipeline import Pipeline, StageContext
 from fedloom.strategies.base import Aggregator, ServerState, Strategy
 
 if TYPE_CHECKING:  # the loop only calls the store; secure aggregation loads on first use
-    from fedloom.secure.secagg import SecAggConfig, SecAggServer
+    from fedloom.secure.host import SecureConfig, SecureServer
     from fedloom.store import RunHandle, Store
 
 __all__ = ["Evaluator", "Federation", "RoundCallback"]
@@ -105,7 +105,7 @@ class Federation:
         pipeline: Pipeline | None = None,
         pruner: MagnitudePruner | None = None,
         callbacks: Sequence[Callback] = (),
-        secure: SecAggConfig | None = None,
+        secure: SecureConfig | None = None,
     ) -> None:
         if (store is None) != (run_handle is None):
             raise ValueError("store and run_handle go together: run_handle = store.start_or_resume_run(...)")
@@ -332,7 +332,7 @@ class Federation:
             if extra:
                 rng = np.random.default_rng([derive_seed(self.strategy.seed, "over-selection"), rnd, attempt])
                 cohort = cohort + sorted(rest[i] for i in rng.choice(len(rest), size=extra, replace=False))
-        proto: SecAggServer | None = None
+        proto: SecureServer | None = None
         if self.secure is not None:
             proto = self.secure.server(rnd, cohort, derive_seed(self.strategy.seed, "secagg", rnd, attempt))
             try:
@@ -413,7 +413,7 @@ class Federation:
         rnd: int,
         ctx: StageContext,
         pipe: Pipeline,
-        proto: SecAggServer | None = None,
+        proto: SecureServer | None = None,
     ) -> ClientUpdate:
         """The update decoded by the stages' server halves and validated, or InvalidUpdateError."""
         cid = update.client_id
@@ -426,7 +426,7 @@ class Federation:
             try:
                 proto.check(update)
             except ProtocolError as exc:
-                raise InvalidUpdateError(f"secagg: {exc}", client_id=cid) from None
+                raise InvalidUpdateError(f"{self.secure.name if self.secure else 'secure'}: {exc}", client_id=cid) from None
             return pipe.decode(update, ctx)
         try:
             update = pipe.decode(update, ctx)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 
 from fedloom.core.types import ClientUpdate
-from fedloom.secure.secagg import Exchange, SecAggServer
+from fedloom.secure.host import Exchange, SecureServer
 from fedloom.strategies.base import Aggregator
 
 __all__ = ["SecureSumAggregator"]
@@ -21,7 +21,7 @@ __all__ = ["SecureSumAggregator"]
 class SecureSumAggregator(Aggregator):
     """Streaming sum of masked inputs; ``result()`` unmasks (may raise ProtocolAbort)."""
 
-    def __init__(self, server: SecAggServer, exchange: Exchange, numel: int, dtype: torch.dtype) -> None:
+    def __init__(self, server: SecureServer, exchange: Exchange, numel: int, dtype: torch.dtype) -> None:
         super().__init__()
         self.server = server
         self.exchange = exchange

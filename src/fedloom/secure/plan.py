@@ -1,7 +1,7 @@
-"""From the ``[secure]`` config section to a checked :class:`~fedloom.secure.secagg.SecAggConfig`.
+"""From the ``[secure]`` config section to a checked SecAgg or CKKS configuration.
 
 Secure aggregation hides every individual update from the server, so everything that needs
-to see one is refused here with the reason, before a round runs: robust or contribution
+to see one is refused here (for SecAgg and CKKS alike) with the reason, before a round runs: robust or contribution
 rules (median, trimmed mean, Krum need each update; contribution weighting each norm),
 strategies whose updates carry extras (SCAFFOLD's control variates would travel in the
 clear), encoding stages (the protocol quantizes and masks the dense delta itself), and
@@ -17,8 +17,7 @@ import torch
 
 from fedloom.core.errors import ConfigError
 from fedloom.pipeline import Stage
-from fedloom.secure.host import DropoutModel
-from fedloom.secure.secagg import SecAggConfig
+from fedloom.secure.host import PROTOCOLS, DropoutModel, SecureConfig
 from fedloom.strategies.base import Strategy, SumAggregator
 
 __all__ = ["plan_secure"]
@@ -31,16 +30,31 @@ def plan_secure(
     stages: Sequence[Stage],
     params: torch.Tensor,
     seed: int = 0,
-) -> tuple[SecAggConfig, DropoutModel]:
+) -> tuple[SecureConfig, DropoutModel]:
     """The protocol's options and the simulated dropout model; ConfigError (key under ``secure``) if unsound."""
     opts = dict(options)
     dropout = opts.pop("dropout", None) or {}
     protocol = opts.pop("protocol", "secagg")
-    if protocol not in ("secagg", "secagg+"):
-        raise ConfigError(f"must be 'secagg' or 'secagg+', got {protocol!r}", key="secure.protocol")
+    if protocol not in ("secagg", "secagg+", "ckks"):
+        raise ConfigError(f"must be 'secagg', 'secagg+' or 'ckks', got {protocol!r}", key="secure.protocol")
+    only = ("poly_modulus_degree",) if protocol != "ckks" else ("threshold", "neighbours", "modulus_bits")
+    for k in only:
+        if opts.get(k) is not None:
+            raise ConfigError(f"is not an option of protocol {protocol!r}", key=f"secure.{k}")
+        opts.pop(k, None)
     try:
-        cfg = SecAggConfig(graph="complete" if protocol == "secagg" else "sparse", **opts)  # type: ignore[arg-type]
-        drops = DropoutModel(rates=dict(dropout), seed=seed)  # type: ignore[arg-type]
+        cfg: SecureConfig
+        if protocol == "ckks":
+            from fedloom.secure.ckks import CkksConfig
+
+            cfg = CkksConfig(**opts)  # type: ignore[arg-type]
+            stage_names = PROTOCOLS["ckks"][2]
+        else:
+            from fedloom.secure.secagg import SecAggConfig
+
+            cfg = SecAggConfig(graph="complete" if protocol == "secagg" else "sparse", **opts)  # type: ignore[arg-type]
+            stage_names = PROTOCOLS["secagg"][2]
+        drops = DropoutModel(rates=dict(dropout), seed=seed, stages=stage_names)  # type: ignore[arg-type]
     except ConfigError as exc:
         raise ConfigError(exc.detail, key=f"secure.{exc.key}" if exc.key else "secure") from None
     except TypeError as exc:

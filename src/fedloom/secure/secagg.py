@@ -71,8 +71,7 @@ STAGES = (ADVERTISE, SHARE, INPUT, UNMASK)
 assert (PROTOCOL, ADVERTISE, STAGES) == (host.PROTOCOL, host.ADVERTISE, host.STAGES)
 _CT_BYTES = 12 + 2 * shamir.SHARE_BYTES + 16
 
-Exchange = Callable[[Sequence[ProtocolMessage]], Iterable[ProtocolMessage]]
-"""Sends one message to each addressed client and yields the replies that come back (an engine's ``exchange``)."""
+Exchange = host.Exchange
 
 
 @dataclass(frozen=True)
@@ -130,6 +129,10 @@ class SecAggConfig:
         if isinstance(self.threshold, int):
             return self.threshold
         return min(degree, math.floor(self.threshold * degree) + 1)
+
+    def wire_bytes(self, numel: int) -> int:
+        """The largest protocol message beyond the default limits (0: a masked vector fits them)."""
+        return 0
 
     def server(self, rnd: int, cohort: Sequence[str], seed: int) -> SecAggServer:
         return SecAggServer(self, rnd, cohort, seed)

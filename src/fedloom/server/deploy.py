@@ -35,9 +35,12 @@ INSECURE_WARNING = (
 )
 
 
-def run_info(model_name: str, model_options: dict[str, Any], task: TaskSpec) -> dict[str, Any]:
-    """What a client needs to build the model: sent at registration."""
-    return {"model": {"name": model_name, "options": model_options}, "task": dataclasses.asdict(task)}
+def run_info(model_name: str, model_options: dict[str, Any], task: TaskSpec, *, max_message_bytes: int = 0) -> dict[str, Any]:
+    """What a client needs to build the model, and the largest message it may receive: sent at registration."""
+    info: dict[str, Any] = {"model": {"name": model_name, "options": model_options}, "task": dataclasses.asdict(task)}
+    if max_message_bytes:
+        info["max_message_bytes"] = int(max_message_bytes)
+    return info
 
 
 def limits(deploy: DeploySection) -> Limits:
@@ -100,6 +103,7 @@ def start_remote_engine(
             secure=credentials is not None,
             limits=limits(deploy),
             max_decoding=deploy.max_decoding,
+            max_message_bytes=int(info.get("max_message_bytes", 0)),
         ),
         revoked=RevocationList(Path(deploy.revoked) if deploy.revoked else None),
     )

@@ -106,6 +106,7 @@ class ServiceSettings:
     max_decoding: int = 4
     secure: bool = True
     limits: Limits = Limits()
+    max_message_bytes: int = 0  # tensor bytes a client message may carry (0: three models' worth); CKKS needs more
 
 
 class _Refused(Exception):
@@ -309,7 +310,7 @@ class FleetService(pb_grpc.FleetServicer):
         counted against its client, and must be the only upload of its task; the decoder slot
         is taken when the first data chunk arrives and released on any failure here.
         """
-        dec = Decoder(max_bytes=3 * self._param_bytes + (1 << 20), kinds=CLIENT_KINDS)
+        dec = Decoder(max_bytes=max(3 * self._param_bytes + (1 << 20), self.settings.max_message_bytes), kinds=CLIENT_KINDS)
         it = iter(chunks)
         stream.watch()
         first = next(it, None)
