@@ -200,6 +200,10 @@ def build_run(cfg: RunConfig, *, engine: str | None = None, fresh: bool = False)
             round_retries=cfg.deploy.round_retries if remote else 0,
             over_selection=cfg.deploy.over_selection if remote else 0.0,
             has_buffers=[n for n, _ in model.named_buffers()],
+            secure=cfg.secure.protocol if cfg.secure is not None else None,
+            cohort=cfg.deploy.min_clients if remote else strategy.sampler.cohort_size(len(dataset.clients)),
+            ring_bits=(30 if cfg.secure.protocol == "ckks" else cfg.secure.modulus_bits) if cfg.secure is not None else 32,
+            numel=spec.numel,
         )
         strategy = replace(strategy, train=privacy.train)
         pipeline = Pipeline((privacy.stage, *pipeline.stages), broadcast_stage=pipeline.broadcast_stage)

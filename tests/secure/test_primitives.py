@@ -99,7 +99,7 @@ def test_sum_of_quantized_inputs_is_within_the_stated_bound(n: int, bits: int, s
     plan = QuantizationPlan(bits=bits, modulus_bits=32, clip=0.5, scale=scale)
     g = torch.Generator().manual_seed(seed)
     xs = [torch.randn(64, generator=g, dtype=torch.float64) * scale * 0.4 for _ in range(n)]
-    total = np.zeros(64, dtype=np.uint32)
+    total = np.zeros(64, dtype=np.int64)
     for x in xs:
         total += plan.quantize(x, g)
     plain = sum((x / scale).clamp(-0.5, 0.5) * scale for x in xs)

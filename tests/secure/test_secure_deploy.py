@@ -37,9 +37,10 @@ FEDLOOM = str(Path(sys.executable).parent / "fedloom")
 SECURE = {"weight_scale": 12000.0, "clip": 50.0, "bits": 28}
 
 
-def _config(hidden: tuple[int, ...] = (16,), **secure: Any):  # type: ignore[no-untyped-def]
+def _config(hidden: tuple[int, ...] = (16,), privacy: dict[str, Any] | None = None, **secure: Any):  # type: ignore[no-untyped-def]
     return parse_config(
         {
+            **({"privacy": privacy} if privacy else {}),
             "run": {"name": "secure-deploy", "seed": 4, "rounds": 2},
             "data": {"name": "hospital"},
             "model": {"name": "mlp", "hidden": list(hidden)},
@@ -91,6 +92,32 @@ def test_deployed_secure_run_equals_the_simulation_bit_for_bit(secure: dict[str,
         assert sorted(d.clients) == sorted(s.clients)
         assert d.bytes_up == s.bytes_up and d.bytes_down == s.bytes_down  # the protocol's own messages counted alike
     assert all(a.report.tasks == 2 and not a.report.refused for a in agents)
+
+
+def test_deployed_distributed_dp_reports_the_simulations_epsilon() -> None:
+    """The clients draw their Skellam shares from OS entropy; the server's ledger is the simulation's."""
+    cfg = _config(protocol="secagg+", neighbours=2, privacy={"mode": "distributed", "noise_multiplier": 1.0, "clip_norm": 1.0})
+    sim = build_run(cfg, engine="sequential")
+    sim.federation.run(2)
+    r = build_run(cfg, engine="remote")
+    assert r.federation.pipeline.stages[0].noise == "os"  # type: ignore[attr-defined]
+    port = r.engine.port  # type: ignore[attr-defined]
+    agents = [
+        ClientAgent(r.dataset.clients[s], AgentOptions(server=f"127.0.0.1:{port}", client_id=s, pull_wait=0.5))
+        for s in r.dataset.client_ids
+    ]
+    threads = [threading.Thread(target=a.run, daemon=True) for a in agents]
+    for t in threads:
+        t.start()
+    try:
+        r.federation.run(2)
+    finally:
+        r.engine.close()
+    for t in threads:
+        t.join(timeout=30)
+    assert [x.status for x in r.federation.history] == ["ok", "ok"]
+    assert [x.metrics["dp_epsilon"] for x in r.federation.history] == [x.metrics["dp_epsilon"] for x in sim.federation.history]
+    assert not torch.equal(r.federation.state.params, sim.federation.state.params)  # other noise, as it must be
 
 
 def _free_port() -> int:

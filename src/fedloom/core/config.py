@@ -92,14 +92,15 @@ class PrivacySection(_Strict):
     """``[privacy]``: differential privacy of the run (see the README's privacy section).
 
     ``mode``: ``central`` (user-level DP-FedAvg: clients clip, the server adds noise),
-    ``local`` (each client clips and noises its own update) or ``sample`` (DP-SGD inside
-    local training, per record). Exactly one of ``noise_multiplier`` (σ: noise std / clip
+    ``local`` (each client clips and noises its own update), ``sample`` (DP-SGD inside
+    local training, per record) or ``distributed`` (with ``[secure]``: each client adds its
+    share of Skellam noise to its masked or encrypted update). Exactly one of ``noise_multiplier`` (σ: noise std / clip
     norm) and ``target_epsilon`` (σ is then computed for ``run.rounds`` rounds). ``noise``:
     ``auto`` draws seeded (reproducible) noise in simulation and OS-entropy noise in a
     deployment.
     """
 
-    mode: Literal["central", "local", "sample"]
+    mode: Literal["central", "local", "sample", "distributed"]
     noise_multiplier: float | None = Field(None, gt=0.0)
     target_epsilon: float | None = Field(None, gt=0.0)
     clip_norm: float = Field(1.0, gt=0.0)

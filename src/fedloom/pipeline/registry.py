@@ -32,6 +32,7 @@ STAGES: dict[str, str] = {
     "dp_central": "fedloom.privacy.central:CentralDP",
     "dp_local": "fedloom.privacy.local:LocalDP",
     "dp_sample": "fedloom.privacy.sample:SampleDP",
+    "dp_distributed": "fedloom.privacy.distributed:DistributedDP",
 }
 """Name -> ``"module:Class"`` of every stage (read-only by convention)."""
 

@@ -2,7 +2,8 @@
 
 :func:`plan_privacy` turns the user's choice (mode, σ or a target ε, C, δ, accountant, budget)
 into one pipeline stage (:class:`~fedloom.privacy.central.CentralDP`,
-:class:`~fedloom.privacy.local.LocalDP` or :class:`~fedloom.privacy.sample.SampleDP`, placed
+:class:`~fedloom.privacy.local.LocalDP`, :class:`~fedloom.privacy.sample.SampleDP` or
+:class:`~fedloom.privacy.distributed.DistributedDP`, placed
 first among the run's stages, so clipping comes before any compression) and, for
 sample-level DP, the DP-SGD settings of local training. With ``target_epsilon`` it computes
 the noise multiplier that reaches it after ``run.rounds`` rounds and says what it chose.
@@ -17,6 +18,8 @@ It refuses, with the reason, the combinations whose privacy would not be what ε
   encoding after the clip (QSGD, top-k with error feedback) that can raise a clipped
   update's norm above C;
 * local DP with a strategy whose clients send extra per-client vectors;
+* distributed DP without ``[secure]`` (the noise shares are only private under the masks) or
+  with fewer than 2 clients per round;
 * any mode with a model that has buffers (BatchNorm statistics come from the data and would
   leave unprotected; Opacus refuses them for the same reason), or with privacy stages written
   into ``[[pipeline]]`` by hand (their accounting would not match the run).
@@ -27,7 +30,7 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from fedloom.client.dpsgd import dpsgd_sampling
 from fedloom.core.config import PrivacySection
@@ -38,6 +41,7 @@ from fedloom.pipeline.base import Stage
 from fedloom.pipeline.weighting import WeightingStage
 from fedloom.privacy import accountant as acct
 from fedloom.privacy.central import CentralDP
+from fedloom.privacy.distributed import DistributedDP
 from fedloom.privacy.local import LocalDP
 from fedloom.privacy.sample import SampleDP
 from fedloom.strategies.base import Strategy
@@ -46,7 +50,7 @@ __all__ = ["PRIVACY_STAGES", "PrivacyPlan", "plan_privacy"]
 
 log = logging.getLogger("fedloom.privacy")
 
-PRIVACY_STAGES = frozenset({CentralDP.name, LocalDP.name, SampleDP.name})
+PRIVACY_STAGES = frozenset({CentralDP.name, LocalDP.name, SampleDP.name, DistributedDP.name})
 SAFE_AFTER_CLIP = frozenset({"fp16", "bf16", "sparse"})
 """Encodings allowed after central DP's clip: deterministic casts (within the norm check's slack) and the
 lossless sparse codec; any other is refused."""
@@ -133,11 +137,18 @@ def plan_privacy(
     round_retries: int = 0,
     over_selection: float = 0.0,
     has_buffers: Sequence[str] = (),
+    secure: str | None = None,
+    cohort: int | None = None,
+    ring_bits: int = 32,
+    numel: int = 0,
 ) -> PrivacyPlan:
     """The privacy stage and training settings for ``section`` (see the module doc).
 
     ``population`` is the number of clients (simulation: the dataset's; deployment: None);
     ``client_examples`` their example counts (sample-level calibration needs them).
+    Distributed DP needs ``secure`` (the ``[secure]`` protocol), ``cohort`` (the clients
+    expected per round, whose noise shares add up to σ) and ``ring_bits`` (the modulus of
+    the secure sum); ``numel`` the model's size (the grid's sensitivities depend on it).
     """
     _check_common(section, strategy, user_stages, has_buffers)
     delta, accountant = section.delta, section.accountant
@@ -187,6 +198,31 @@ def plan_privacy(
             max_epsilon=section.max_epsilon, noise=noise,
         )  # fmt: skip
         what = f"local DP on updates, ε per round {stage.epsilon_per_round:.3g}"  # type: ignore[attr-defined]
+        new_train = train
+    elif section.mode == "distributed":
+        if secure is None:
+            raise _refuse(
+                "distributed DP adds each client's share of the noise under secure aggregation: add a [secure] "
+                "section (protocol secagg, secagg+ or ckks)"
+            )
+        if strategy.update_extras:
+            raise _refuse(f"strategy {strategy.name!r} sends per-client vectors {list(strategy.update_extras)} that distributed DP does not noise")
+        if not cohort or cohort < 2:
+            raise _refuse(f"distributed DP needs at least 2 clients per round, the cohort has {cohort}")
+        probe = DistributedDP(clip_norm=section.clip_norm, noise_multiplier=1.0, clients=cohort, modulus_bits=ring_bits)
+        if sigma is None:
+            assert target is not None
+            # Δ1 and Δ2 depend on the grid, which depends on σ only through the headroom for 8σ: calibrate at σ's grid
+            sigma = 1.0
+            for _ in range(4):
+                plan = replace(probe, noise_multiplier=sigma).encoding(numel)
+                sigma = acct.skellam_calibrate(target, delta, l1=plan.bound**2, l2=plan.bound, count=rounds)
+        stage = DistributedDP(
+            clip_norm=section.clip_norm, noise_multiplier=sigma, clients=cohort, delta=delta,
+            max_epsilon=section.max_epsilon, noise=noise, modulus_bits=ring_bits,
+        )  # fmt: skip
+        what = f"distributed DP (Skellam noise shares under {secure}, {cohort} clients per round)"
+        accountant = "skellam rdp"  # type: ignore[assignment]
         new_train = train
     else:
         if sigma is None:

@@ -45,7 +45,7 @@ import torch
 
 from fedloom.core.errors import ConfigError, ProtocolAbort, ProtocolError
 from fedloom.core.types import ClientUpdate, Payload, ProtocolMessage
-from fedloom.secure.encoding import QuantizationPlan
+from fedloom.secure.encoding import EncodingPlan, QuantizationPlan, SkellamPlan, plan_from_meta
 from fedloom.secure.host import Exchange
 
 __all__ = ["CKKS_PARAMETERS", "CkksClient", "CkksConfig", "CkksServer", "KEYS", "INPUT", "DECRYPT", "PROTOCOL", "STAGES"]
@@ -57,6 +57,8 @@ STAGES = (KEYS, INPUT, DECRYPT)
 OPENS = (KEYS, INPUT)
 """The stages that begin a client's session of a round (the key holder's, anyone else's)."""
 KEY_TRIES = 3
+RING_BITS = 30
+"""Integers of magnitude below 2^(RING_BITS − 1) = 2^29 are exact after rounding (one 60-bit prime at scale 2^30)."""
 MAX_FRACTION = 0.25
 MAX_CONTEXT_BYTES = 4 << 20
 SIZE_SLACK = 256  # bytes a ciphertext's compressed serialization may differ by (one prime more is ~N·16 bytes)
@@ -175,8 +177,11 @@ class CkksConfig:
     bits: int = 16
     clip: float = 1.0
     weight_scale: float = 1.0
+    encoding: SkellamPlan | None = None  # distributed DP's encoding (built with RING_BITS) instead of the levels
 
     def __post_init__(self) -> None:
+        if self.encoding is not None and self.encoding.modulus_bits > RING_BITS:
+            raise ConfigError(f"CKKS sums integers below 2^{RING_BITS - 1} exactly; the encoding needs {self.encoding.modulus_bits} bits", key="modulus_bits")
         if self.poly_modulus_degree not in CKKS_PARAMETERS:
             raise ConfigError(f"must be one of {sorted(CKKS_PARAMETERS)}, got {self.poly_modulus_degree!r}", key="poly_modulus_degree")
         if not isinstance(self.bits, int) or not 1 <= self.bits <= 24:
@@ -184,7 +189,9 @@ class CkksConfig:
         self.plan  # noqa: B018 - validates clip, weight_scale
 
     @property
-    def plan(self) -> QuantizationPlan:
+    def plan(self) -> EncodingPlan:
+        if self.encoding is not None:
+            return self.encoding
         return QuantizationPlan(bits=self.bits, modulus_bits=32, clip=self.clip, scale=self.weight_scale)
 
     @property
@@ -197,9 +204,11 @@ class CkksConfig:
 
     @property
     def max_clients(self) -> int:
-        """The most inputs whose level sum stays below 2^29 (exactly recoverable)."""
-        _, scale = CKKS_PARAMETERS[self.poly_modulus_degree]
-        return ((1 << (59 - scale)) - 1) // (self.plan.levels - 1)
+        """The most inputs whose sum stays below 2^29 in magnitude (exactly recoverable)."""
+        plan = self.plan
+        if isinstance(plan, SkellamPlan):
+            return plan.max_clients
+        return ((1 << (RING_BITS - 1)) - 1) // (plan.levels - 1)
 
     def chunks(self, numel: int) -> int:
         return math.ceil(numel / self.slots)
@@ -286,9 +295,9 @@ class CkksClient:
             raise ProtocolError(f"input: extras {sorted(update.extras)} cannot be sent under CKKS")
         try:
             degree = int(msg.meta["poly_modulus_degree"])
-            plan = QuantizationPlan(**{k: msg.meta[k] for k in ("bits", "modulus_bits", "clip", "scale")})
+            plan = plan_from_meta(msg.meta)
             key = str(msg.meta["fingerprint"])
-        except (KeyError, ConfigError, TypeError, ValueError) as exc:
+        except (KeyError, ProtocolError, TypeError, ValueError) as exc:
             raise ProtocolError(f"input: bad parameters: {exc}") from None
         if degree not in CKKS_PARAMETERS:
             raise ProtocolError(f"input: ring degree {degree} refused")
@@ -361,7 +370,7 @@ class CkksServer:
         """Get the round's public key from a key holder; the clients that may send an encrypted input."""
         n = len(self.cohort)
         if n > self.config.max_clients:
-            self._abort(f"{n} clients could overflow the exactly decodable range with {self.plan.bits}-bit levels "
+            self._abort(f"{n} clients could overflow the exactly decodable range with this encoding "
                         f"(at most {self.config.max_clients})")  # fmt: skip
         if n < 2:
             self._abort(f"secure aggregation needs at least 2 clients, the cohort has {n}")
@@ -397,10 +406,7 @@ class CkksServer:
             "poly_modulus_degree": self.config.poly_modulus_degree,
             "fingerprint": self._fingerprint,
             "key_holder": self.key_holder,
-            "bits": p.bits,
-            "modulus_bits": p.modulus_bits,
-            "clip": float(p.clip),
-            "scale": float(p.scale),
+            **p.meta(),
         }
         msg = self._msg(INPUT, cid, meta, {"context": torch.frombuffer(bytearray(self._context), dtype=torch.uint8)})
         self.bytes_down += msg.nbytes
@@ -457,11 +463,11 @@ class CkksServer:
             self._abort(f"the key holder's reply is not a float64 sum of {self._numel} entries")
         assert got is not None
         v = got.numpy()
-        top = len(u3) * (self.plan.levels - 1)
+        lo, hi = self.plan.sum_range(len(u3))
         r = np.rint(v)
         off = np.abs(v - r)
-        if not np.isfinite(v).all() or off.max(initial=0.0) > MAX_FRACTION or r.min(initial=0) < 0 or r.max(initial=0) > top:
-            self._abort(f"the decrypted sum is not the sum of {len(u3)} valid inputs (values must be integers in [0, {top}]): "
+        if not np.isfinite(v).all() or off.max(initial=0.0) > MAX_FRACTION or r.min(initial=0) < lo or r.max(initial=0) > hi:
+            self._abort(f"the decrypted sum is not the sum of {len(u3)} valid inputs (values must be integers in [{lo}, {hi}]): "
                         "a ciphertext under another key, or a corrupted one")  # fmt: skip
         self.stage = "done"
-        return self.plan.decode_sum(r.astype(np.uint32), len(u3)), u3
+        return self.plan.decode_sum(r.astype(np.int64), len(u3)), u3

@@ -6,12 +6,13 @@ rules (median, trimmed mean, Krum need each update; contribution weighting each 
 strategies whose updates carry extras (SCAFFOLD's control variates would travel in the
 clear), encoding stages (the protocol quantizes and masks the dense delta itself), and
 central DP (its server checks each update's clip norm; distributed DP is the private
-alternative under SecAgg).
+alternative under SecAgg: its stage's Skellam encoding then replaces the levels).
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from dataclasses import replace
 
 import torch
 
@@ -78,4 +79,7 @@ def plan_secure(
                 "use local or sample-level DP with it",
                 key="secure",
             )
+    dp = [st for st in stages if st.name == "dp_distributed"]
+    if dp:  # distributed DP: its encoding (L2 clip, integer grid, Skellam noise share) replaces the levels
+        cfg = replace(cfg, encoding=dp[0].encoding(params.numel()))  # type: ignore[attr-defined, type-var]
     return cfg, drops

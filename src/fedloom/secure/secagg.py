@@ -48,7 +48,7 @@ from fedloom.core.errors import ConfigError, ProtocolAbort, ProtocolError
 from fedloom.core.types import ClientUpdate, Payload, ProtocolMessage
 from fedloom.secure import host, shamir
 from fedloom.secure.crypto import KeyPair, agree, decrypt, encrypt, prg_uint32
-from fedloom.secure.encoding import QuantizationPlan
+from fedloom.secure.encoding import EncodingPlan, QuantizationPlan, SkellamPlan, plan_from_meta
 from fedloom.secure.graph import neighbours
 
 __all__ = [
@@ -92,6 +92,7 @@ class SecAggConfig:
     modulus_bits: int = 32
     clip: float = 1.0
     weight_scale: float = 1.0
+    encoding: SkellamPlan | None = None  # distributed DP's encoding instead of the levels
 
     def __post_init__(self) -> None:
         if self.graph not in ("complete", "sparse"):
@@ -109,7 +110,9 @@ class SecAggConfig:
         self.plan  # noqa: B018 - validates bits, modulus_bits, clip
 
     @property
-    def plan(self) -> QuantizationPlan:
+    def plan(self) -> EncodingPlan:
+        if self.encoding is not None:
+            return self.encoding
         return QuantizationPlan(bits=self.bits, modulus_bits=self.modulus_bits, clip=self.clip, scale=self.weight_scale)
 
     @property
@@ -283,11 +286,11 @@ class SecAggClient:
             raise ProtocolError(f"input: {len(inputs)} neighbours left < threshold {self._t}")
         cts = _rows(msg, "ct", len(inputs), _CT_BYTES)
         try:
-            plan = QuantizationPlan(**{k: msg.meta[k] for k in ("bits", "modulus_bits", "clip", "scale")})
-        except (KeyError, ConfigError, TypeError) as exc:
-            raise ProtocolError(f"input: bad quantization plan: {exc}") from None
+            plan = plan_from_meta(msg.meta)
+        except ProtocolError as exc:
+            raise ProtocolError(f"input: {exc}") from None
         gen = torch.Generator().manual_seed(seed & 0x7FFF_FFFF_FFFF_FFFF)
-        y = plan.quantize(update.delta.reshape(-1), gen)
+        y = (plan.quantize(update.delta.reshape(-1), gen) & plan.mask).astype(np.uint32)
         _add_mask(y, self._b, +1)
         for v in inputs:
             s_uv = agree(self._s, self._peers[v][1], label=_label("mask", msg.round, self.client_id, v))
@@ -363,7 +366,7 @@ class SecAggServer:
     def setup(self, exchange: Exchange) -> list[str]:
         """Advertise and share; the clients that may send a masked input (U2), or ProtocolAbort."""
         if len(self.cohort) > self.plan.max_clients:
-            self._abort(f"{len(self.cohort)} clients could overflow Z_2^{self.plan.modulus_bits} with {self.plan.bits}-bit levels "
+            self._abort(f"{len(self.cohort)} clients could overflow Z_2^{self.plan.modulus_bits} with this encoding "
                         f"(at most {self.plan.max_clients})")  # fmt: skip
         if len(self.cohort) < 2:
             self._abort(f"secure aggregation needs at least 2 clients, the cohort has {len(self.cohort)}")
@@ -463,9 +466,8 @@ class SecAggServer:
     def input_message(self, cid: str) -> ProtocolMessage:
         """What client ``cid`` (in U2) receives with its training task: the shares addressed to it."""
         nb = self._l2[cid]
-        p = self.plan
         cts = _row_tensor([self._ct[(v, cid)] for v in nb], _CT_BYTES)
-        msg = self._msg(INPUT, cid, {"neighbours": nb, "bits": p.bits, "modulus_bits": p.modulus_bits, "clip": float(p.clip), "scale": float(p.scale)}, {"ct": cts})
+        msg = self._msg(INPUT, cid, {"neighbours": nb, **self.plan.meta()}, {"ct": cts})
         self.bytes_down += msg.nbytes
         return msg
 
