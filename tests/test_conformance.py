@@ -5,7 +5,9 @@ feedback (client state carried across rounds) on the uplink and 8-bit QSGD on th
 runs on the sequential, vectorized, Ray and remote (real gRPC server, client agents in
 threads) engines. The remote engine's clients train with the sequential trainer, so it must
 equal the sequential engine bit for bit (parameters, metrics, bytes); the vectorized and Ray
-engines train in lockstep and must agree within 1e-5 relative.
+engines train in lockstep and must agree within 1e-5 relative. The same holds for strategies
+whose clients do more than plain training: FedNova (the server normalizes by the reported step
+counts) and FedDyn (a gradient transform, client state g_i, server state h).
 """
 
 from __future__ import annotations
@@ -36,6 +38,14 @@ PIPELINES = {
 }
 
 
+STRATEGY_RUNS = {
+    # FedNova: unequal local steps (8, 7 and 10 batches of 1024) with momentum, normalized on the server
+    "fednova": {"strategy": {"name": "fednova", "fraction": 1.0}, "client": {"epochs": 1, "batch_size": 1024, "lr": 0.02, "momentum": 0.5}},
+    # FedDyn: the dynamic regularizer in local training, g_i as client state, h on the server
+    "feddyn": {"strategy": {"name": "feddyn", "fraction": 1.0, "alpha": 0.1}},
+}
+
+
 PRIVACY = {
     "central": {"mode": "central", "noise_multiplier": 0.8, "clip_norm": 0.05, "adaptive_clipping": True, "count_stddev": 1.0},
     "local": {"mode": "local", "noise_multiplier": 0.5, "clip_norm": 0.05},
@@ -58,7 +68,7 @@ def _config(pipeline: str, privacy: str | None = None, **run: Any):  # type: ign
                 "address": "127.0.0.1:0", "insecure": True, "min_clients": 3, "wait_timeout": 30,
                 "round_timeout": 60, "heartbeat_interval": 0.5, "max_pull_wait": 0.5,
             },
-            **PIPELINES[pipeline],
+            **(PIPELINES.get(pipeline) or STRATEGY_RUNS[pipeline]),
             **extra,
         }
     )  # fmt: skip
@@ -208,3 +218,37 @@ def test_every_engine_prunes_the_same() -> None:
     # after the last pruning the deltas are zero on every pruned weight: the uplink holds only bitmaps and kept values
     p = int(ref.spec.trainable_mask().sum())
     assert ref.history[-1].bytes_up <= 3 * (math.ceil(p / 8) + 4 * int(keep.sum()))
+
+
+@pytest.mark.parametrize("name", sorted(STRATEGY_RUNS))
+def test_every_engine_runs_the_same_strategy(name: str) -> None:
+    """FedNova and FedDyn: the same run on every engine; FedDyn's client state g_i matches too."""
+    seq = _simulate(name, "sequential")
+    vec = _simulate(name, "vectorized")
+    ray_run = _simulate(name, "ray", ray_workers=2)
+    remote, agents = _deploy(name)
+    ref = seq.federation
+    assert torch.equal(remote.federation.state.params, ref.state.params)
+    for other in (vec.federation, ray_run.federation):
+        _close(other.state.params, ref.state.params)
+    for other in (remote.federation, vec.federation, ray_run.federation):
+        assert all(o.status == "ok" and sorted(o.clients) == sorted(s.clients) for o, s in zip(other.history, ref.history, strict=True))
+    if name == "fednova":
+        tau_eff = [r.metrics["tau_eff"] for r in ref.history]
+        # momentum 0.5: a_i = [tau_i - (1 - 0.5^tau_i)] / 0.5 = 14.0078125, 12.015625, 18.001953125 for tau = 8, 7, 10
+        assert tau_eff == [(8000 * 14.0078125 + 6400 * 12.015625 + 9600 * 18.001953125) / 24000] * 3
+        for other in (remote.federation, vec.federation, ray_run.federation):
+            assert [r.metrics["tau_eff"] for r in other.history] == tau_eff
+    else:
+        h = ref.state.tensors["stage.0.feddyn.h"]  # the server's h
+        assert float(h.abs().sum()) > 0 and torch.equal(remote.federation.state.tensors["stage.0.feddyn.h"], h)
+        for other in (vec.federation, ray_run.federation):
+            _close(other.state.tensors["stage.0.feddyn.h"], h)
+        key = "feddyn.grad"  # each client's g_i
+        for cid in ref.engine.available_clients():
+            want = ref.engine.client_states.get(cid)[key]
+            assert float(want.abs().sum()) > 0
+            _close(vec.federation.engine.client_states.get(cid)[key], want)
+            _close(ray_run.federation.engine.client_states.get(cid)[key], want)
+            agent = next(a for a in agents if a.client_id == cid)
+            assert torch.equal(agent.state[key], want)

@@ -13,7 +13,9 @@ from fedloom.strategies import (
     FedAdam,
     FedAvg,
     FedAvgM,
+    FedDyn,
     FedMedian,
+    FedNova,
     FedProx,
     FedTrimmedMean,
     FedYogi,
@@ -33,6 +35,8 @@ EXPECTED: dict[str, type[Strategy]] = {
     "fedyogi": FedYogi,
     "fedadagrad": FedAdagrad,
     "scaffold": Scaffold,
+    "fednova": FedNova,
+    "feddyn": FedDyn,
     "contribution": ContributionWeighted,
     "median": FedMedian,
     "trimmed_mean": FedTrimmedMean,
@@ -93,6 +97,7 @@ def test_bad_values_name_their_key() -> None:
         ("fedavgm", {"server_momentum": 1.5}, "strategy.server_momentum"),
         ("multikrum", {"f": 1, "m": 0}, "strategy.m"),
         ("contribution", {"mode": "max"}, "strategy.mode"),
+        ("feddyn", {"alpha": 0.0}, "strategy.alpha"),
     ]
     for name, kw, key in cases:
         with pytest.raises(ConfigError) as ei:

@@ -14,6 +14,11 @@ client and broadcasts as ``(1, *shape)``).
   after K steps at learning rate η the client sets ``c_i⁺ = c_i − c + (x − y_i)/(K·η)``, sends
   ``extras["control_delta"] = c_i⁺ − c_i`` and keeps ``c_i⁺`` as client state.
 
+* :class:`DynamicRegularization` — FedDyn (Acar et al. 2021): ``g += α · (w − w_global) − g_i``,
+  the gradient of ``−⟨g_i, w⟩ + (α/2)·||w − w_global||²``; after training the client sets
+  ``g_i ← g_i − α · (w − w_global)`` (the delta) and keeps it as client state
+  (:data:`FEDDYN_GRAD`); nothing extra travels up.
+
 * :class:`PruneMask` — magnitude pruning (:mod:`fedloom.cutting.magnitude`): ``g *= m`` and,
   after the optimizer step, ``w *= m`` (so momentum, weight decay or Adam cannot move a pruned
   weight: it stays exactly zero).
@@ -38,11 +43,20 @@ import torch
 
 from fedloom.core.bits import packed_len, unpack
 from fedloom.core.errors import ConfigError
-from fedloom.core.keys import CLIENT_CONTROL, CONTROL_DELTA, PROXIMAL, PRUNE, PRUNE_MASK, SCAFFOLD, SERVER_CONTROL
+from fedloom.core.keys import CLIENT_CONTROL, CONTROL_DELTA, FEDDYN, FEDDYN_GRAD, PROXIMAL, PRUNE, PRUNE_MASK, SCAFFOLD, SERVER_CONTROL
 from fedloom.core.params import ParamSpec
 from fedloom.core.types import ClientInstruction, ComponentSpec
 
-__all__ = ["TRANSFORMS", "GradientTransform", "Proximal", "PruneMask", "ScaffoldCorrection", "build_transforms"]
+__all__ = [
+    "TRANSFORMS",
+    "DynamicRegularization",
+    "GradientTransform",
+    "Proximal",
+    "PruneMask",
+    "ScaffoldCorrection",
+    "build_transforms",
+]
+
 
 Vectors = Mapping[str, torch.Tensor]
 Laid = Mapping[str, Sequence[torch.Tensor]]
@@ -165,7 +179,49 @@ class PruneMask(GradientTransform):
         torch._foreach_mul_([p.data for p in params], list(vecs["mask"]))
 
 
-TRANSFORMS: dict[str, type[GradientTransform]] = {PROXIMAL: Proximal, SCAFFOLD: ScaffoldCorrection, PRUNE: PruneMask}
+@dataclass(frozen=True)
+class DynamicRegularization(GradientTransform):
+    """FedDyn's linear and quadratic penalty and the update of the client's g_i (Acar et al. 2021).
+
+    ``alpha`` >= 0 (α = 0 with g_i = 0 is plain local training; the FedDyn strategy requires
+    α > 0). The client state :data:`FEDDYN_GRAD` (zeros before the client's first round) is
+    g_i; buffers are not regularized and their entries of g_i stay zero.
+    """
+
+    name: ClassVar[str] = FEDDYN
+    laid_out: ClassVar[tuple[str, ...]] = ("anchor", "linear")
+    shared: ClassVar[frozenset[str]] = frozenset({"anchor"})
+    alpha: float = 0.01
+
+    def __post_init__(self) -> None:
+        a = self.alpha
+        if isinstance(a, bool) or not isinstance(a, (int, float)) or not (math.isfinite(a) and a >= 0):
+            raise ConfigError(f"must be a finite number >= 0, got {a!r}", key="alpha")
+
+    def prepare(self, spec, global_vec, instruction, client_state):  # type: ignore[no-untyped-def]
+        prev = client_state.get(FEDDYN_GRAD)
+        g_i = torch.zeros_like(global_vec) if prev is None else prev.to(device=global_vec.device, dtype=global_vec.dtype)
+        spec.check_vector(g_i)
+        return {"anchor": global_vec, "linear": g_i}
+
+    def apply(self, params, grads, vecs):  # type: ignore[no-untyped-def]
+        diffs = torch._foreach_sub([p.detach() for p in params], list(vecs["anchor"]))
+        torch._foreach_add_(list(grads), diffs, alpha=self.alpha)
+        torch._foreach_sub_(list(grads), list(vecs["linear"]))
+
+    def finish(self, spec, instruction, delta, num_steps, vecs, state):  # type: ignore[no-untyped-def]
+        g_i = vecs["linear"]
+        # g_i <- g_i - alpha * (theta_i - theta_global) on trainable entries; buffers keep 0.
+        state[FEDDYN_GRAD] = torch.where(spec.trainable_mask(delta.device), g_i - self.alpha * delta, g_i)
+        return {}
+
+
+TRANSFORMS: dict[str, type[GradientTransform]] = {
+    PROXIMAL: Proximal,
+    SCAFFOLD: ScaffoldCorrection,
+    PRUNE: PruneMask,
+    FEDDYN: DynamicRegularization,
+}
 """Name -> transform class (read-only by convention)."""
 
 _BUILT: dict[ComponentSpec, GradientTransform] = {}

@@ -11,7 +11,8 @@ SCAFFOLD (Karimireddy et al. 2020):
 
 Gradient transforms (:mod:`fedloom.client.transforms`), named in instructions:
 :data:`PROXIMAL` (FedProx), :data:`SCAFFOLD`, :data:`PRUNE` (magnitude pruning's mask, whose
-bits travel in the instruction payload under :data:`PRUNE_MASK`).
+bits travel in the instruction payload under :data:`PRUNE_MASK`), :data:`FEDDYN` (FedDyn's
+regularizer, whose client keeps its g_i as client state under :data:`FEDDYN_GRAD`).
 
 Tensor names on the wire (:mod:`fedloom.transport.codec`):
 
@@ -33,6 +34,8 @@ __all__ = [
     "CONTROL_DELTA",
     "DELTA",
     "EXTRAS_PREFIX",
+    "FEDDYN",
+    "FEDDYN_GRAD",
     "PARAMS",
     "PAYLOAD_PREFIX",
     "PROTOCOL_PREFIX",
@@ -69,3 +72,8 @@ EXTRAS_PREFIX = "extras/"
 BROADCAST_PREFIX = "broadcast/"
 PROTOCOL_PREFIX = "protocol/"
 """Wire-name prefix of the tensors of an encoded broadcast payload."""
+
+FEDDYN = "feddyn"
+"""Gradient-transform name of FedDyn's dynamic regularizer (option ``alpha``)."""
+FEDDYN_GRAD = "feddyn.grad"
+"""Client-state key of a FedDyn client's linear-term vector g_i (the paper's ∇L_i(θ_i^{t−1}))."""

@@ -22,6 +22,8 @@ from fedloom.strategies.contribution import (
 )
 from fedloom.strategies.fedavg import FedAvg
 from fedloom.strategies.fedavgm import FedAvgM
+from fedloom.strategies.feddyn import FedDyn, FedDynStep
+from fedloom.strategies.fednova import FedNova, FedNovaAggregator, FedNovaWeighting, effective_steps
 from fedloom.strategies.fedopt import FedAdagrad, FedAdam, FedOpt, FedYogi
 from fedloom.strategies.fedprox import FedProx
 from fedloom.strategies.optimizers import SGD, Adagrad, Adam, AdaptiveOptimizer, Momentum, ServerOptimizer, Yogi
@@ -57,7 +59,12 @@ __all__ = [
     "FedAdam",
     "FedAvg",
     "FedAvgM",
+    "FedDyn",
+    "FedDynStep",
     "FedMedian",
+    "FedNova",
+    "FedNovaAggregator",
+    "FedNovaWeighting",
     "FedOpt",
     "FedProx",
     "FedTrimmedMean",
@@ -77,6 +84,7 @@ __all__ = [
     "TrimmedMeanAggregator",
     "Yogi",
     "build_strategy",
+    "effective_steps",
     "list_strategies",
     "squared_gradient_norm",
     "strategy_params",

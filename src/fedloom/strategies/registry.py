@@ -21,6 +21,8 @@ from fedloom.strategies.base import Strategy
 from fedloom.strategies.contribution import ContributionWeighted
 from fedloom.strategies.fedavg import FedAvg
 from fedloom.strategies.fedavgm import FedAvgM
+from fedloom.strategies.feddyn import FedDyn
+from fedloom.strategies.fednova import FedNova
 from fedloom.strategies.fedopt import FedAdagrad, FedAdam, FedYogi
 from fedloom.strategies.fedprox import FedProx
 from fedloom.strategies.robust import FedMedian, FedTrimmedMean, Krum, MultiKrum
@@ -36,6 +38,8 @@ STRATEGIES: dict[str, type[Strategy]] = {
     "fedyogi": FedYogi,
     "fedadagrad": FedAdagrad,
     "scaffold": Scaffold,
+    "fednova": FedNova,
+    "feddyn": FedDyn,
     "contribution": ContributionWeighted,
     "median": FedMedian,
     "trimmed_mean": FedTrimmedMean,
