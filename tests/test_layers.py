@@ -19,7 +19,7 @@ LAYER = {
     "federation": 2, "server": 2, "agent": 2,
     "engines": 3,
     "strategies": 4, "client": 4, "pipeline": 4, "privacy": 4, "compress": 4, "secure": 4,
-    "transport": 4, "store": 4, "cutting": 4,
+    "transport": 4, "store": 4, "cutting": 4, "attacks": 4,
     "core": 5, "data": 5, "models": 5,
 }  # fmt: skip
 

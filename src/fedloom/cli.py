@@ -176,12 +176,16 @@ def certs_init(
 def certs_client(
     client_id: Annotated[str, typer.Argument(help="the new client's id")],
     directory: Annotated[Path, typer.Option("--dir", help="the directory given to `fedloom certs init`")] = Path("certs"),
+    max_examples: Annotated[
+        int | None,
+        typer.Option("--max-examples", min=1, help="the most training examples this site may declare (written into its certificate)"),
+    ] = None,
 ) -> None:
     """Issue credentials for one more client (DIR/clients/<id>): hand that directory to the site."""
     from fedloom.server import certs
 
     try:
-        certs.issue_client(directory / "ca", directory / "clients" / client_id, client_id)
+        certs.issue_client(directory / "ca", directory / "clients" / client_id, client_id, max_examples=max_examples)
     except certs.CertError as exc:
         console.print(f"[bold red]error:[/] {exc}")
         raise typer.Exit(2) from None

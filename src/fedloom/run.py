@@ -216,6 +216,23 @@ def build_run(cfg: RunConfig, *, engine: str | None = None, fresh: bool = False)
         secure, drops = plan_secure(
             cfg.secure.model_dump(exclude_unset=True), strategy=strategy, stages=pipeline.stages, params=init_vec, seed=cfg.run.seed
         )
+    adversary = None
+    if cfg.attack is not None:
+        from fedloom.attacks import plan_attack
+
+        a = cfg.attack
+        adversary, dataset = plan_attack(
+            a.name,
+            a.options(),
+            dataset=dataset,
+            fraction=a.fraction,
+            clients=a.clients,
+            knowledge=a.knowledge,
+            seed=cfg.run.seed,
+            stages=pipeline.stages,
+            secure=cfg.secure is not None,
+            remote=remote,
+        )
     if remote:
         from fedloom.server.deploy import run_info, start_remote_engine  # gRPC: only for a deployment
 
@@ -273,5 +290,6 @@ def build_run(cfg: RunConfig, *, engine: str | None = None, fresh: bool = False)
         pruner=build_pruner(cfg),
         callbacks=build_loggers(cfg),
         secure=secure,
+        adversary=adversary,
     )
     return Run(cfg, dataset, model_fn, spec, strategy, eng, federation, privacy)

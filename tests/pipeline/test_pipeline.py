@@ -60,7 +60,7 @@ def test_uniform_weighting() -> None:
 
 def test_weighting_then_encoding_and_order_rules() -> None:
     p = Pipeline((ExampleWeighting(), TopK(fraction=0.5)))
-    assert p.recipes == (ComponentSpec("weight_examples"), TopK(fraction=0.5).recipe())
+    assert p.recipes == (ComponentSpec.of("weight_examples", cap=None), TopK(fraction=0.5).recipe())
     ups = run_client_stages(ClientBatch.of(_updates(), [0, 1], [{}, {}]), p.recipes, CTX)
     assert ups[1].payload.codec == "topk" and ups[1].weight == 3.0
     dec = p.decode(ups[1], CTX)
@@ -97,4 +97,4 @@ def test_finalize_runs_in_reverse_with_namespaced_state() -> None:
     assert out.delta.tolist() == [2.0, 4.0]
     assert tensors["stage.1.counter.sum"].tolist() == [4.0, 8.0] and meta["stage.1.counter"] == {"n": 1}
     assert metrics == {"counter_n": 1.0}
-    assert p.recipes == (ComponentSpec("weight_examples"),)  # server-only stages do not travel
+    assert p.recipes == (ComponentSpec.of("weight_examples", cap=None),)  # server-only stages do not travel

@@ -133,3 +133,17 @@ def test_bad_hyperparameters(make: object, key: str) -> None:
     with pytest.raises(ConfigError) as ei:
         make()  # type: ignore[operator]
     assert ei.value.key == key
+
+
+def test_trimmed_mean_refuses_a_beta_that_could_trim_everything() -> None:
+    with pytest.raises(ConfigError, match=r"strategy\.beta: .*keeps no value"):
+        FedTrimmedMean(beta=0.49999999995)
+    FedTrimmedMean(beta=0.49999)  # the largest allowed keeps a value for every cohort size
+    # the aggregator guards the result too: floor(0.49999999995 * 10 + 1e-9) = 5 of 10 per end
+    from fedloom.strategies.robust import TrimmedMeanAggregator
+
+    agg = TrimmedMeanAggregator(0.49999999995)
+    for i in range(10):
+        agg.add(upd(f"c{i}", [float(i)]))
+    with pytest.raises(StrategyError, match="none is left"):
+        agg.result()

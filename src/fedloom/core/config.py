@@ -17,7 +17,7 @@ from __future__ import annotations
 import tomllib
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -25,6 +25,7 @@ from fedloom.core.errors import ConfigError
 from fedloom.core.types import TrainConfig
 
 __all__ = [
+    "AttackSection",
     "ClientSection",
     "DataSection",
     "DeploySection",
@@ -176,6 +177,23 @@ class SecureSection(_Strict):
     dropout: dict[str, float] = {}
 
 
+class AttackSection(_Open):
+    """``[attack]``: a robustness experiment (simulation only): an attack and who carries it out.
+
+    ``name``: ``sign_flip``, ``scale``, ``gaussian``, ``inflate``, ``label_flip``, ``alie`` or
+    ``ipm`` (:mod:`fedloom.attacks`); the attackers are ``clients`` (ids) or a share
+    ``fraction`` of the population drawn with the run seed. ``knowledge`` (``alie``, ``ipm``):
+    ``omniscient`` attackers know the round's benign mean and spread, ``own`` ones estimate
+    them from their own updates. Other keys are the attack's options (``factor``, ``sigma``,
+    ``z``, ``epsilon``, ``delta_scale``).
+    """
+
+    name: str
+    fraction: float | None = Field(None, ge=0.0, le=1.0)
+    clients: tuple[str, ...] = ()
+    knowledge: Literal["omniscient", "own"] = "omniscient"
+
+
 class StageSection(_Open):
     """One ``[[pipeline]]`` entry (or the ``[broadcast]`` table): a stage name and its options."""
 
@@ -236,6 +254,10 @@ class DeploySection(_Strict):
     max_task_downloads: int = Field(3, ge=1)  # times one task may be downloaded
     max_decoding: int = Field(4, ge=1)  # results decoded at once (each holds a model-sized buffer)
     log_every: float = Field(10.0, ge=0.0)  # s between two logged refusals of one kind for one client
+    # Example caps: a registration declaring more training examples is refused (an authenticated client could
+    # otherwise claim any count and dominate an example-weighted mean); a client certificate may carry its own cap.
+    max_examples: int | None = Field(None, ge=1)  # every client
+    client_max_examples: dict[str, Annotated[int, Field(ge=1)]] = {}  # per client id
 
 
 class RunConfig(_Strict):
@@ -251,6 +273,7 @@ class RunConfig(_Strict):
     pruning: PruningSection | None = None
     tracking: TrackingSection = TrackingSection()
     secure: SecureSection | None = None
+    attack: AttackSection | None = None
 
     def identity(self) -> dict[str, Any]:
         """The settings that determine the run's results, as JSON-able data.
@@ -268,6 +291,8 @@ class RunConfig(_Strict):
         data.pop("tracking")
         for key in ("store", "checkpoint_every", "keep_checkpoints", "rounds", "ray_address", "ray_workers"):
             data["run"].pop(key)
+        if data.get("attack") is None:  # a table added later: runs without one keep their identity
+            data.pop("attack")
         if data.get("privacy"):
             data["privacy"].pop("max_epsilon")  # a budget stops a run; raising it lets the run go on
         return data

@@ -16,6 +16,10 @@ Over-selection (``over_selection`` > 0, for deployments with dropouts) asks
 ``ceil(m * over_selection)`` extra clients besides the ``m`` selected, and closes the round
 once ``m`` valid updates are in; the engine cancels the remaining clients' work.
 
+An ``adversary`` (:class:`~fedloom.attacks.Adversary`, robustness experiments in simulation)
+sits on the engine's update stream and replaces the attacking clients' updates before the
+server's checks, the same way for every engine.
+
 A stage may refuse to start a round (:meth:`~fedloom.pipeline.Stage.admit`: a privacy budget
 the round would exceed): the run then stops before that round with the reason in
 :attr:`Federation.stop_reason`, its model checkpointed, and the store's status
@@ -62,6 +66,7 @@ from fedloom.pipeline import Pipeline, StageContext
 from fedloom.strategies.base import Aggregator, ServerState, Strategy
 
 if TYPE_CHECKING:  # the loop only calls the store; secure aggregation loads on first use
+    from fedloom.attacks import Adversary
     from fedloom.secure.host import SecureConfig, SecureServer
     from fedloom.store import RunHandle, Store
 
@@ -106,6 +111,7 @@ class Federation:
         pruner: MagnitudePruner | None = None,
         callbacks: Sequence[Callback] = (),
         secure: SecureConfig | None = None,
+        adversary: Adversary | None = None,
     ) -> None:
         if (store is None) != (run_handle is None):
             raise ValueError("store and run_handle go together: run_handle = store.start_or_resume_run(...)")
@@ -119,6 +125,7 @@ class Federation:
         self.round_retries = round_retries
         self.pruner = pruner
         self.secure = secure
+        self.adversary = adversary
         self.strategy = strategy
         self.engine = engine
         self.spec = spec
@@ -370,6 +377,11 @@ class Federation:
         accepted: list[str] = []
         extra = {} if sent.payload is None else {"broadcast": sent.payload}  # engines written before broadcasts still work
         stream = self.engine.run_cohort(sent.vector, instructions, **extra)
+        if self.adversary is not None:  # a robustness experiment: attackers' updates replaced on the way
+            from fedloom.attacks import AttackContext
+
+            weighting = next((st for st in pipe.stages if st.weighting and st.runs_on_client), None)
+            stream = self.adversary.intercept(stream, AttackContext(self.spec, rnd, weighting))  # type: ignore[arg-type]
         try:
             for update in stream:
                 bytes_up += update.nbytes

@@ -24,6 +24,7 @@ __all__ = ["STAGES", "build_stage", "list_stages", "stage_class"]
 STAGES: dict[str, str] = {
     "weight_examples": "fedloom.pipeline.weighting:ExampleWeighting",
     "weight_uniform": "fedloom.pipeline.weighting:UniformWeighting",
+    "norm_bound": "fedloom.pipeline.bounding:NormBound",
     "fp16": "fedloom.compress.cast:Float16",
     "bf16": "fedloom.compress.cast:BFloat16",
     "qsgd": "fedloom.compress.qsgd:QSGD",

@@ -6,7 +6,10 @@ finalize half divides the sum by the total weight. FedAvg (McMahan et al. 2017) 
 the number of examples n_i (:class:`ExampleWeighting`), an unweighted mean uses w_i = 1
 (:class:`UniformWeighting`). The server half checks that the weight a client claims is the
 one the rule gives it (its example count, already bounded by the registered count, or 1), so
-a client cannot buy influence by inflating its weight.
+a client cannot buy influence by inflating its weight. ``ExampleWeighting(cap=K)`` weights by
+min(n_i, K): a client that declares an inflated count (an authenticated client may register
+any) then holds at most K of the round's weight (``[[pipeline]] name = "weight_examples"``,
+``cap = K`` replaces the strategy's weighting).
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ from typing import ClassVar
 
 import torch
 
-from fedloom.core.errors import StrategyError
+from fedloom.core.errors import ConfigError, StrategyError
 from fedloom.core.types import Aggregate, ClientUpdate
 from fedloom.pipeline.base import ClientBatch, Stage, StageContext, StageState
 
@@ -58,12 +61,20 @@ class WeightingStage(Stage):
 
 @dataclass(frozen=True)
 class ExampleWeighting(WeightingStage):
-    """w_i = n_i, the client's number of training examples (FedAvg)."""
+    """w_i = n_i, the client's number of training examples (FedAvg); min(n_i, ``cap``) with a cap."""
 
     name: ClassVar[str] = "weight_examples"
 
+    cap: int | None = None
+
+    def __post_init__(self) -> None:
+        c = self.cap
+        if c is not None and (isinstance(c, bool) or not isinstance(c, int) or c < 1):
+            raise ConfigError(f"must be an integer >= 1, got {c!r}", key="cap")
+
     def weight_of(self, update: ClientUpdate) -> float:
-        return float(update.num_examples)
+        n = update.num_examples
+        return float(n if self.cap is None else min(n, self.cap))
 
 
 @dataclass(frozen=True)

@@ -14,6 +14,12 @@ in RFC 5280). Private keys are written unencrypted as PKCS#8 PEM with file mode 
 and a new directory is created with mode ``0o700``; nothing is ever overwritten unless
 ``overwrite=True``.
 
+A client certificate may carry the most training examples its site may declare
+(``issue_client(..., max_examples=N)``, ``fedloom certs client ID --max-examples N``): a
+non-critical extension under :data:`MAX_EXAMPLES_OID` holding a DER INTEGER. The server
+refuses a registration that declares more (an authenticated client could otherwise register
+any count and dominate an example-weighted mean); :func:`peer_identity` reads it.
+
 Revocation is a plain list: ``revoked.txt`` holds one certificate serial number per line,
 in hexadecimal. The server loads it with :func:`load_revoked` and refuses a peer whose
 serial (see :func:`peer_identity`) is in it; TLS itself does not consult it.
@@ -115,6 +121,8 @@ class PeerIdentity:
     common_name: str
     serial: int
     public_key: CertificatePublicKeyTypes
+    max_examples: int | None = None
+    """The most training examples the site may declare (None: the certificate sets no cap)."""
 
 
 # --------------------------------------------------------------------------- creation
@@ -219,14 +227,21 @@ def issue_client(
     *,
     days: int = 825,
     overwrite: bool = False,
+    max_examples: int | None = None,
 ) -> CertPaths:
     """Issue one client's credentials: ``client.pem``, ``client.key`` and ``ca.pem`` in ``out_dir``.
 
     The certificate's subject CN is ``client_id`` (see :func:`validate_client_id`) and its
     extended key usage is clientAuth. ``out_dir`` is that client's credentials directory,
-    for example ``creds/site-a/``.
+    for example ``creds/site-a/``. ``max_examples`` caps the training examples the site may
+    declare when it registers (an extension the server reads).
     """
     validate_client_id(client_id)
+    extra = []
+    if max_examples is not None:
+        if isinstance(max_examples, bool) or not isinstance(max_examples, int) or not 1 <= max_examples < 2**63:
+            raise CertError(f"max_examples must be an integer in [1, 2**63), got {max_examples!r}")
+        extra.append(x509.UnrecognizedExtension(MAX_EXAMPLES_OID, _der_integer(max_examples)))
     out_dir = Path(out_dir)
     return _issue(
         ca_dir,
@@ -238,6 +253,7 @@ def issue_client(
         days=days,
         overwrite=overwrite,
         what=f"client {client_id!r}",
+        extensions=extra,
     )
 
 
@@ -318,7 +334,35 @@ def peer_identity(cert_pem: bytes) -> PeerIdentity:
         common_name=_common_name(cert, "peer certificate"),
         serial=cert.serial_number,
         public_key=cert.public_key(),
+        max_examples=_max_examples(cert),
     )
+
+
+MAX_EXAMPLES_OID = x509.ObjectIdentifier("2.25.75000644888263920269980419731795055181")
+"""fedloom's extension for a client's example cap: a UUID-based OID (ITU-T X.667, arc 2.25), needing no registration."""
+
+
+def _der_integer(n: int) -> bytes:
+    """A non-negative ``n`` as a DER INTEGER (tag 2, short or long length, two's complement content)."""
+    body = n.to_bytes(n.bit_length() // 8 + 1, "big")  # a leading 0 byte keeps the sign bit clear
+    return bytes([0x02, len(body)]) + body
+
+
+def _max_examples(cert: x509.Certificate) -> int | None:
+    try:
+        raw = cert.extensions.get_extension_for_oid(MAX_EXAMPLES_OID).value
+    except x509.ExtensionNotFound:
+        return None
+    data = getattr(raw, "value", b"")
+    if len(data) < 3 or data[0] != 0x02 or data[1] != len(data) - 2 or data[1] > 9:
+        raise CertError("the certificate's max-examples extension is not a DER INTEGER")
+    body = data[2:]
+    if body[0] & 0x80 or (len(body) > 1 and body[0] == 0 and not body[1] & 0x80):
+        raise CertError("the certificate's max-examples extension is negative or not minimally encoded")
+    n = int.from_bytes(body, "big")
+    if n < 1:
+        raise CertError("the certificate's max-examples extension must be at least 1")
+    return n
 
 
 def verify_issued_by(ca_pem: bytes, cert_pem: bytes, *, at: datetime | None = None) -> bool:
@@ -354,6 +398,7 @@ def _issue(
     days: int,
     overwrite: bool,
     what: str,
+    extensions: Sequence[x509.ExtensionType] = (),
 ) -> CertPaths:
     _check_days(days)
     ca_dir = Path(ca_dir)
@@ -408,6 +453,8 @@ def _issue(
     )
     if san is not None:
         builder = builder.add_extension(x509.SubjectAlternativeName(san), critical=False)
+    for ext in extensions:
+        builder = builder.add_extension(ext, critical=False)
     cert = builder.sign(ca_key, hashes.SHA256())
 
     _make_dir(cert_path.parent)

@@ -104,6 +104,8 @@ def start_remote_engine(
             limits=limits(deploy),
             max_decoding=deploy.max_decoding,
             max_message_bytes=int(info.get("max_message_bytes", 0)),
+            max_examples=deploy.max_examples,
+            client_max_examples=dict(deploy.client_max_examples),
         ),
         revoked=RevocationList(Path(deploy.revoked) if deploy.revoked else None),
     )

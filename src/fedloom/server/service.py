@@ -30,9 +30,9 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -107,6 +107,8 @@ class ServiceSettings:
     secure: bool = True
     limits: Limits = Limits()
     max_message_bytes: int = 0  # tensor bytes a client message may carry (0: three models' worth); CKKS needs more
+    max_examples: int | None = None  # the most training examples any client may declare
+    client_max_examples: Mapping[str, int] = field(default_factory=dict)  # per-client caps
 
 
 class _Refused(Exception):
@@ -146,19 +148,37 @@ class FleetService(pb_grpc.FleetServicer):
         self.guard.stop()
 
     # ----------------------------------------------------------- identity
-    def _peer(self, context: grpc.ServicerContext) -> tuple[str | None, bytes | None]:
-        """(certificate CN, certificate PEM) under TLS; (None, None) in insecure mode."""
+    def _identity(self, context: grpc.ServicerContext) -> tuple[certs.PeerIdentity | None, bytes | None]:
+        """(the peer certificate's identity, its PEM) under TLS; (None, None) in insecure mode."""
         if not self.settings.secure:
             return None, None
         pems = context.auth_context().get("x509_pem_cert")
         if not pems:
             context.abort(grpc.StatusCode.UNAUTHENTICATED, "a client certificate is required")
         pem = pems[0]
-        ident = certs.peer_identity(pem)
+        try:
+            ident = certs.peer_identity(pem)
+        except certs.CertError as exc:
+            context.abort(grpc.StatusCode.PERMISSION_DENIED, f"unusable certificate: {exc}")
         if ident.serial in self.revoked:
             log.warning("refused revoked certificate %r (serial %x) from %s", ident.common_name, ident.serial, context.peer())
             context.abort(grpc.StatusCode.PERMISSION_DENIED, "certificate revoked")
-        return ident.common_name, pem
+        return ident, pem
+
+    def _peer(self, context: grpc.ServicerContext) -> tuple[str | None, bytes | None]:
+        """(certificate CN, certificate PEM) under TLS; (None, None) in insecure mode."""
+        ident, pem = self._identity(context)
+        return (ident.common_name if ident is not None else None), pem
+
+    def _example_cap(self, cid: str, ident: certs.PeerIdentity | None) -> tuple[int, str] | None:
+        """The most training examples ``cid`` may declare, and where the cap comes from (None: no cap)."""
+        caps = [
+            (self.settings.client_max_examples.get(cid), "deploy.client_max_examples"),
+            (self.settings.max_examples, "deploy.max_examples"),
+            (ident.max_examples if ident is not None else None, "its certificate"),
+        ]
+        given = [(n, where) for n, where in caps if n is not None]
+        return min(given) if given else None
 
     def _session_client(self, session: str, context: grpc.ServicerContext) -> tuple[str, bytes | None]:
         cn, pem = self._peer(context)
@@ -172,7 +192,8 @@ class FleetService(pb_grpc.FleetServicer):
 
     # ----------------------------------------------------------- RPCs
     def Register(self, request: pb.RegisterRequest, context: grpc.ServicerContext) -> pb.RegisterReply:
-        cn, _ = self._peer(context)
+        ident, _ = self._identity(context)
+        cn = ident.common_name if ident is not None else None
         cid = request.client_id
         if cn is not None:
             if cid and cid != cn:
@@ -187,6 +208,11 @@ class FleetService(pb_grpc.FleetServicer):
         except LimitExceeded as exc:
             self.guard.warn(cid, "register", "refused a registration of %r (%s): %s", cid, context.peer(), exc.reason)
             context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, exc.reason)
+        cap = self._example_cap(cid, ident)
+        if cap is not None and request.num_examples > cap[0]:
+            reason = f"{cid!r} declares {request.num_examples} training examples, above its cap of {cap[0]} ({cap[1]})"
+            self.guard.warn(cid, "register", "refused a registration of %r (%s): %s", cid, context.peer(), reason)
+            context.abort(grpc.StatusCode.FAILED_PRECONDITION, reason)
         try:
             session = self.coordinator.register(
                 cid, num_examples=request.num_examples, num_test_examples=request.num_test_examples, peer=context.peer()

@@ -41,7 +41,7 @@ from dataclasses import dataclass
 
 import torch
 
-from fedloom.core.errors import StrategyError
+from fedloom.core.errors import ConfigError, StrategyError
 from fedloom.strategies._checks import check_int, check_real, set_fields
 from fedloom.pipeline import Stage
 from fedloom.strategies.base import Aggregator, BufferingAggregator, ServerState, Strategy
@@ -95,6 +95,8 @@ class TrimmedMeanAggregator(_Float64Buffer):
                 f"trimmed mean with beta={self.beta} trims floor(beta*n)=0 values per end for n={n} updates; "
                 f"it needs at least {math.ceil(1.0 / self.beta - 1e-9)} updates"
             )
+        if n - 2 * b < 1:  # never average an empty set (a NaN model)
+            raise StrategyError(f"trimmed mean with beta={self.beta} trims {b} values per end of n={n}: none is left")
         s = self._matrix().sort(dim=0).values
         return s[b : n - b].mean(dim=0).to(self._out_dtype)
 
@@ -133,6 +135,10 @@ class KrumAggregator(_Float64Buffer):
         return x[order].mean(dim=0).to(self._out_dtype)
 
 
+_MAX_BETA = 0.49999
+"""The largest β: floor(β·n + 1e-9) then stays below n/2 for every cohort size n (a value is left to average)."""
+
+
 class RobustStrategy(Strategy):
     """Base of the robust rules: the server optimizer's step over a robust aggregator.
 
@@ -165,7 +171,14 @@ class FedTrimmedMean(RobustStrategy):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        set_fields(self, beta=check_real(self.beta, key="beta", low=0.0, high=0.5, high_open=True))
+        beta = check_real(self.beta, key="beta", low=0.0, high=0.5, high_open=True)
+        if beta > _MAX_BETA:
+            raise ConfigError(
+                f"beta={beta!r} trims so close to half from each end that an even cohort keeps no value "
+                f"(floor(beta*n) reaches n/2); use beta <= {_MAX_BETA}",
+                key="strategy.beta",
+            )
+        set_fields(self, beta=beta)
 
     def aggregator(self, state: ServerState, rnd: int) -> Aggregator:
         return TrimmedMeanAggregator(self.beta)
