@@ -15,7 +15,7 @@ import torch
 
 from fedloom.core.errors import ConfigError, StrategyError
 
-__all__ = ["check_int", "check_real", "set_fields", "state_tensor"]
+__all__ = ["check_int", "check_real", "population", "set_fields", "state_tensor"]
 
 
 def check_real(
@@ -74,3 +74,19 @@ def state_tensor(state_tensors: object, key: str, like: torch.Tensor, *, strateg
         shape = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
         raise StrategyError(f"{strategy}: server state {key!r} has shape {shape}, params have {tuple(like.shape)}")
     return t
+
+
+def population(num_clients: int | None, available: int | None, cohort: int, *, who: str) -> int:
+    """N, the population a round's cohort was drawn from: ``num_clients`` if fixed, else the aggregate's ``num_available``.
+
+    Raises :class:`StrategyError` when N is unknown or smaller than the ``cohort`` that answered.
+    """
+    n_total = num_clients if num_clients is not None else available
+    if n_total is None:
+        raise StrategyError(
+            f"{who}: the number of clients N is unknown; the aggregate carries no num_available "
+            "(the round loop sets it) and num_clients is not set"
+        )
+    if cohort > n_total:
+        raise StrategyError(f"{who}: {cohort} updates but only N={n_total} clients")
+    return n_total

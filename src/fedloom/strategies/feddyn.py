@@ -52,7 +52,7 @@ from fedloom.core.keys import FEDDYN
 from fedloom.core.params import ParamSpec
 from fedloom.core.types import Aggregate, ClientInstruction, ComponentSpec
 from fedloom.pipeline import Stage, StageContext, StageState, UniformWeighting
-from fedloom.strategies._checks import check_int, check_real, set_fields
+from fedloom.strategies._checks import check_int, check_real, population, set_fields
 from fedloom.strategies.base import ServerState, Strategy
 
 __all__ = ["FedDyn", "FedDynStep"]
@@ -82,14 +82,7 @@ class FedDynStep(Stage):
         who = f"stage {self.name!r}"
         if aggregate.weight is not None:
             raise StrategyError(f"{who} must see the averaged delta (after the weighting's finalize)")
-        n_total = self.num_clients if self.num_clients is not None else aggregate.num_available
-        if n_total is None:
-            raise StrategyError(
-                f"{who}: the number of clients N is unknown; the aggregate carries no num_available "
-                "(the round loop sets it) and num_clients is not set"
-            )
-        if aggregate.num_clients > n_total:
-            raise StrategyError(f"{who}: {aggregate.num_clients} updates but only N={n_total} clients")
+        n_total = population(self.num_clients, aggregate.num_available, aggregate.num_clients, who=who)
         h = state.tensors.get("h")
         mean = aggregate.delta
         if not isinstance(h, torch.Tensor) or h.shape != mean.shape:

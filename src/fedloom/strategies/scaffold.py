@@ -41,7 +41,7 @@ import torch
 from fedloom.core.errors import InvalidUpdateError, StrategyError
 from fedloom.core.keys import CONTROL_DELTA, SCAFFOLD, SERVER_CONTROL
 from fedloom.core.types import Aggregate, ClientInstruction, ClientUpdate, ComponentSpec
-from fedloom.strategies._checks import check_int, set_fields, state_tensor
+from fedloom.strategies._checks import check_int, population, set_fields, state_tensor
 from fedloom.strategies.base import Aggregator, ServerState, SumAggregator
 from fedloom.strategies.fedavg import FedAvg
 
@@ -95,14 +95,7 @@ class Scaffold(FedAvg):
     def apply(self, state: ServerState, aggregate: Aggregate) -> ServerState:
         who = type(self).__name__
         c = state_tensor(state.tensors, "control", state.params, strategy=who)
-        n_total = self.num_clients if self.num_clients is not None else aggregate.num_available
-        if n_total is None:
-            raise StrategyError(
-                f"{who}: the number of clients N is unknown; the aggregate carries no num_available "
-                "(the round loop sets it) and num_clients is not set"
-            )
-        if aggregate.num_clients > n_total:
-            raise StrategyError(f"{who}: {aggregate.num_clients} updates but only N={n_total} clients")
+        n_total = population(self.num_clients, aggregate.num_available, aggregate.num_clients, who=who)
         try:
             mean_dc = aggregate.extras[CONTROL_DELTA]
         except KeyError:
