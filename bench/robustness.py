@@ -17,7 +17,9 @@ Defences, each tuned for the row's share p as a defender who knows a bound on it
 * ``fedavg`` (example-weighted mean, no defence), ``median``, ``trimmed_mean`` (β = f/m),
   ``krum`` and ``multikrum`` (f; Multi-Krum averages n − f), ``norm_bound`` (FedAvg whose
   server bounds each update's norm at M, Sun et al. 2019; M is the median over rounds of the
-  honest updates' mean norm in the attack-free run, measured first) and ``fedavg_capped``
+  honest updates' mean norm in the attack-free run, measured first), ``centered_clip``
+  (Karimireddy et al. 2021/2022: buckets of 2, 3 iterations, radius τ = M around the previous
+  round's aggregate) and ``fedavg_capped``
   (FedAvg with example weights capped at the honest count, 600: the weight-robust option
   against inflated counts; run for the attack-free and ``inflate`` rows only, elsewhere it
   is plain FedAvg: every honest client holds 600 examples).
@@ -59,7 +61,7 @@ ATTACKS: dict[str, dict[str, Any]] = {
     "ipm": {"name": "ipm", "epsilon": 0.5},
     "inflate": {"name": "inflate", "factor": 100.0, "delta_scale": -1.0},
 }
-DEFENCES = ("fedavg", "median", "trimmed_mean", "krum", "multikrum", "norm_bound", "fedavg_capped")
+DEFENCES = ("fedavg", "median", "trimmed_mean", "krum", "multikrum", "norm_bound", "centered_clip", "fedavg_capped")
 SHARES = (0.1, 0.2, 0.3)
 COHORT = 20
 HONEST_EXAMPLES = 600  # 60,000 / 100 clients
@@ -70,8 +72,11 @@ def _defence(name: str, share: float, max_norm: float | None) -> dict[str, Any]:
     f = math.ceil(max(share, 0.1) * COHORT) + 1
     strategy: dict[str, Any] = {"name": "fedavg", "fraction": COHORT / 100}
     pipeline: list[dict[str, Any]] = []
-    if name in ("median", "krum", "multikrum", "trimmed_mean"):
+    if name in ("median", "krum", "multikrum", "trimmed_mean", "centered_clip"):
         strategy["name"] = name
+    if name == "centered_clip":
+        assert max_norm is not None
+        strategy.update(tau=max_norm, bucket=2, iterations=3)
     if name in ("krum", "multikrum"):
         strategy["f"] = f
     if name == "trimmed_mean":

@@ -147,3 +147,47 @@ def test_trimmed_mean_refuses_a_beta_that_could_trim_everything() -> None:
         agg.add(upd(f"c{i}", [float(i)]))
     with pytest.raises(StrategyError, match="none is left"):
         agg.result()
+
+
+def test_centered_clipping_by_hand() -> None:
+    from fedloom.strategies import CenteredClip
+
+    # no bucketing, one iteration, center 0, tau = 1:
+    # a = [3, 4] (norm 5) -> clipped to [0.6, 0.8]; b = [0.5, 0] passes; c = [0, -0.2] passes
+    # v = 0 + mean([0.6, 0.8], [0.5, 0], [0, -0.2]) = [1.1/3, 0.6/3]
+    ups = [upd("a", [3, 4]), upd("b", [0.5, 0]), upd("c", [0, -0.2])]
+    s = CenteredClip(tau=1.0, iterations=1, bucket=1)
+    torch.testing.assert_close(aggregate(s, ups, 2), torch.tensor([1.1 / 3, 0.6 / 3]))
+    # a second iteration re-centres: from v1, a's difference is clipped again to length 1
+    v1 = torch.tensor([1.1 / 3, 0.6 / 3], dtype=torch.float64)
+    diffs = torch.tensor([[3.0, 4.0], [0.5, 0.0], [0.0, -0.2]], dtype=torch.float64) - v1
+    norms = diffs.norm(dim=1, keepdim=True)
+    v2 = v1 + (diffs * torch.clamp(1.0 / norms, max=1.0)).mean(dim=0)
+    torch.testing.assert_close(aggregate(CenteredClip(tau=1.0, iterations=2, bucket=1), ups, 2), v2.float())
+    # with a radius above every distance it is the plain mean
+    torch.testing.assert_close(aggregate(CenteredClip(tau=100.0, iterations=1, bucket=1), ups, 2), torch.tensor([3.5 / 3, 3.8 / 3]))
+
+
+def test_centered_clipping_buckets_and_centre_state() -> None:
+    from fedloom.strategies import CenteredClip
+
+    # buckets of 2 over 4 identical-but-one updates: with tau large the result is still the plain mean
+    ups = [upd(c, [float(i), 1.0]) for i, c in enumerate("abcd")]
+    s = CenteredClip(tau=1e6, iterations=1, bucket=2, seed=1)
+    torch.testing.assert_close(aggregate(s, ups, 2), torch.tensor([1.5, 1.0]))
+    # the result does not depend on arrival order (buckets are drawn from the sorted ids)
+    s2 = CenteredClip(tau=0.5, iterations=2, bucket=2, seed=1)
+    assert torch.equal(aggregate(s2, ups, 2), aggregate(s2, list(reversed(ups)), 2))
+    # the centre is the previous aggregate, kept in the server state
+    state = s2.init(torch.zeros(2))
+    assert torch.equal(state.tensors["cclip_center"], torch.zeros(2))
+    agg = Server(s2, state, 1)
+    for u in ups:
+        agg.add(u)
+    res = agg.result()
+    new = s2.apply(state, res)
+    assert torch.equal(new.tensors["cclip_center"], res.delta) and torch.equal(new.params, res.delta)
+    with pytest.raises(ConfigError, match="strategy.tau"):
+        CenteredClip(tau=0.0)
+    with pytest.raises(ConfigError, match="strategy.bucket"):
+        CenteredClip(tau=1.0, bucket=0)

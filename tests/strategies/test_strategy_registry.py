@@ -22,6 +22,7 @@ from fedloom.strategies import (
     Krum,
     MultiKrum,
     Scaffold,
+    CenteredClip,
     Strategy,
     build_strategy,
     list_strategies,
@@ -42,8 +43,9 @@ EXPECTED: dict[str, type[Strategy]] = {
     "trimmed_mean": FedTrimmedMean,
     "krum": Krum,
     "multikrum": MultiKrum,
+    "centered_clip": CenteredClip,
 }
-REQUIRED = {"krum": {"f": 1}, "multikrum": {"f": 1}}
+REQUIRED = {"krum": {"f": 1}, "multikrum": {"f": 1}, "centered_clip": {"tau": 1.0}}
 
 
 def test_list_strategies() -> None:

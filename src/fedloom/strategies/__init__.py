@@ -29,6 +29,7 @@ from fedloom.strategies.fedprox import FedProx
 from fedloom.strategies.optimizers import SGD, Adagrad, Adam, AdaptiveOptimizer, Momentum, ServerOptimizer, Yogi
 from fedloom.strategies.registry import STRATEGIES, build_strategy, list_strategies, strategy_params
 from fedloom.strategies.robust import (
+    CenteredClip,
     FedMedian,
     FedTrimmedMean,
     Krum,
@@ -74,6 +75,7 @@ __all__ = [
     "MedianAggregator",
     "Momentum",
     "MultiKrum",
+    "CenteredClip",
     "RobustStrategy",
     "Scaffold",
     "ScaffoldAggregator",

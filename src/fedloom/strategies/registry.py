@@ -25,7 +25,7 @@ from fedloom.strategies.feddyn import FedDyn
 from fedloom.strategies.fednova import FedNova
 from fedloom.strategies.fedopt import FedAdagrad, FedAdam, FedYogi
 from fedloom.strategies.fedprox import FedProx
-from fedloom.strategies.robust import FedMedian, FedTrimmedMean, Krum, MultiKrum
+from fedloom.strategies.robust import CenteredClip, FedMedian, FedTrimmedMean, Krum, MultiKrum
 from fedloom.strategies.scaffold import Scaffold
 
 __all__ = ["STRATEGIES", "build_strategy", "list_strategies", "strategy_params"]
@@ -45,6 +45,7 @@ STRATEGIES: dict[str, type[Strategy]] = {
     "trimmed_mean": FedTrimmedMean,
     "krum": Krum,
     "multikrum": MultiKrum,
+    "centered_clip": CenteredClip,
 }
 """Name -> strategy class (read-only by convention)."""
 

@@ -1,4 +1,4 @@
-"""Byzantine-robust aggregation: coordinate-wise median, trimmed mean, Krum, Multi-Krum.
+"""Byzantine-robust aggregation: coordinate-wise median, trimmed mean, Krum, Multi-Krum, centered clipping.
 
 These rules need every update at once, so their aggregators buffer
 (:class:`~fedloom.strategies.base.BufferingAggregator`, O(clients × model) memory). They
@@ -32,21 +32,36 @@ Krum needs n > 2f + 2; Multi-Krum also needs m ≤ n − f (any larger set would
 Byzantine update whenever f are present). Ties in score are broken by client id, so the
 choice does not depend on arrival order. The aggregator keeps ``selected`` (ids, best
 first) and ``scores`` for inspection and logging.
+
+Centered clipping with bucketing — Karimireddy, He, Jaggi. "Learning from History for
+Byzantine Robust Optimization." ICML 2021; and "Byzantine-Robust Learning on Heterogeneous
+Datasets via Bucketing." ICLR 2022. The updates are shuffled (seeded per round) into buckets
+of s and averaged per bucket (y_1 … y_⌈n/s⌉; s = 1: no bucketing, which heterogeneous clients
+need less of), then, from the center v₀ = the previous round's aggregate (zero at first)::
+
+    v_{l+1} = v_l + (1/B) Σ_b (y_b − v_l) · min(1, τ / ‖y_b − v_l‖)      for l = 0 … L−1
+
+and agg = v_L. Each bucket moves the result by at most τ/B per iteration, however far it lies.
+The center is server state (``cclip_center``), checkpointed.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
 from fedloom.core.errors import ConfigError, StrategyError
-from fedloom.strategies._checks import check_int, check_real, set_fields
+from fedloom.core.seeding import derive_seed
+from fedloom.core.types import Aggregate
+from fedloom.strategies._checks import check_int, check_real, set_fields, state_tensor
 from fedloom.pipeline import Stage
 from fedloom.strategies.base import Aggregator, BufferingAggregator, ServerState, Strategy
 
 __all__ = [
+    "CenteredClip",
+    "CenteredClipAggregator",
     "FedMedian",
     "FedTrimmedMean",
     "Krum",
@@ -139,6 +154,29 @@ _MAX_BETA = 0.49999
 """The largest β: floor(β·n + 1e-9) then stays below n/2 for every cohort size n (a value is left to average)."""
 
 
+class CenteredClipAggregator(_Float64Buffer):
+    """Centered clipping over bucket means (Karimireddy et al. 2021, 2022)."""
+
+    def __init__(self, *, tau: float, iterations: int, bucket: int, center: torch.Tensor, seed: int) -> None:
+        super().__init__()
+        self.tau, self.iterations, self.bucket, self.center, self.seed = tau, iterations, bucket, center, seed
+
+    def _result(self) -> torch.Tensor:
+        x = self._matrix()
+        n = x.shape[0]
+        order = sorted(range(n), key=lambda i: self.client_ids[i])  # arrival order must not matter
+        perm = torch.randperm(n, generator=torch.Generator().manual_seed(self.seed % (2**63)))
+        x = x[[order[i] for i in perm.tolist()]]
+        buckets = torch.stack([x[i : i + self.bucket].mean(dim=0) for i in range(0, n, self.bucket)])
+        v = self.center.to(torch.float64).clone()
+        for _ in range(self.iterations):
+            diff = buckets - v
+            norms = diff.norm(dim=1, keepdim=True)
+            scale = torch.where(norms > self.tau, self.tau / norms.clamp_min(1e-300), torch.ones_like(norms))
+            v = v + (diff * scale).mean(dim=0)
+        return v.to(self._out_dtype)
+
+
 class RobustStrategy(Strategy):
     """Base of the robust rules: the server optimizer's step over a robust aggregator.
 
@@ -215,3 +253,39 @@ class MultiKrum(Krum):
 
     def aggregator(self, state: ServerState, rnd: int) -> Aggregator:
         return KrumAggregator(self.f, m=self.m)
+
+
+CENTER = "cclip_center"
+"""Server-state tensor of centered clipping: the previous round's aggregate."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class CenteredClip(RobustStrategy):
+    """Centered clipping at radius ``tau`` over bucket means of size ``bucket``, ``iterations`` times (Karimireddy et al.)."""
+
+    name = "centered_clip"
+
+    tau: float
+    iterations: int = 3
+    bucket: int = 2
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        set_fields(
+            self,
+            tau=check_real(self.tau, key="tau", low=0.0, low_open=True),
+            iterations=check_int(self.iterations, key="iterations", low=1),
+            bucket=check_int(self.bucket, key="bucket", low=1),
+        )
+
+    def init(self, params: torch.Tensor) -> ServerState:
+        state = super().init(params)
+        return replace(state, tensors={**state.tensors, CENTER: torch.zeros_like(params)})
+
+    def aggregator(self, state: ServerState, rnd: int) -> Aggregator:
+        center = state_tensor(state.tensors, CENTER, state.params, strategy=type(self).__name__)
+        seed = derive_seed(self.seed, "centered-clip", rnd)
+        return CenteredClipAggregator(tau=self.tau, iterations=self.iterations, bucket=self.bucket, center=center, seed=seed)
+
+    def apply(self, state: ServerState, aggregate: Aggregate) -> ServerState:
+        return self._step(state, aggregate.delta, **{CENTER: aggregate.delta.detach().clone()})
