@@ -11,7 +11,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from fedloom.transport.proto import fedloom_pb2 as pb
-from fedloom.transport.wire import DTYPES, Decoder, WireError, decode, encode, encode_body, signing_bytes
+from fedloom.transport.wire import DTYPES, Decoder, WireError, decode, encode, encode_body, extend_body, signing_bytes
 
 MB = 1 << 20
 
@@ -194,3 +194,22 @@ def test_fuzz_mutated_valid_streams(data: st.DataObject) -> None:
     # Accepted: then the data must be exactly the original (a mutation that survives changed only the header's
     # metadata in a way that still parses, or nothing at all).
     assert torch.equal(msg.tensors["x"], torch.arange(6, dtype=torch.float32))
+
+
+@pytest.mark.parametrize("chunk_bytes", [1, 5, 64, 1 << 20])
+def test_an_extended_body_is_the_whole_body(chunk_bytes: int) -> None:
+    """The model's encoding shared, a client's own tensors appended: same tensors, bytes and digest."""
+    model = {"params": torch.arange(13, dtype=torch.float32)}
+    own = {"protocol.masked": torch.arange(7, dtype=torch.int64), "protocol.flag": torch.tensor([True])}
+    base = encode_body(model, chunk_bytes=chunk_bytes)
+    ext = extend_body(base, own, chunk_bytes=chunk_bytes)
+    whole = encode_body({**model, **own}, chunk_bytes=chunk_bytes)
+    assert (ext.sha256, ext.total_bytes, ext.metas) == (whole.sha256, whole.total_bytes, whole.metas)
+    msg = decode(list(encode("task", {"a": 1}, ext)), max_bytes=1 << 20)
+    assert msg.tensors.keys() == {"params", "protocol.masked", "protocol.flag"}
+    assert all(torch.equal(msg.tensors[k], v) for k, v in {**model, **own}.items())
+    # the shared base is untouched: a second client's extension gives its own digest
+    other = extend_body(base, {"protocol.masked": torch.zeros(7, dtype=torch.int64)}, chunk_bytes=chunk_bytes)
+    assert other.sha256 != ext.sha256 and base.sha256 == encode_body(model, chunk_bytes=chunk_bytes).sha256
+    with pytest.raises(WireError, match="already in the body"):
+        extend_body(base, {"params": torch.zeros(1)})

@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Iterator, Sequence
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -24,7 +25,7 @@ from fedloom.engines.base import Engine
 from fedloom.engines.coordinator import Collector, Coordinator
 from fedloom.transport import codec
 from fedloom.transport.protocol import PROTOCOL, TASK
-from fedloom.transport.wire import Body, encode_body
+from fedloom.transport.wire import Body, encode_body, extend_body
 
 __all__ = ["RemoteEngine"]
 
@@ -77,17 +78,20 @@ class RemoteEngine(Engine):
     def _bodies(
         self, global_vec: torch.Tensor | None, broadcast: Payload | None, instructions: Sequence[ClientInstruction]
     ) -> list[Body]:
-        """One body per instruction; identical payloads (the common case) share one encoding."""
+        """One body per instruction; identical payloads (the common case) share one encoding.
+
+        A protocol message (secure aggregation's per-client input stage) is each client's own:
+        it is appended to the shared encoding of the model, which is never encoded twice.
+        """
         cache: dict[tuple[int, ...], Body] = {}
         out = []
         for ins in instructions:
             key = tuple(id(v) for v in ins.payload.values())
-            if ins.protocol is not None:  # a protocol message is each client's own
-                key = (*key, *(id(v) for v in ins.protocol.tensors.values()))
             if key not in cache:
-                tensors = codec.instruction_tensors(ins, params=global_vec, broadcast=broadcast)
-                cache[key] = encode_body(tensors, chunk_bytes=self.chunk_bytes)
-            out.append(cache[key])
+                shared = codec.instruction_tensors(replace(ins, protocol=None), params=global_vec, broadcast=broadcast)
+                cache[key] = encode_body(shared, chunk_bytes=self.chunk_bytes)
+            own = codec.protocol_tensors(ins)
+            out.append(extend_body(cache[key], own, chunk_bytes=self.chunk_bytes) if own else cache[key])
         return out
 
     def _collect(self, collector: Collector, pending: set[str], what: str) -> Iterator[Any]:

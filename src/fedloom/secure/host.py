@@ -103,6 +103,7 @@ class ProtocolClients:
         if self.drop is not None and self.drop(msg.round, msg.client_id, stage):
             self._sessions.pop(msg.client_id, None)
             self.dropped.append((msg.round, msg.client_id, stage))
+            self.last_error = f"dropped out (simulated) before stage {stage!r}"
             return True
         return False
 

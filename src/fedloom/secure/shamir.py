@@ -9,6 +9,7 @@ so any 32-byte secret fits in one field element and a share is 66 bytes.
 
 from __future__ import annotations
 
+import functools
 import secrets
 from collections.abc import Mapping
 
@@ -44,17 +45,29 @@ def reconstruct(shares: Mapping[int, int], threshold: int, *, length: int = 32) 
     if len(shares) < threshold:
         raise ProtocolError(f"{len(shares)} shares < threshold {threshold}: the secret cannot be recovered")
     pts = sorted(shares.items())[:threshold]
-    secret = 0
-    for i, (xi, yi) in enumerate(pts):
-        num = den = 1
-        for j, (xj, _) in enumerate(pts):
-            if i != j:
-                num = num * (-xj) % PRIME
-                den = den * (xi - xj) % PRIME
-        secret = (secret + yi * num * pow(den, -1, PRIME)) % PRIME
+    coeffs = _lagrange_at_zero(tuple(x for x, _ in pts))
+    secret = sum(y * c for (_, y), c in zip(pts, coeffs, strict=True)) % PRIME
     if secret >= 1 << (8 * length):
         raise ProtocolError("the shares do not interpolate to a valid secret (a corrupted share?)")
     return secret.to_bytes(length, "big")
+
+
+@functools.lru_cache(maxsize=64)
+def _lagrange_at_zero(xs: tuple[int, ...]) -> tuple[int, ...]:
+    """λ_i = Π_{j≠i} x_j / (x_j − x_i) mod p: f(0) = Σ λ_i f(x_i) for any f of degree < len(xs).
+
+    O(t²) once per set of share points; a server recovering many secrets from the same
+    survivors (SecAgg's unmasking: one per client) reuses them, so each secret costs O(t).
+    """
+    out = []
+    for i, xi in enumerate(xs):
+        num = den = 1
+        for j, xj in enumerate(xs):
+            if i != j:
+                num = num * (-xj) % PRIME
+                den = den * (xi - xj) % PRIME
+        out.append(num * pow(den, -1, PRIME) % PRIME)
+    return tuple(out)
 
 
 def share_to_bytes(value: int) -> bytes:

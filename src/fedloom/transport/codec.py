@@ -66,6 +66,7 @@ __all__ = [
     "encode_update",
     "instruction_meta",
     "instruction_tensors",
+    "protocol_tensors",
 ]
 
 MAX_FAILURE_REASON = 500
@@ -165,9 +166,13 @@ def instruction_tensors(
         raise ValueError("a task carries exactly one of params and a broadcast payload")
     out = {PARAMS: params} if params is not None else _prefixed(BROADCAST_PREFIX, broadcast.tensors)  # type: ignore[union-attr]
     out.update(_prefixed(PAYLOAD_PREFIX, ins.payload))
-    if ins.protocol is not None:
-        out.update(_prefixed(PROTOCOL_PREFIX, ins.protocol.tensors))
+    out.update(protocol_tensors(ins))
     return out
+
+
+def protocol_tensors(ins: ClientInstruction) -> Tensors:
+    """The tensors of the instruction's protocol message, as a task carries them last (none without one)."""
+    return _prefixed(PROTOCOL_PREFIX, ins.protocol.tensors) if ins.protocol is not None else {}
 
 
 def encode_instruction(

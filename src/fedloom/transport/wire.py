@@ -37,6 +37,7 @@ __all__ = [
     "decode",
     "encode",
     "encode_body",
+    "extend_body",
     "signing_bytes",
 ]
 
@@ -77,6 +78,8 @@ class Body:
     chunks: tuple[pb.Chunk, ...]
     total_bytes: int
     sha256: bytes
+    hasher: Any = field(default=None, compare=False, repr=False)
+    """The SHA-256 state after this body's data (:func:`extend_body` continues it)."""
 
 
 @dataclass(frozen=True)
@@ -99,11 +102,32 @@ def _tensor_bytes(t: torch.Tensor) -> memoryview:
 
 def encode_body(tensors: Mapping[str, torch.Tensor], *, chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> Body:
     """Encode ``tensors`` into data chunks with CRC-32s, and their table and digest."""
+    return _encode(tensors, chunk_bytes=chunk_bytes, digest=hashlib.sha256())
+
+
+def extend_body(base: Body, tensors: Mapping[str, torch.Tensor], *, chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> Body:
+    """``base`` followed by ``tensors``, without encoding or hashing ``base`` again.
+
+    The result carries the same tensors, bytes and digest as encoding them all at once (only
+    where the chunks break differs, which the decoder does not see): a task shares the
+    global model's encoding across clients and adds each client's own protocol message.
+    """
+    if base.hasher is None:
+        raise ValueError("this body cannot be extended (it was not made by encode_body)")
+    more = _encode(tensors, chunk_bytes=chunk_bytes, digest=base.hasher.copy(), names={m.name for m in base.metas})
+    return Body(base.metas + more.metas, base.chunks + more.chunks, base.total_bytes + more.total_bytes, more.sha256, more.hasher)
+
+
+def _encode(
+    tensors: Mapping[str, torch.Tensor], *, chunk_bytes: int, digest: Any, names: set[str] | None = None
+) -> Body:
     if chunk_bytes < 1:
         raise ValueError("chunk_bytes must be >= 1")
+    for name in tensors:
+        if names is not None and name in names:
+            raise WireError(f"tensor {name!r} is already in the body")
     metas = []
     chunks = []
-    digest = hashlib.sha256()
     total = 0
     pending = bytearray()
     for name, t in tensors.items():
@@ -123,7 +147,7 @@ def encode_body(tensors: Mapping[str, torch.Tensor], *, chunk_bytes: int = DEFAU
                 pending = bytearray()
     if pending:
         chunks.append(pb.Chunk(data=pb.Data(payload=bytes(pending), crc32=zlib.crc32(pending))))
-    return Body(tuple(metas), tuple(chunks), total, digest.digest())
+    return Body(tuple(metas), tuple(chunks), total, digest.digest(), digest)
 
 
 def signing_bytes(header: pb.Header, data_sha256: bytes) -> bytes:
