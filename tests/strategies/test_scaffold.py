@@ -111,3 +111,10 @@ def test_bad_num_clients(bad: object) -> None:
     with pytest.raises(ConfigError) as ei:
         Scaffold(num_clients=bad)  # type: ignore[arg-type]
     assert ei.value.key == "strategy.num_clients"
+
+
+def test_scaffold_refuses_adam_local_steps() -> None:
+    from fedloom.core.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="client.optimizer: SCAFFOLD's control variates assume SGD"):
+        Scaffold(train=TrainConfig(optimizer="adam", lr=1e-3))

@@ -38,7 +38,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from fedloom.core.errors import InvalidUpdateError, StrategyError
+from fedloom.core.errors import ConfigError, InvalidUpdateError, StrategyError
 from fedloom.core.keys import CONTROL_DELTA, SCAFFOLD, SERVER_CONTROL
 from fedloom.core.types import Aggregate, ClientInstruction, ClientUpdate, ComponentSpec
 from fedloom.strategies._checks import check_int, population, set_fields, state_tensor
@@ -76,6 +76,12 @@ class Scaffold(FedAvg):
         super().__post_init__()
         if self.num_clients is not None:
             set_fields(self, num_clients=check_int(self.num_clients, key="num_clients", low=1))
+        if self.train.optimizer != "sgd":  # c_i⁺ = c_i − c + (x − y_i)/(K·η) reads SGD steps as gradients
+            raise ConfigError(
+                f"SCAFFOLD's control variates assume SGD local steps (option II of the paper); got optimizer "
+                f"{self.train.optimizer!r}",
+                key="client.optimizer",
+            )
 
     def init(self, params: torch.Tensor) -> ServerState:
         state = super().init(params)
