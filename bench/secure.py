@@ -391,6 +391,20 @@ def threshold(protocol: str, n: int) -> int | None:
     return None if k is None else min(k, math.floor(0.5 * k) + 1)
 
 
+
+def _row_head(mode: str, protocol: str, n: int, records: list[Any]) -> dict[str, Any]:
+    """The fields every row starts with: what ran, and how each round ended."""
+    return {
+        "mode": mode,
+        "protocol": protocol,
+        "clients": n,
+        "neighbours_k": degree(protocol, n),
+        "threshold_t": threshold(protocol, n),
+        "rounds": len(records),
+        "status": [r.status for r in records],
+        "reasons": [r.reason for r in records if r.reason],
+    }
+
 def _stats(values: Sequence[float]) -> dict[str, float | None]:
     if not values:
         return {"mean": None, "max": None, "min": None}
@@ -490,14 +504,7 @@ def _summarize(protocol: str, n: int, records: Sequence[Any], meter: Meter, drop
             server[key[1]] += v
             parts[key[2]] += v / len(rounds)
     row: dict[str, Any] = {
-        "mode": mode,
-        "protocol": protocol,
-        "clients": n,
-        "neighbours_k": degree(protocol, n),
-        "threshold_t": threshold(protocol, n),
-        "rounds": len(records),
-        "status": [r.status for r in records],
-        "reasons": [r.reason for r in records if r.reason],
+        **_row_head(mode, protocol, n, records),
         "summed_per_round": [len(r.clients) for r in records],
         "dropped_per_round": per_round_drops,
         "dropout_plan": {"rate": drops.rate, "before_input": math.ceil(round(drops.rate * n) / 2), "after_input": round(drops.rate * n) // 2},
@@ -627,14 +634,7 @@ def _summarize_deploy(protocol: str, n: int, records: Sequence[Any], server_cpu:
             wire_down.append(r["wire_bytes_down"] / max(1, len(rounds)))
     gen_cpu = sum(g["process_cpu_s"] for g in gens)
     row: dict[str, Any] = {
-        "mode": "deployment",
-        "protocol": protocol,
-        "clients": n,
-        "neighbours_k": degree(protocol, n),
-        "threshold_t": threshold(protocol, n),
-        "rounds": len(records),
-        "status": [r.status for r in records],
-        "reasons": [r.reason for r in records if r.reason],
+        **_row_head("deployment", protocol, n, records),
         "summed_per_round": [len(r.clients) for r in records],
         "dropped_per_round": [sum(1 for r, _ in dropped if r == rnd) for rnd in rounds],
         "dropout_plan": {"rate": rate, "before_input": math.ceil(round(rate * n) / 2), "after_input": round(rate * n) // 2},
