@@ -155,6 +155,8 @@ def test_attackers_are_a_seeded_share_or_named() -> None:
         choose_attackers(ids, fraction=None, clients=("nobody",), seed=0)
     with pytest.raises(ConfigError, match="fraction"):
         choose_attackers(ids, fraction=None, clients=(), seed=0)
+    with pytest.raises(ConfigError, match="not both"):
+        choose_attackers(ids, fraction=0.1, clients=("c001",), seed=0)
 
 
 def _tiny(kind: str = "classification") -> FederatedDataset:

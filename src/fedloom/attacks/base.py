@@ -73,6 +73,8 @@ class Attack:
 def choose_attackers(client_ids: Sequence[str], *, fraction: float | None, clients: Sequence[str], seed: int) -> frozenset[str]:
     """The attacking clients: the ids named, or ⌊fraction·N + ½⌋ of the population drawn with ``seed``."""
     ids = sorted(client_ids)
+    if clients and fraction is not None:
+        raise ConfigError("give the attackers' share (fraction) or their ids (clients), not both", key="attack")
     if clients:
         unknown = sorted(set(clients) - set(ids))
         if unknown:
