@@ -107,6 +107,9 @@ def client(
         Path | None, typer.Option("--state", help="file keeping this client's state across restarts (safetensors)")
     ] = None,
     give_up_after: Annotated[float, typer.Option("--give-up-after", help="seconds without the server before exiting")] = 300.0,
+    delay: Annotated[
+        float, typer.Option("--delay", min=0.0, help="seconds added to every training task: emulates a slow device (benchmarks, tests)")
+    ] = 0.0,
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
 ) -> None:
     """Join a deployed run: train on this site's data whenever the server asks."""
@@ -134,6 +137,7 @@ def client(
                 give_up_after=give_up_after,
                 server_name=server_name,
                 state_file=state,
+                delay=delay,
             ),
         )
         report = agent.run()

@@ -1,7 +1,7 @@
 """What a person reads after each round and at the end of a run, within 80 columns.
 
 The per-round line and the final table show the metrics that matter first — the task's
-headline test metric, the privacy ε, the sparsity of a pruned model, the other test metrics, the training loss, federated evaluation — under short
+headline test metric, the privacy ε, the sparsity of a pruned model, the simulated clock and mean staleness of asynchronous runs, the other test metrics, the training loss, federated evaluation — under short
 names (``acc`` for ``test_accuracy``, ``ε`` for ``dp_epsilon``), and as many as fit the
 terminal's width; the rest are named in one line below the table (all of them are in
 ``history.json`` and ``metrics.png``).
@@ -27,7 +27,7 @@ _SHORT = {
     "auroc": "auroc",
     "f1": "f1",
 }
-_FIXED = {"sparsity": "sparse", "dp_epsilon": "ε", "dp_epsilon_round": "ε/round", "dp_clip_norm": "clip C", "dp_unclipped": "unclipped", "train_loss": "train loss"}
+_FIXED = {"sparsity": "sparse", "dp_epsilon": "ε", "dp_epsilon_round": "ε/round", "dp_clip_norm": "clip C", "dp_unclipped": "unclipped", "train_loss": "train loss", "clock_s": "clock s", "staleness_mean": "stale"}
 
 
 def fmt(v: float) -> str:
@@ -54,7 +54,7 @@ def short_name(metric: str) -> str:
 def ordered_metrics(names: Sequence[str], headline: Sequence[str]) -> list[str]:
     """``names`` by importance: the headline test metric, ε, the pruned sparsity, the other test metrics, training loss, federated ones, the rest."""
     heads = [f"test_{m}" for m in headline]
-    first = [*heads[:1], "dp_epsilon", "sparsity", *heads[1:], "train_loss", *(f"fed_{m}" for m in headline)]
+    first = [*heads[:1], "dp_epsilon", "sparsity", "clock_s", "staleness_mean", *heads[1:], "train_loss", *(f"fed_{m}" for m in headline)]
     rank = {n: i for i, n in enumerate(first)}
     return sorted(names, key=lambda n: (rank.get(n, len(rank)), list(names).index(n)))
 

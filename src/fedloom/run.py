@@ -27,8 +27,10 @@ from fedloom.data.registry import load_dataset
 from fedloom.engines.base import Engine
 from fedloom.engines.ray import RayEngine
 from fedloom.engines.vectorized import local_engine
+from fedloom.federation.buffered import BufferPolicy
 from fedloom.federation.callbacks import Callback
 from fedloom.federation.loop import Federation
+from fedloom.federation.timing import LatencyModel
 from fedloom.models.registry import build_model
 from fedloom.pipeline import Pipeline, build_stage
 from fedloom.store import RunHandle, Store
@@ -38,7 +40,7 @@ from fedloom.strategies.registry import build_strategy
 if TYPE_CHECKING:
     from fedloom.privacy.plan import PrivacyPlan
 
-__all__ = ["ENGINES", "Run", "build_engine", "build_loggers", "build_pipeline", "build_pruner", "build_run", "initial_model"]
+__all__ = ["ENGINES", "Run", "build_engine", "build_loggers", "build_pipeline", "build_pruner", "build_run", "build_schedule", "initial_model"]
 
 ENGINES = ("auto", "sequential", "vectorized", "ray")
 
@@ -131,6 +133,35 @@ def build_pruner(cfg: RunConfig) -> MagnitudePruner | None:
     return MagnitudePruner(
         sparsity=p.sparsity, start=p.start, end=p.end, every=p.every, scope=p.scope, include_bias=p.include_bias
     )
+
+
+def build_schedule(cfg: RunConfig, *, remote: bool) -> tuple[BufferPolicy | None, LatencyModel | None]:
+    """The ``[buffer]`` closing policy and the ``[latency]`` model (refusing what they cannot run with)."""
+    buffer = None
+    if cfg.buffer is not None:
+        b = cfg.buffer
+        if cfg.privacy is not None:
+            raise ConfigError(
+                "buffered rounds cannot run with [privacy]: the accountant models synchronous rounds of sampled cohorts",
+                key="buffer",
+            )
+        if remote and cfg.deploy.over_selection > 0:
+            raise ConfigError("over_selection is the first-m closing policy; remove it for buffered rounds", key="deploy.over_selection")
+        buffer = BufferPolicy(
+            size=b.size,
+            concurrency=b.concurrency if b.concurrency is not None else 3 * b.size,
+            max_staleness=b.max_staleness,
+            staleness=b.staleness,
+            exponent=b.exponent,
+            hinge=b.hinge,
+        )
+    latency = None
+    if cfg.latency is not None:
+        if remote:
+            raise ConfigError("[latency] simulates client latencies; deployed clients take the time they take", key="latency")
+        lat = cfg.latency
+        latency = LatencyModel(lat.kind, median=lat.median, sigma=lat.sigma, jitter=lat.jitter, speeds=lat.speeds, seed=cfg.run.seed)
+    return buffer, latency
 
 
 def build_loggers(cfg: RunConfig) -> list[Callback]:
@@ -267,6 +298,7 @@ def build_run(cfg: RunConfig, *, engine: str | None = None, fresh: bool = False)
         def evaluator(vec: torch.Tensor) -> dict[str, float]:
             return evaluate_vector(eval_model, spec, vec.cpu(), test, task)
 
+    buffer, latency = build_schedule(cfg, remote=remote)
     store: Store | None = None
     handle: RunHandle | None = None
     if cfg.run.store is not None:
@@ -291,5 +323,7 @@ def build_run(cfg: RunConfig, *, engine: str | None = None, fresh: bool = False)
         callbacks=build_loggers(cfg),
         secure=secure,
         adversary=adversary,
+        buffer=buffer,
+        latency=latency,
     )
     return Run(cfg, dataset, model_fn, spec, strategy, eng, federation, privacy)

@@ -104,6 +104,7 @@ class AgentOptions:
     give_up_after: float = 300.0
     server_name: str | None = None  # TLS name to check if ``server`` is an address not in the certificate
     state_file: Path | None = None  # client state (SCAFFOLD's c_i, an error-feedback residual) kept across restarts
+    delay: float = 0.0  # seconds added to every training task: emulates a slow device (benchmarks, tests)
 
 
 @dataclass
@@ -384,6 +385,8 @@ class ClientAgent:
         self._spec.check_vector(params)
         g = params.to(self.device)
         ins = replace(ins, client_id=self.client_id, payload={k: v.to(self.device) for k, v in ins.payload.items()})
+        if self.options.delay > 0:
+            time.sleep(self.options.delay)
         result = train_local(self._model, self._spec, g, self.data.train, ins, client_state=self.state)
         # the instruction's client stages (weighting, compression), as every engine runs them
         ups, states = finish_clients(self._spec, [ins], [result.update], [result.state])

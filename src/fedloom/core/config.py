@@ -26,9 +26,11 @@ from fedloom.core.types import TrainConfig
 
 __all__ = [
     "AttackSection",
+    "BufferSection",
     "ClientSection",
     "DataSection",
     "DeploySection",
+    "LatencySection",
     "ModelSection",
     "PrivacySection",
     "PruningSection",
@@ -194,6 +196,40 @@ class AttackSection(_Open):
     knowledge: Literal["omniscient", "own"] = "omniscient"
 
 
+class BufferSection(_Strict):
+    """``[buffer]``: buffered asynchronous rounds (FedBuff, :mod:`fedloom.federation.buffered`).
+
+    ``size`` (K): valid updates per server apply; ``concurrency``: clients kept training at
+    once (default 3·K); ``staleness``: the weight s(τ) of an update τ versions old —
+    ``polynomial`` (1+τ)^(−``exponent``), ``hinge`` (1 up to ``hinge``, then
+    1/(``exponent``·(τ−``hinge``)+1)) or ``constant``; ``max_staleness``: older updates are refused.
+    ``run.rounds`` then counts server applies.
+    """
+
+    size: int = Field(ge=1)
+    concurrency: int | None = Field(None, ge=1)
+    staleness: Literal["polynomial", "hinge", "constant"] = "polynomial"
+    exponent: float = Field(0.5, ge=0.0)
+    hinge: int = Field(10, ge=0)
+    max_staleness: int = Field(100, ge=0)
+
+
+class LatencySection(_Strict):
+    """``[latency]``: simulated client latencies (:mod:`fedloom.federation.timing`), simulation only.
+
+    ``kind``: ``fixed`` (every client ``median`` seconds) or ``lognormal`` (a persistent
+    per-client duration median·exp(``sigma``·z)); ``jitter``: a per-dispatch log-normal
+    factor; ``speeds``: per-client speed factors dividing the duration. Rounds then report the
+    simulated ``clock_s``.
+    """
+
+    kind: Literal["fixed", "lognormal"] = "lognormal"
+    median: float = Field(1.0, gt=0.0)
+    sigma: float = Field(1.0, ge=0.0)
+    jitter: float = Field(0.0, ge=0.0)
+    speeds: dict[str, Annotated[float, Field(gt=0.0)]] = {}
+
+
 class StageSection(_Open):
     """One ``[[pipeline]]`` entry (or the ``[broadcast]`` table): a stage name and its options."""
 
@@ -274,6 +310,8 @@ class RunConfig(_Strict):
     tracking: TrackingSection = TrackingSection()
     secure: SecureSection | None = None
     attack: AttackSection | None = None
+    buffer: BufferSection | None = None
+    latency: LatencySection | None = None
 
     def identity(self) -> dict[str, Any]:
         """The settings that determine the run's results, as JSON-able data.
@@ -291,8 +329,9 @@ class RunConfig(_Strict):
         data.pop("tracking")
         for key in ("store", "checkpoint_every", "keep_checkpoints", "rounds", "ray_address", "ray_workers"):
             data["run"].pop(key)
-        if data.get("attack") is None:  # a table added later: runs without one keep their identity
-            data.pop("attack")
+        for table in ("attack", "buffer", "latency"):  # tables added later: runs without one keep their identity
+            if data.get(table) is None:
+                data.pop(table)
         if data.get("privacy"):
             data["privacy"].pop("max_epsilon")  # a budget stops a run; raising it lets the run go on
         return data

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from typing import ClassVar
 
 import torch
 from torch import nn
@@ -58,6 +59,10 @@ class Engine(ABC):
     """Runs a cohort's local training and yields the updates one at a time."""
 
     name: str = "engine"
+    live: ClassVar[bool] = False
+    """Whether the clients are real processes working in real time (the remote engine): buffered
+    rounds then take updates as they come instead of running a simulated clock, and
+    :meth:`run_cohort` takes a ``cancel`` event that ends its wait."""
 
     def __init__(self, *, spec: ParamSpec) -> None:
         self.spec = spec

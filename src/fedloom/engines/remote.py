@@ -12,6 +12,7 @@ clients that leave or stop heartbeating are counted out early instead of waited 
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import replace
@@ -42,6 +43,7 @@ class RemoteEngine(Engine):
     """
 
     name = "remote"
+    live = True
 
     def __init__(
         self,
@@ -94,11 +96,16 @@ class RemoteEngine(Engine):
             out.append(extend_body(cache[key], own, chunk_bytes=self.chunk_bytes) if own else cache[key])
         return out
 
-    def _collect(self, collector: Collector, pending: set[str], what: str) -> Iterator[Any]:
-        """Yield the results' payloads until every client answered or the deadline passed."""
+    def _collect(
+        self, collector: Collector, pending: set[str], what: str, cancel: threading.Event | None = None
+    ) -> Iterator[Any]:
+        """Yield the results' payloads until every client answered, the deadline passed or ``cancel`` is set."""
         reason = "round complete"
         try:
             while pending:
+                if cancel is not None and cancel.is_set():
+                    reason = "the run stopped"
+                    break
                 left = collector.deadline - time.monotonic()
                 if left <= 0:
                     reason = f"deadline of {self.round_timeout:.0f} s passed"
@@ -128,11 +135,13 @@ class RemoteEngine(Engine):
         instructions: Sequence[ClientInstruction],
         *,
         broadcast: Payload | None = None,
+        cancel: threading.Event | None = None,
     ) -> Iterator[ClientUpdate]:
         """Post the cohort's tasks and yield the updates as they arrive.
 
         With ``broadcast``, the clients receive that encoded payload instead of the dense
-        ``global_vec`` (a broadcast stage's encoding of it).
+        ``global_vec`` (a broadcast stage's encoding of it). Setting ``cancel`` ends the wait
+        (buffered rounds: the run stopped with work in flight).
         """
         if not instructions:
             return
@@ -145,7 +154,7 @@ class RemoteEngine(Engine):
         ]
         collector = self.coordinator.post(tasks, deadline=deadline)
         rnd = instructions[0].round
-        yield from self._collect(collector, {ins.client_id for ins in instructions}, f"round {rnd}")
+        yield from self._collect(collector, {ins.client_id for ins in instructions}, f"round {rnd}", cancel)
 
     def exchange(self, requests: Sequence[ProtocolMessage]) -> Iterator[ProtocolMessage]:
         """Send each protocol message to its client as a ``protocol`` task; yield the replies as they come.

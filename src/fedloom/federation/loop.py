@@ -16,6 +16,17 @@ Over-selection (``over_selection`` > 0, for deployments with dropouts) asks
 ``ceil(m * over_selection)`` extra clients besides the ``m`` selected, and closes the round
 once ``m`` valid updates are in; the engine cancels the remaining clients' work.
 
+Buffered asynchronous closing (``buffer``, a :class:`~fedloom.federation.buffered.BufferPolicy`:
+FedBuff) is the third closing policy: a "round" is then one server apply, closed once K valid
+updates are in while ``concurrency`` clients keep training across applies; each update's
+delta is scaled by its staleness weight, and an update staler than the bound is rejected
+with the reason. Simulation engines run it on a simulated clock (``latency``, a
+:class:`~fedloom.federation.timing.LatencyModel`; with a latency model a synchronous round
+also advances that clock by its slowest client), the remote engine in real time; the metric
+``clock_s`` is the time since the run started. What is in flight is part of the checkpoint
+(server state ``meta["schedule"]`` and the base models still referenced), so a resumed run
+re-dispatches it.
+
 An ``adversary`` (:class:`~fedloom.attacks.Adversary`, robustness experiments in simulation)
 sits on the engine's update stream and replaces the attacking clients' updates before the
 server's checks, the same way for every engine.
@@ -47,8 +58,8 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, replace
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -57,11 +68,13 @@ import torch
 from fedloom.core.errors import BudgetExhausted, ConfigError, InvalidUpdateError, ProtocolAbort, ProtocolError, StrategyError
 from fedloom.core.params import ParamSpec
 from fedloom.core.seeding import derive_seed
-from fedloom.core.types import Aggregate, ClientUpdate, tensor_bytes
+from fedloom.core.types import Aggregate, ClientInstruction, ClientUpdate, tensor_bytes
 from fedloom.cutting.magnitude import MagnitudePruner
 from fedloom.engines.base import Engine
 from fedloom.core.history import History, RoundRecord
+from fedloom.federation.buffered import BufferPolicy, Flight, Flights, LiveFlights, SimulatedFlights
 from fedloom.federation.callbacks import Callback, FunctionCallback, RoundEvent, StoreRecorder
+from fedloom.federation.timing import LatencyModel
 from fedloom.pipeline import Pipeline, StageContext
 from fedloom.strategies.base import Aggregator, ServerState, Strategy
 
@@ -112,6 +125,8 @@ class Federation:
         callbacks: Sequence[Callback] = (),
         secure: SecureConfig | None = None,
         adversary: Adversary | None = None,
+        buffer: BufferPolicy | None = None,
+        latency: LatencyModel | None = None,
     ) -> None:
         if (store is None) != (run_handle is None):
             raise ValueError("store and run_handle go together: run_handle = store.start_or_resume_run(...)")
@@ -121,6 +136,22 @@ class Federation:
             raise ValueError(f"over_selection must be in [0, 10], got {over_selection}")
         if round_retries < 0:
             raise ValueError(f"round_retries must be >= 0, got {round_retries}")
+        if buffer is not None:
+            if secure is not None:
+                raise ConfigError(
+                    "buffered (asynchronous) rounds cannot run under secure aggregation: the server must scale each "
+                    "update by its staleness, and masked inputs only sum",
+                    key="buffer",
+                )
+            if strategy.synchronous_only:
+                raise ConfigError(f"strategy {strategy.name!r} needs synchronous rounds: {strategy.synchronous_only}", key="buffer")
+            if over_selection > 0.0:
+                raise ConfigError("over-selection is the first-m closing policy; buffered rounds close on their own", key="buffer")
+        if latency is not None and getattr(engine, "live", False):
+            raise ConfigError("a latency model is for simulation; deployed clients take the time they take", key="latency")
+        self.buffer = buffer
+        self.latency = latency
+        self._flights: Flights | None = None
         self.over_selection = over_selection
         self.round_retries = round_retries
         self.pruner = pruner
@@ -200,6 +231,9 @@ class Federation:
         finally:
             if extra is not None:
                 self.callbacks.remove(extra)
+            if self._flights is not None:  # work still in flight is in the last checkpoint
+                self._flights.close()
+                self._flights = None
         self._end("completed")
         return self.history
 
@@ -240,11 +274,14 @@ class Federation:
         rejected: dict[str, str] = {}
         attempt = 0
         while True:
-            tried = self._attempt(rnd, attempt, rejected, pipe)
+            if self.buffer is not None:  # buffered closing: waiting longer is the retry
+                tried = self._attempt_buffered(rnd, rejected, pipe)
+            else:
+                tried = self._attempt(rnd, attempt, rejected, pipe)
             aggregator, accepted, num_available = tried.aggregator, tried.accepted, tried.available
             bytes_down += tried.bytes_down
             bytes_up += tried.bytes_up
-            if len(accepted) >= self.min_updates or attempt >= self.round_retries:
+            if len(accepted) >= self.min_updates or attempt >= self.round_retries or self.buffer is not None:
                 break
             attempt += 1
             log.warning(
@@ -252,7 +289,7 @@ class Federation:
                 rnd, len(accepted), self.min_updates, attempt + 1, self.round_retries + 1,
             )  # fmt: skip
 
-        metrics: dict[str, float] = {}
+        metrics: dict[str, float] = dict(tried.metrics)
         status = "ok"
         reason = tried.aborted
         aggregate: Aggregate | None = None
@@ -300,6 +337,8 @@ class Federation:
             metrics.update({f"test_{k}": v for k, v in self.evaluate(self.state.params).items()})
         if self.federated_eval_every > 0 and rnd % self.federated_eval_every == 0:
             metrics.update(self.federated_evaluation())
+        if self.buffer is not None or self.latency is not None:
+            metrics["clock_s"] = self._schedule_snapshot(tried.dispatched)
         record = RoundRecord(
             round=rnd,
             metrics=metrics,
@@ -352,18 +391,9 @@ class Federation:
             proto.rejected.clear()
             target = min(target, len(trained))
             cohort = [c for c in cohort if c in trained]
-        recipes = pipe.recipes
-        instructions = [self.strategy.client_config(self.state, rnd, cid) for cid in cohort]
+        instructions = self._instructions(rnd, cohort, pipe)
         if proto is not None:
             instructions = [replace(ins, protocol=proto.input_message(ins.client_id)) for ins in instructions]
-        if recipes:
-            instructions = [replace(ins, stages=recipes) for ins in instructions]
-        pruning = self.pruner.for_clients(self.state, self.spec) if self.pruner is not None else None
-        if pruning is not None:
-            recipe, payload = pruning
-            instructions = [
-                replace(ins, transforms=(*ins.transforms, recipe), payload={**ins.payload, **payload}) for ins in instructions
-            ]
         expected = set(cohort)
         aggregator = self.strategy.aggregator(self.state, rnd)
         if proto is not None:
@@ -403,7 +433,168 @@ class Federation:
                 close()
             for cid, reason in self.engine.take_rejections().items():
                 rejected[cid] = reason
-        return _Attempt(aggregator, accepted, bytes_down, bytes_up, len(set(available)), protocol=proto)
+        return _Attempt(aggregator, accepted, bytes_down, bytes_up, len(set(available)), protocol=proto, dispatched=cohort)
+
+    # ------------------------------------------------------- buffered closing
+    def _instructions(self, rnd: int, cohort: Sequence[str], pipe: Pipeline) -> list[ClientInstruction]:
+        """The cohort's instructions for round ``rnd``: the strategy's, with the stages' recipes and the pruning mask."""
+        instructions = [self.strategy.client_config(self.state, rnd, cid) for cid in cohort]
+        if pipe.recipes:
+            instructions = [replace(ins, stages=pipe.recipes) for ins in instructions]
+        pruning = self.pruner.for_clients(self.state, self.spec) if self.pruner is not None else None
+        if pruning is not None:
+            recipe, payload = pruning
+            instructions = [
+                replace(ins, transforms=(*ins.transforms, recipe), payload={**ins.payload, **payload}) for ins in instructions
+            ]
+        return instructions
+
+    def _open_flights(self) -> Flights:
+        """The flights of a buffered run: restored from the state's schedule (a resumed run re-dispatches them)."""
+        sched = dict(self.state.meta.get("schedule") or {})
+        clock = float(sched.get("clock", 0.0))
+        if getattr(self.engine, "live", False):
+            flights: Flights = LiveFlights(self.engine, clock=clock)
+        else:
+            intercept = None
+            if self.adversary is not None:
+                from fedloom.attacks import AttackContext
+
+                adversary = self.adversary
+                weighting = next((st for st in self.pipeline.stages if st.weighting and st.runs_on_client), None)
+
+                def intercept(stream: Iterator[ClientUpdate], rnd: int) -> Iterator[ClientUpdate]:
+                    return adversary.intercept(stream, AttackContext(self.spec, rnd, weighting))  # type: ignore[arg-type]
+
+            flights = SimulatedFlights(self.engine, self.latency or LatencyModel(seed=self.strategy.seed), clock=clock, intercept=intercept)
+        self._serial = int(sched.get("serial", 0))
+        bases = {int(k.rsplit(".", 1)[1]): t for k, t in self.state.tensors.items() if k.startswith("schedule.base.")}
+        pending = [f for f in sched.get("flights", []) if int(f[1]) in bases]
+        available = set(self.engine.available_clients()) if pending else set()
+        by_version: dict[int, list[Flight]] = {}
+        for cid, version, serial, seed, due in pending:
+            if cid not in available:
+                log.warning("resume: %r was training from version %d and is gone; not re-dispatched", cid, version)
+                continue
+            ins = replace(self._instructions(int(version) + 1, [cid], self.pipeline.for_round(self.state.tensors, self.state.meta))[0], seed=int(seed), model_version=int(version))
+            by_version.setdefault(int(version), []).append(Flight(cid, int(version), int(serial), ins, float(due)))
+        for version, group in sorted(by_version.items()):
+            log.info("resume: re-dispatching %d client(s) that were training from version %d", len(group), version)
+            flights.dispatch(version, bases[version], None, group)
+        return flights
+
+    def _attempt_buffered(self, rnd: int, rejected: dict[str, str], pipe: Pipeline) -> _Attempt:
+        """One buffered round: keep ``concurrency`` clients in flight, close at ``size`` valid updates.
+
+        Arrivals due at the same (simulated) instant are taken together before anyone new is
+        dispatched, so equal latencies with K = concurrency replay synchronous rounds exactly.
+        """
+        assert self.buffer is not None
+        if self._flights is None:
+            self._flights = self._open_flights()
+        fl = self._flights
+        version = self.state.round
+        aggregator = self.strategy.aggregator(self.state, rnd)
+        ctx = self._ctx(rnd)
+        sent = pipe.broadcast(self.state.params, ctx, derive_seed(self.strategy.seed, "broadcast", rnd))
+        accepted: list[str] = []
+        staleness: list[int] = []
+        dispatched: list[str] = []
+        bytes_down = bytes_up = 0
+        available: list[str] = []
+        draws = 0
+        again: dict[str, int] = {}
+        while len(accepted) < self.buffer.size:
+            if not fl.ready():  # nothing else due now: top up the clients in flight
+                flying = fl.in_flight()
+                want = self.buffer.concurrency - len(flying)
+                if want > 0:
+                    available = self.engine.available_clients()
+                    busy = {f.client_id for f in flying} | set(accepted)
+                    idle = sorted(set(available) - busy)
+                    chosen = self.strategy.sampler.draw(rnd, idle, want, salt=draws) if idle else []
+                    draws += 1
+                    if chosen:
+                        instructions = self._instructions(rnd, chosen, pipe)
+                        new = []
+                        for ins in instructions:
+                            k = again.get(ins.client_id, 0)  # dispatched before at this version: a fresh seed
+                            again[ins.client_id] = k + 1
+                            if k:
+                                ins = replace(ins, seed=derive_seed(ins.seed, "again", k))
+                            self._serial += 1
+                            new.append(Flight(ins.client_id, version, self._serial, ins, fl.due(ins.client_id, self._serial)))
+                        fl.dispatch(version, sent.vector, sent.payload, new)
+                        dispatched.extend(chosen)
+                        bytes_down += sum(sent.nbytes + sum(tensor_bytes(t) for t in ins.payload.values()) for ins in instructions)
+            arrival = fl.next()
+            if arrival is None:
+                log.warning("round %d: no client in flight and none idle to dispatch", rnd)
+                break
+            f, update, why = arrival
+            if update is None:
+                rejected[f.client_id] = why
+                log.warning("round %d: %r (from version %d) brought no update: %s", rnd, f.client_id, f.version, why)
+                continue
+            bytes_up += update.nbytes
+            try:
+                update, tau = self._check_flight(f, update, version, pipe)
+                aggregator.add(update)
+            except (InvalidUpdateError, StrategyError, ProtocolError) as exc:
+                reason = getattr(exc, "reason", str(exc))
+                rejected[f.client_id] = reason
+                log.warning("round %d: rejected update from %r: %s", rnd, f.client_id, reason)
+                continue
+            accepted.append(f.client_id)
+            staleness.append(tau)
+        for cid, reason in self.engine.take_rejections().items():
+            rejected[cid] = reason
+        metrics: dict[str, float] = {"in_flight": float(len(fl.in_flight()))}
+        if staleness:
+            metrics["staleness_mean"] = sum(staleness) / len(staleness)
+            metrics["staleness_max"] = float(max(staleness))
+        return _Attempt(
+            aggregator, accepted, bytes_down, bytes_up, len(set(available)), dispatched=dispatched, metrics=metrics
+        )
+
+    def _check_flight(self, f: Flight, update: ClientUpdate, version: int, pipe: Pipeline) -> tuple[ClientUpdate, int]:
+        """A buffered arrival checked against its dispatch and scaled by its staleness weight."""
+        assert self.buffer is not None
+        cid = f.client_id
+        if update.model_version != f.version:
+            raise InvalidUpdateError(
+                f"update says it started from model version {update.model_version}, it was sent version {f.version}",
+                client_id=cid,
+            )
+        tau = version - f.version
+        if tau > self.buffer.max_staleness:
+            raise InvalidUpdateError(f"staleness {tau} is beyond max_staleness {self.buffer.max_staleness}", client_id=cid)
+        update = self._check(update, {cid}, f.round, self._ctx(f.round), pipe)
+        s = self.buffer.weight(tau)
+        if s != 1.0:
+            assert update.delta is not None
+            update = replace(update, delta=update.delta * s)
+        return update, tau
+
+    def _schedule_snapshot(self, dispatched: Sequence[str]) -> float:
+        """Advance a synchronous run's simulated clock; put the schedule in the state; return the clock."""
+        sched = dict(self.state.meta.get("schedule") or {})
+        tensors = {k: v for k, v in self.state.tensors.items() if not k.startswith("schedule.base.")}
+        if self._flights is not None:
+            clock = self._flights.now()
+            sched = {"clock": clock, "serial": self._serial, "flights": [f.to_json() for f in self._flights.in_flight()]}
+            tensors.update({f"schedule.base.{v}": t for v, t in self._flights.bases().items()})
+        else:  # synchronous: the round lasts as long as its slowest client
+            assert self.latency is not None
+            serial = int(sched.get("serial", 0))
+            durations = []
+            for cid in dispatched:
+                serial += 1
+                durations.append(self.latency.duration(cid, serial))
+            clock = float(sched.get("clock", 0.0)) + max(durations, default=0.0)
+            sched = {"clock": clock, "serial": serial}
+        self.state = replace(self.state, tensors=tensors, meta={**self.state.meta, "schedule": sched})
+        return clock
 
     def federated_evaluation(self) -> dict[str, float]:
         """Example-weighted mean of every client's metrics on its own test split (``fed_*``)."""
@@ -462,3 +653,5 @@ class _Attempt:
     available: int
     protocol: Any = None
     aborted: str = ""
+    dispatched: Sequence[str] = ()
+    metrics: dict[str, float] = field(default_factory=dict)

@@ -237,6 +237,8 @@ class Strategy:
     name: ClassVar[str] = "strategy"
     update_extras: ClassVar[tuple[str, ...]] = ()
     """Names of the per-client vectors besides the delta this strategy's clients send (SCAFFOLD's)."""
+    synchronous_only: ClassVar[str] = ""
+    """Why this strategy cannot run buffered (asynchronous) rounds; empty: it can."""
 
     train: TrainConfig = field(default_factory=TrainConfig)
     fraction: float = 0.1

@@ -102,6 +102,7 @@ class FedDyn(Strategy):
     """FedDyn (Acar et al. 2021) with coefficient ``alpha`` > 0; ``num_clients`` fixes N (default: the population)."""
 
     name = "feddyn"
+    synchronous_only = "its server state h accumulates each round's mean drift over the whole population"
 
     alpha: float = 0.01
     num_clients: int | None = None

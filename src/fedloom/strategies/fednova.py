@@ -163,6 +163,7 @@ class FedNova(Strategy):
     """FedNova (Wang et al. 2020): updates normalized by each client's effective local steps."""
 
     name = "fednova"
+    synchronous_only = "its normalized averaging weighs one round's local step counts against each other"
 
     def __post_init__(self) -> None:
         super().__post_init__()

@@ -68,6 +68,7 @@ class Scaffold(FedAvg):
 
     name = "scaffold"
     update_extras = (CONTROL_DELTA,)
+    synchronous_only = "its server control variate averages the control deltas of one round's cohort (|S|/N), which stale updates would mix across versions"
 
     weighted: bool = False
     num_clients: int | None = None

@@ -55,6 +55,17 @@ class ClientSampler:
         if self.mode == "poisson":
             keep = rng.random(len(ids)) < self.fraction
             return [cid for cid, k in zip(ids, keep, strict=True) if k]
-        k = self.cohort_size(len(ids))
+        return self.draw(rnd, ids, self.cohort_size(len(ids)))
+
+    def draw(self, rnd: int, available: Sequence[str], k: int, *, salt: int = 0) -> list[str]:
+        """``k`` of ``available`` uniformly without replacement (sorted ids), seeded by (seed, round, salt).
+
+        The fixed sampling of a round is ``draw(rnd, available, cohort_size)``; asynchronous
+        dispatch (:mod:`fedloom.federation.buffered`) draws the clients it starts with it, salt
+        counting the draws made for one model version (0: the same draw as a synchronous round).
+        """
+        ids = sorted(set(available))
+        k = min(k, len(ids))
+        rng = np.random.default_rng([self.seed, rnd] if salt == 0 else [self.seed, rnd, salt])
         chosen = rng.choice(len(ids), size=k, replace=False)
         return sorted(ids[i] for i in chosen)
