@@ -29,6 +29,7 @@ from fedloom.engines.ray import RayEngine
 from fedloom.engines.vectorized import local_engine
 from fedloom.federation.buffered import BufferPolicy
 from fedloom.federation.callbacks import Callback
+from fedloom.federation.hierarchy import Hierarchy, edges_of
 from fedloom.federation.loop import Federation
 from fedloom.federation.timing import LatencyModel
 from fedloom.models.registry import build_model
@@ -40,7 +41,7 @@ from fedloom.strategies.registry import build_strategy
 if TYPE_CHECKING:
     from fedloom.privacy.plan import PrivacyPlan
 
-__all__ = ["ENGINES", "Run", "build_engine", "build_loggers", "build_pipeline", "build_pruner", "build_run", "build_schedule", "initial_model"]
+__all__ = ["ENGINES", "Run", "build_engine", "build_hierarchy", "build_loggers", "build_pipeline", "build_pruner", "build_run", "build_schedule", "initial_model"]
 
 ENGINES = ("auto", "sequential", "vectorized", "ray")
 
@@ -162,6 +163,15 @@ def build_schedule(cfg: RunConfig, *, remote: bool) -> tuple[BufferPolicy | None
         lat = cfg.latency
         latency = LatencyModel(lat.kind, median=lat.median, sigma=lat.sigma, jitter=lat.jitter, speeds=lat.speeds, seed=cfg.run.seed)
     return buffer, latency
+
+
+def build_hierarchy(cfg: RunConfig, clients: list[str] | None) -> Hierarchy | None:
+    """The ``[hierarchy]`` table's edges (``clients``: the simulated population; None in a deployment)."""
+    if cfg.hierarchy is None:
+        return None
+    if cfg.privacy is not None and cfg.hierarchy.kappa > 1:
+        raise ConfigError("with [privacy], edges must forward their clients' sums every round: kappa = 1", key="hierarchy.kappa")
+    return edges_of(cfg.hierarchy.edges, clients, cfg.hierarchy.kappa)
 
 
 def build_loggers(cfg: RunConfig) -> list[Callback]:
@@ -299,6 +309,7 @@ def build_run(cfg: RunConfig, *, engine: str | None = None, fresh: bool = False)
             return evaluate_vector(eval_model, spec, vec.cpu(), test, task)
 
     buffer, latency = build_schedule(cfg, remote=remote)
+    hierarchy = build_hierarchy(cfg, None if remote else list(dataset.clients))
     store: Store | None = None
     handle: RunHandle | None = None
     if cfg.run.store is not None:
@@ -325,5 +336,6 @@ def build_run(cfg: RunConfig, *, engine: str | None = None, fresh: bool = False)
         adversary=adversary,
         buffer=buffer,
         latency=latency,
+        hierarchy=hierarchy,
     )
     return Run(cfg, dataset, model_fn, spec, strategy, eng, federation, privacy)

@@ -30,6 +30,7 @@ __all__ = [
     "ClientSection",
     "DataSection",
     "DeploySection",
+    "HierarchySection",
     "LatencySection",
     "ModelSection",
     "PrivacySection",
@@ -230,6 +231,18 @@ class LatencySection(_Strict):
     speeds: dict[str, Annotated[float, Field(gt=0.0)]] = {}
 
 
+class HierarchySection(_Strict):
+    """``[hierarchy]``: hierarchical rounds (HierFAVG, :mod:`fedloom.federation.hierarchy`).
+
+    ``edges``: a number of edges (contiguous groups of the sorted client ids, ``edge-0``, ...;
+    simulation) or a table ``{ edge-id = [client ids] }`` (each edge's roster; a deployment
+    names them). ``kappa``: edge rounds per root round.
+    """
+
+    edges: int | dict[str, list[str]] = 2
+    kappa: int = Field(1, ge=1)
+
+
 class StageSection(_Open):
     """One ``[[pipeline]]`` entry (or the ``[broadcast]`` table): a stage name and its options."""
 
@@ -312,6 +325,7 @@ class RunConfig(_Strict):
     attack: AttackSection | None = None
     buffer: BufferSection | None = None
     latency: LatencySection | None = None
+    hierarchy: HierarchySection | None = None
 
     def identity(self) -> dict[str, Any]:
         """The settings that determine the run's results, as JSON-able data.
@@ -329,7 +343,7 @@ class RunConfig(_Strict):
         data.pop("tracking")
         for key in ("store", "checkpoint_every", "keep_checkpoints", "rounds", "ray_address", "ray_workers"):
             data["run"].pop(key)
-        for table in ("attack", "buffer", "latency"):  # tables added later: runs without one keep their identity
+        for table in ("attack", "buffer", "latency", "hierarchy"):  # tables added later: runs without one keep their identity
             if data.get(table) is None:
                 data.pop(table)
         if data.get("privacy"):

@@ -8,6 +8,7 @@
   encoding stage (compression, masking) puts on the wire instead of a dense vector.
 * :class:`ComponentSpec` — a named, JSON-able recipe (a gradient transform or a stage with its
   options) that travels in an instruction, so a client process builds the same component.
+* :class:`Partial` — a partial sum one aggregator emits and another merges (an edge's, a worker's).
 * :class:`Aggregate` — an aggregator's result, consumed by ``Strategy.apply``.
 """
 
@@ -31,6 +32,7 @@ __all__ = [
     "JSONScalar",
     "LossName",
     "OptimizerName",
+    "Partial",
     "Payload",
     "ProtocolMessage",
     "TrainConfig",
@@ -345,6 +347,74 @@ class ClientUpdate:
             or not (math.isfinite(self.weight) and self.weight >= 0)
         ):
             raise InvalidUpdateError(f"weight must be a finite number >= 0, got {self.weight!r}", client_id=cid)
+
+
+@dataclass(frozen=True)
+class Partial:
+    """A partial aggregate one aggregator emits and another merges (hierarchical FL, per-worker sums).
+
+    ``delta_sum`` is the float64 sum of a group's (weighted) deltas and ``weight`` their total
+    weight; ``client_ids`` / ``client_examples`` say who contributed and with how many
+    examples; ``metric_sums`` / ``metric_weights`` are the example-weighted sums of their
+    training metrics and ``extra_sums`` / ``extra_counts`` the sums of their extras, so that
+    merging partials gives exactly what adding every update would. ``source`` is who emitted
+    it (an edge, a worker), for ``round`` from model ``model_version``.
+    """
+
+    source: str
+    round: int
+    model_version: int
+    delta_sum: torch.Tensor
+    weight: float
+    client_ids: tuple[str, ...]
+    client_examples: tuple[int, ...]
+    metric_sums: Mapping[str, float] = field(default_factory=dict)
+    metric_weights: Mapping[str, int] = field(default_factory=dict)
+    extra_sums: Mapping[str, torch.Tensor] = field(default_factory=dict)
+    extra_counts: Mapping[str, int] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        for name in ("metric_sums", "metric_weights", "extra_sums", "extra_counts"):
+            object.__setattr__(self, name, _frozen_map(getattr(self, name)))
+        object.__setattr__(self, "client_ids", tuple(self.client_ids))
+        object.__setattr__(self, "client_examples", tuple(self.client_examples))
+
+    @property
+    def num_examples(self) -> int:
+        return sum(self.client_examples)
+
+    @property
+    def nbytes(self) -> int:
+        return tensor_bytes(self.delta_sum) + sum(tensor_bytes(t) for t in self.extra_sums.values())
+
+    def validate(self, *, numel: int) -> None:
+        """Raise :class:`InvalidUpdateError` (naming ``source``) unless this partial is well-formed for ``numel``."""
+        src = self.source
+
+        def bad(msg: str) -> InvalidUpdateError:
+            return InvalidUpdateError(f"partial: {msg}", client_id=src)
+
+        t = self.delta_sum
+        if not isinstance(t, torch.Tensor) or t.dim() != 1 or t.numel() != numel or t.dtype != torch.float64:
+            raise bad(f"delta_sum must be a float64 vector of {numel}, got {getattr(t, 'dtype', type(t))} {tuple(getattr(t, 'shape', ()))}")
+        if not bool(torch.isfinite(t).all()):
+            raise bad("delta_sum contains NaN or Inf")
+        if isinstance(self.weight, bool) or not isinstance(self.weight, (int, float)) or not (math.isfinite(self.weight) and self.weight >= 0):
+            raise bad(f"weight must be a finite number >= 0, got {self.weight!r}")
+        if not self.client_ids or len(set(self.client_ids)) != len(self.client_ids):
+            raise bad("client_ids must be a non-empty list of distinct ids")
+        if len(self.client_examples) != len(self.client_ids) or any(
+            isinstance(n, bool) or not isinstance(n, int) or n < 1 for n in self.client_examples
+        ):
+            raise bad("client_examples must hold one integer >= 1 per client")
+        for k, v in self.metric_sums.items():
+            w = self.metric_weights.get(k)
+            if not isinstance(v, (int, float)) or not math.isfinite(float(v)) or not isinstance(w, int) or w < 0:
+                raise bad(f"metric {k!r} has no finite sum and integer weight")
+        for k, e in self.extra_sums.items():
+            c = self.extra_counts.get(k)
+            if not isinstance(e, torch.Tensor) or not bool(torch.isfinite(e).all()) or not isinstance(c, int) or c < 1:
+                raise bad(f"extra {k!r} has no finite sum and positive count")
 
 
 @dataclass(frozen=True)

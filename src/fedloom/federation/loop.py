@@ -27,6 +27,12 @@ also advances that clock by its slowest client), the remote engine in real time;
 (server state ``meta["schedule"]`` and the base models still referenced), so a resumed run
 re-dispatches it.
 
+Hierarchical rounds (``hierarchy``, :mod:`fedloom.federation.hierarchy`: HierFAVG) send the
+model to every edge; each edge runs :meth:`Federation.edge_round` (in simulation here, on the
+simulation engine; deployed, in its own ``fedloom edge`` process) and returns one
+:class:`~fedloom.core.types.Partial`, which the root checks (its edge, round, model version,
+roster) and merges into its aggregator.
+
 An ``adversary`` (:class:`~fedloom.attacks.Adversary`, robustness experiments in simulation)
 sits on the engine's update stream and replaces the attacking clients' updates before the
 server's checks, the same way for every engine.
@@ -68,12 +74,13 @@ import torch
 from fedloom.core.errors import BudgetExhausted, ConfigError, InvalidUpdateError, ProtocolAbort, ProtocolError, StrategyError
 from fedloom.core.params import ParamSpec
 from fedloom.core.seeding import derive_seed
-from fedloom.core.types import Aggregate, ClientInstruction, ClientUpdate, tensor_bytes
+from fedloom.core.types import Aggregate, ClientInstruction, ClientUpdate, Partial, tensor_bytes
 from fedloom.cutting.magnitude import MagnitudePruner
 from fedloom.engines.base import Engine
 from fedloom.core.history import History, RoundRecord
 from fedloom.federation.buffered import BufferPolicy, Flight, Flights, LiveFlights, SimulatedFlights
 from fedloom.federation.callbacks import Callback, FunctionCallback, RoundEvent, StoreRecorder
+from fedloom.federation.hierarchy import Hierarchy
 from fedloom.federation.timing import LatencyModel
 from fedloom.pipeline import Pipeline, StageContext
 from fedloom.strategies.base import Aggregator, ServerState, Strategy
@@ -127,6 +134,7 @@ class Federation:
         adversary: Adversary | None = None,
         buffer: BufferPolicy | None = None,
         latency: LatencyModel | None = None,
+        hierarchy: Hierarchy | None = None,
     ) -> None:
         if (store is None) != (run_handle is None):
             raise ValueError("store and run_handle go together: run_handle = store.start_or_resume_run(...)")
@@ -149,6 +157,9 @@ class Federation:
                 raise ConfigError("over-selection is the first-m closing policy; buffered rounds close on their own", key="buffer")
         if latency is not None and getattr(engine, "live", False):
             raise ConfigError("a latency model is for simulation; deployed clients take the time they take", key="latency")
+        if hierarchy is not None:
+            self._check_hierarchy(hierarchy, strategy, secure=secure, buffer=buffer, adversary=adversary)
+        self.hierarchy = hierarchy
         self.buffer = buffer
         self.latency = latency
         self._flights: Flights | None = None
@@ -276,6 +287,8 @@ class Federation:
         while True:
             if self.buffer is not None:  # buffered closing: waiting longer is the retry
                 tried = self._attempt_buffered(rnd, rejected, pipe)
+            elif self.hierarchy is not None:
+                tried = self._attempt_hierarchical(rnd, attempt, rejected, pipe)
             else:
                 tried = self._attempt(rnd, attempt, rejected, pipe)
             aggregator, accepted, num_available = tried.aggregator, tried.accepted, tried.available
@@ -434,6 +447,185 @@ class Federation:
             for cid, reason in self.engine.take_rejections().items():
                 rejected[cid] = reason
         return _Attempt(aggregator, accepted, bytes_down, bytes_up, len(set(available)), protocol=proto, dispatched=cohort)
+
+    # ----------------------------------------------------------- hierarchical
+    @staticmethod
+    def _check_hierarchy(h: Hierarchy, strategy: Strategy, *, secure: Any, buffer: Any, adversary: Any) -> None:
+        probe = strategy.aggregator(strategy.init(torch.zeros(1)), 1)
+        if probe.partial_refusal:
+            raise ConfigError(
+                f"strategy {strategy.name!r} cannot run hierarchically: {probe.partial_refusal}", key="hierarchy"
+            )
+        if secure is not None:
+            raise ConfigError("hierarchical rounds cannot run under secure aggregation: edges would see their clients' sums", key="hierarchy")
+        if buffer is not None:
+            raise ConfigError("choose one of [buffer] and [hierarchy]", key="hierarchy")
+        if adversary is not None:
+            raise ConfigError("attacks run on flat rounds; remove [hierarchy] or [attack]", key="hierarchy")
+        if h.kappa > 1 and (strategy.update_extras or strategy.synchronous_only):
+            raise ConfigError(
+                f"strategy {strategy.name!r} keeps per-round server state its edges would not see; it needs kappa = 1",
+                key="hierarchy.kappa",
+            )
+
+    def _attempt_hierarchical(self, rnd: int, attempt: int, rejected: dict[str, str], pipe: Pipeline) -> _Attempt:
+        """One root round: every edge returns a partial (its clients' sum, or ``kappa`` edge rounds' progress)."""
+        h = self.hierarchy
+        assert h is not None
+        live = getattr(self.engine, "live", False)
+        available = self.engine.available_clients()
+        edges = sorted(set(available) & set(h.edges)) if live else list(h.edges)
+        instructions = self._instructions(rnd, edges, pipe)
+        ctx = self._ctx(rnd)
+        sent = pipe.broadcast(self.state.params, ctx, derive_seed(self.strategy.seed, "broadcast", rnd))
+        bytes_down = sum(sent.nbytes + sum(tensor_bytes(t) for t in ins.payload.values()) for ins in instructions)
+        aggregator = self.strategy.aggregator(self.state, rnd)
+        accepted: list[str] = []
+        merged = 0
+        bytes_up = 0
+        if live:  # each edge is a process of its own: its partial comes back as its result
+            extra = {} if sent.payload is None else {"broadcast": sent.payload}
+            stream: Iterator[Any] = self.engine.run_cohort(sent.vector, instructions, **extra)
+        else:
+            stream = (self.edge_round(sent.vector, ins, h.edges[ins.client_id], pipe, rejected) for ins in instructions)
+        expected = set(edges)
+        try:
+            for part in stream:
+                if part is None:
+                    continue
+                bytes_up += part.nbytes
+                source = getattr(part, "source", getattr(part, "client_id", "?"))
+                try:
+                    self._check_partial(part, expected, rnd)
+                    aggregator.merge(part, dtype=self.state.params.dtype)
+                except (InvalidUpdateError, StrategyError) as exc:
+                    reason = getattr(exc, "reason", str(exc))
+                    rejected[source] = reason
+                    log.warning("round %d: rejected the partial of edge %r: %s", rnd, source, reason)
+                    continue
+                expected.discard(part.source)
+                accepted.extend(part.client_ids)
+                merged += 1
+        finally:
+            close = getattr(stream, "close", None)
+            if close is not None:
+                close()
+            for cid, reason in self.engine.take_rejections().items():
+                rejected[cid] = reason
+        return _Attempt(
+            aggregator if merged else None, accepted, bytes_down, bytes_up, len(set(available)),
+            dispatched=edges, metrics={"edges": float(merged)},
+        )  # fmt: skip
+
+    def _check_partial(self, part: Any, expected: set[str], rnd: int) -> None:
+        """A partial from an edge of this round, for this round's model, from its own clients; else InvalidUpdateError."""
+        from fedloom.core.types import Partial
+
+        if not isinstance(part, Partial):
+            raise InvalidUpdateError("a hierarchical round takes a partial aggregate from each edge, got a client update", client_id=getattr(part, "client_id", "?"))
+        src = part.source
+        if src not in expected:
+            raise InvalidUpdateError("not an edge of this round (or it already answered)", client_id=src)
+        if part.round != rnd:
+            raise InvalidUpdateError(f"partial is for round {part.round}, not {rnd}", client_id=src)
+        if part.model_version != self.state.round:
+            raise InvalidUpdateError(f"partial starts from model version {part.model_version}, not {self.state.round}", client_id=src)
+        part.validate(numel=self.spec.numel)
+        assert self.hierarchy is not None
+        roster = set(self.hierarchy.edges.get(src, ()))
+        strangers = [c for c in part.client_ids if c not in roster]
+        if strangers:
+            raise InvalidUpdateError(f"client(s) {strangers[:3]} are not in edge {src!r}'s roster", client_id=src)
+        if self.max_examples is not None and max(part.client_examples) > self.max_examples:
+            raise InvalidUpdateError(f"a client declares more than the limit of {self.max_examples} examples", client_id=src)
+
+    def edge_round(
+        self,
+        params: torch.Tensor,
+        edge: ClientInstruction,
+        roster: Sequence[str],
+        pipe: Pipeline | None = None,
+        rejected: dict[str, str] | None = None,
+    ) -> Partial | None:
+        """An edge's share of root round ``edge.round``: ``kappa`` edge rounds with its clients, as one partial.
+
+        Each edge round selects a cohort among the roster's available clients (the strategy's
+        sampling; edge round k > 0 draws with salt k), instructs them as the root instructed the
+        edge (its own seed per client) and checks and sums their updates; with ``kappa`` > 1 the
+        edge moves its model by each round's weighted mean. None if no client answered.
+        """
+        h = self.hierarchy
+        kappa = h.kappa if h is not None else 1
+        pipe = pipe if pipe is not None else self.pipeline.for_round(self.state.tensors, self.state.meta)
+        rejected = rejected if rejected is not None else {}
+        rnd, version = edge.round, edge.model_version
+        assert version is not None
+        ctx = self._ctx(rnd)
+        members = set(roster)
+        clients = sorted(c for c in self.engine.available_clients() if c in members)
+        x = params
+        parts = []
+        for k in range(kappa):
+            if k == 0:
+                cohort = self.strategy.select(rnd, clients) if clients else []
+            else:
+                cohort = self.strategy.sampler.draw(rnd, clients, self.strategy.sampler.cohort_size(len(clients)), salt=k)
+            if not cohort:
+                continue
+            seed = (lambda cid: derive_seed(self.strategy.seed, "client", rnd, cid)) if k == 0 else (
+                lambda cid: derive_seed(self.strategy.seed, "client", rnd, cid, "edge-round", k)
+            )  # fmt: skip
+            instructions = [replace(edge, client_id=cid, seed=seed(cid)) for cid in cohort]
+            aggregator = self.strategy.aggregator(self.state, rnd)
+            expected = set(cohort)
+            stream = self.engine.run_cohort(x, instructions)
+            try:
+                for update in stream:
+                    try:
+                        update = self._check(update, expected, rnd, ctx, pipe)
+                        aggregator.add(update)
+                    except (InvalidUpdateError, StrategyError, ProtocolError) as exc:
+                        reason = getattr(exc, "reason", str(exc))
+                        rejected[update.client_id] = reason
+                        log.warning("round %d: edge %r rejected the update of %r: %s", rnd, edge.client_id, update.client_id, reason)
+                        continue
+                    expected.discard(update.client_id)
+            finally:
+                close = getattr(stream, "close", None)
+                if close is not None:
+                    close()
+                for cid, reason in self.engine.take_rejections().items():
+                    rejected[cid] = reason
+            if not aggregator.client_ids:
+                continue
+            part = aggregator.partial(edge.client_id, rnd, version)
+            if kappa == 1:
+                return part
+            parts.append(part)
+            if part.weight > 0:  # the edge's FedAvg step
+                x = x + (part.delta_sum / part.weight).to(x.dtype)
+        if not parts:
+            return None
+        weight = sum(p.weight for p in parts) / len(parts)
+        examples: dict[str, int] = {}
+        metric_sums: dict[str, float] = {}
+        metric_weights: dict[str, int] = {}
+        for p in parts:
+            examples.update(zip(p.client_ids, p.client_examples, strict=True))
+            for key, v in p.metric_sums.items():
+                metric_sums[key] = metric_sums.get(key, 0.0) + v
+                metric_weights[key] = metric_weights.get(key, 0) + p.metric_weights[key]
+        return Partial(
+            source=edge.client_id,
+            round=rnd,
+            model_version=version,
+            delta_sum=(x.to(torch.float64) - params.to(torch.float64)) * weight,
+            weight=weight,
+            client_ids=tuple(examples),
+            client_examples=tuple(examples.values()),
+            metric_sums=metric_sums,
+            metric_weights=metric_weights,
+        )
 
     # ------------------------------------------------------- buffered closing
     def _instructions(self, rnd: int, cohort: Sequence[str], pipe: Pipeline) -> list[ClientInstruction]:

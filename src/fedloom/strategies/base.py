@@ -30,7 +30,7 @@ import torch
 
 from fedloom.core.errors import ConfigError, StrategyError
 from fedloom.core.seeding import derive_seed
-from fedloom.core.types import Aggregate, ClientInstruction, ClientUpdate, TrainConfig
+from fedloom.core.types import Aggregate, ClientInstruction, ClientUpdate, Partial, TrainConfig
 from fedloom.pipeline.base import Stage
 from fedloom.pipeline.weighting import ExampleWeighting
 from fedloom.strategies._checks import check_real, set_fields, state_tensor
@@ -118,6 +118,57 @@ class Aggregator(ABC):
         self._extra_sums: dict[str, torch.Tensor] = {}
         self._extra_counts: dict[str, int] = {}
 
+    partial_refusal: ClassVar[str] = "it does not keep a plain sum"
+    """Why this aggregator cannot emit or merge a :class:`Partial` (empty: it can)."""
+
+    def partial(self, source: str, rnd: int, model_version: int) -> Partial:
+        """What was added so far as a :class:`Partial` (for another aggregator to :meth:`merge`)."""
+        if self.partial_refusal:
+            raise StrategyError(f"{type(self).__name__} cannot emit a partial aggregate: {self.partial_refusal}")
+        if not self.client_ids:
+            raise StrategyError("no updates to emit as a partial")
+        return Partial(
+            source=source,
+            round=rnd,
+            model_version=model_version,
+            delta_sum=self._partial_sum(),
+            weight=float(self._weight() or 0.0),
+            client_ids=tuple(self.client_ids),
+            client_examples=tuple(self.client_examples),
+            metric_sums=dict(self._metric_sums),
+            metric_weights=dict(self._metric_weights),
+            extra_sums={k: v.clone() for k, v in self._extra_sums.items()},
+            extra_counts=dict(self._extra_counts),
+        )
+
+    def merge(self, partial: Partial, *, dtype: torch.dtype) -> None:
+        """Fold a validated :class:`Partial` in, as if each of its updates (of ``dtype``) had been added here."""
+        if self.partial_refusal:
+            raise StrategyError(f"{type(self).__name__} cannot merge a partial aggregate: {self.partial_refusal}")
+        dup = self._seen.intersection(partial.client_ids)
+        if dup:
+            raise StrategyError(f"partial from {partial.source!r} repeats client(s) {sorted(dup)}")
+        self._merge(partial)
+        if self._dtype is None:
+            self._dtype = dtype
+        self.client_ids.extend(partial.client_ids)
+        self._seen.update(partial.client_ids)
+        self.num_examples += partial.num_examples
+        self.client_examples.extend(partial.client_examples)
+        for k, v in partial.metric_sums.items():
+            self._metric_sums[k] = self._metric_sums.get(k, 0.0) + float(v)
+            self._metric_weights[k] = self._metric_weights.get(k, 0) + partial.metric_weights[k]
+        for k, t in partial.extra_sums.items():
+            acc = self._extra_sums.get(k)
+            self._extra_sums[k] = t.to(torch.float64, copy=True) if acc is None else acc.add_(t.to(torch.float64))
+            self._extra_counts[k] = self._extra_counts.get(k, 0) + partial.extra_counts[k]
+
+    def _partial_sum(self) -> torch.Tensor:
+        raise NotImplementedError
+
+    def _merge(self, partial: Partial) -> None:
+        raise NotImplementedError
+
     def add(self, update: ClientUpdate) -> None:
         """Fold one (already validated) update into the aggregate."""
         if update.client_id in self._seen:
@@ -183,6 +234,19 @@ class SumAggregator(Aggregator):
         self._sum: torch.Tensor | None = None
         self.total_weight = 0.0
 
+    partial_refusal = ""
+
+    def _partial_sum(self) -> torch.Tensor:
+        assert self._sum is not None
+        return self._sum.clone()
+
+    def _merge(self, partial: Partial) -> None:
+        if self._sum is None:
+            self._sum = partial.delta_sum.to(torch.float64, copy=True)
+        else:
+            self._sum.add_(partial.delta_sum)
+        self.total_weight += float(partial.weight)
+
     def _add(self, update: ClientUpdate) -> None:
         w = 1.0 if update.weight is None else float(update.weight)
         if not (w >= 0.0 and w < float("inf")):
@@ -205,6 +269,8 @@ class SumAggregator(Aggregator):
 
 class BufferingAggregator(Aggregator):
     """Keeps every delta (O(clients x model)); for robust rules such as median or Krum."""
+
+    partial_refusal = "a robust rule needs every client's update, which a partial sum no longer holds"
 
     def __init__(self) -> None:
         super().__init__()

@@ -128,6 +128,8 @@ class ContributionAggregator(SumAggregator):
     :meth:`normalized_weights` gives the p_i actually applied.
     """
 
+    partial_refusal = "it records each client's contribution weight"
+
     def __init__(self) -> None:
         super().__init__()
         self.weights: dict[str, float] = {}

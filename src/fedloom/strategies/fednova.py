@@ -144,6 +144,8 @@ class FedNovaAggregator(SumAggregator):
     plain sum also tells the secure-aggregation plan that FedNova needs each update.
     """
 
+    partial_refusal = "FedNova weighs each update by its own step count"
+
     def __init__(self) -> None:
         super().__init__()
         self.effective_steps: dict[str, float] = {}
