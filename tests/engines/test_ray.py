@@ -39,6 +39,7 @@ from fedloom.federation import Federation  # noqa: E402
 from fedloom.models import MLP  # noqa: E402
 from fedloom.run import build_run  # noqa: E402
 from fedloom.strategies.scaffold import Scaffold  # noqa: E402
+from fedloom.strategies.fedavg import FedAvg  # noqa: E402
 
 TASK = TaskSpec(kind="classification", input_shape=(6,), num_outputs=3, loss="cross_entropy", metrics=("accuracy",))
 SIZES = (23, 7, 3, 40, 15, 11)  # unequal; client 2 is smaller than one batch of 5
@@ -254,6 +255,37 @@ class TestOnSharedLocalRay:
         assert got_states.keys() == want_states.keys()
         for cid, c in want_states.items():
             _close(got_states[cid], c, scale / train.lr)
+
+    def test_workers_send_one_partial_each_and_the_run_matches_in_process(self) -> None:
+        """FedAvg over 2 workers: each checks and sums its shard, the driver gets 2 partials, not 6 updates."""
+        data, spec, g = _setup()
+        train = TrainConfig(epochs=1, batch_size=5, lr=0.05)
+        limit = sorted(len(c.train) for c in data.clients.values())[-1] - 1  # the largest client declares too many
+        runs = {}
+        for name, engine in (
+            ("in-process", VectorizedEngine(model_fn=MODEL_FN, dataset=data, spec=spec)),
+            ("partials", RayEngine(model_fn=MODEL_FN, dataset=data, spec=spec, num_workers=2)),
+            ("updates", RayEngine(model_fn=MODEL_FN, dataset=data, spec=spec, num_workers=2)),
+        ):
+            if name == "updates":
+                engine.partials = False  # type: ignore[misc]  # the path before partials: every update to the driver
+            try:
+                fed = Federation(strategy=FedAvg(train=train, fraction=1.0), engine=engine, spec=spec, initial=g.clone(), max_examples=limit)
+                history = fed.run(2)
+                runs[name] = (fed.state.params, history, getattr(engine, "driver_bytes", 0))
+            finally:
+                engine.close()
+        want, want_hist, _ = runs["in-process"]
+        for name in ("partials", "updates"):
+            got, hist, _ = runs[name]
+            _close(got, want, float(g.abs().max()))
+            assert [sorted(r.clients) for r in hist] == [sorted(r.clients) for r in want_hist]
+            assert [r.rejected for r in hist] == [r.rejected for r in want_hist]
+            assert [r.bytes_up for r in hist] == [r.bytes_up for r in want_hist]
+        assert want_hist[0].rejected and "exceeds the limit" in next(iter(want_hist[0].rejected.values()))
+        n = len(data.client_ids)
+        assert runs["updates"][2] == 2 * n * spec.numel * 4  # every update, float32, both rounds
+        assert runs["partials"][2] == 2 * 2 * spec.numel * 8  # one float64 sum per worker and round
 
     def test_a_failing_client_is_an_engine_error_and_the_engine_goes_on(self) -> None:
         data, spec, g = _setup()

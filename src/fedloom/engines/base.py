@@ -15,9 +15,10 @@ import torch
 from torch import nn
 
 from fedloom.core.params import ParamSpec
-from fedloom.core.types import ClientInstruction, ClientUpdate, Payload, ProtocolMessage
-from fedloom.pipeline import finish_clients
+from fedloom.core.types import ClientInstruction, ClientUpdate, Partial, Payload, ProtocolMessage
+from fedloom.pipeline import Pipeline, StageContext, finish_clients
 from fedloom.secure.host import ProtocolClients
+from fedloom.strategies.base import Aggregator
 
 __all__ = ["ClientStateStore", "Engine", "ModelFn"]
 
@@ -59,6 +60,8 @@ class Engine(ABC):
     """Runs a cohort's local training and yields the updates one at a time."""
 
     name: str = "engine"
+    partials: ClassVar[bool] = False
+    """Whether :meth:`run_partials` sums the cohort where it is trained (the Ray engine's workers)."""
     live: ClassVar[bool] = False
     """Whether the clients are real processes working in real time (the remote engine): buffered
     rounds then take updates as they come instead of running a simulated clock, and
@@ -109,6 +112,25 @@ class Engine(ABC):
         an engine whose clients are remote sends it instead of the dense vector; simulation
         engines, whose clients read ``global_vec`` in memory, ignore it.
         """
+
+    def run_partials(
+        self,
+        global_vec: torch.Tensor,
+        instructions: Sequence[ClientInstruction],
+        *,
+        aggregator: Aggregator,
+        pipe: Pipeline,
+        ctx: StageContext,
+        max_examples: int | None = None,
+    ) -> Iterator[tuple[Partial, int]]:
+        """Train the cohort and yield partial sums of its checked updates (``partials`` engines only).
+
+        Each item is a :class:`~fedloom.core.types.Partial` of some clients' updates, each checked
+        as the round loop would (:meth:`~fedloom.pipeline.Pipeline.check`) and added to a copy of
+        the empty ``aggregator``, and the bytes those clients' updates took; refused updates are
+        in :meth:`take_rejections`.
+        """
+        raise NotImplementedError(f"engine {self.name!r} does not sum partials")
 
     def finish_clients(
         self,

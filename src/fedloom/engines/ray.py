@@ -37,12 +37,14 @@ from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
 import torch
 
-from fedloom.core.errors import ConfigError, EngineError, FedloomError
+from fedloom.core.errors import ConfigError, EngineError, FedloomError, InvalidUpdateError, StrategyError
 from fedloom.core.params import ParamSpec
-from fedloom.core.types import ClientInstruction, ClientUpdate, Payload
+from fedloom.core.types import ClientInstruction, ClientUpdate, Partial, Payload, tensor_bytes
 from fedloom.data.base import FederatedDataset
 from fedloom.engines.base import Engine, ModelFn
 from fedloom.engines.vectorized import VectorizedEngine, local_engine
+from fedloom.pipeline import Pipeline, StageContext
+from fedloom.strategies.base import Aggregator
 
 if TYPE_CHECKING:
     from types import ModuleType
@@ -165,6 +167,50 @@ class ShardWorker:
         finally:
             store.load_tensors({})
 
+    def run_shard_partial(
+        self,
+        global_vec: torch.Tensor,
+        instructions: Sequence[ClientInstruction],
+        states: Mapping[str, Mapping[str, torch.Tensor]],
+        aggregator: Aggregator,
+        pipe: Pipeline,
+        ctx: StageContext,
+        max_examples: int | None,
+    ) -> tuple[Partial | None, dict[str, str], dict[str, dict[str, torch.Tensor]], int, int]:
+        """Train a shard and sum it here: ``(partial, rejections, client states, pid, the clients' update bytes)``.
+
+        Each update is checked as the round loop checks it (its cohort and round, the stages'
+        server halves, :meth:`~fedloom.pipeline.Pipeline.check`) before ``aggregator`` adds it.
+        """
+        store = self.engine.client_states
+        store.load_tensors({})
+        for cid, state in states.items():
+            store.put(cid, state)
+        expected = {ins.client_id for ins in instructions}
+        version = instructions[0].model_version if instructions else 0
+        rejected: dict[str, str] = {}
+        nbytes = 0
+        try:
+            for update in self.engine.run_cohort(global_vec, instructions):
+                cid = update.client_id
+                nbytes += update.nbytes
+                try:
+                    if cid not in expected:
+                        raise InvalidUpdateError("client not in this shard (or already answered)", client_id=cid)
+                    if update.round != ctx.round:
+                        raise InvalidUpdateError(f"update is for round {update.round}, not {ctx.round}", client_id=cid)
+                    aggregator.add(pipe.check(_cpu_update(update), ctx, max_examples=max_examples))
+                except (InvalidUpdateError, StrategyError) as exc:
+                    rejected[cid] = getattr(exc, "reason", str(exc))
+                    continue
+                expected.discard(cid)
+            out_states = {ins.client_id: {k: v.cpu() for k, v in store.get(ins.client_id).items()} for ins in instructions}
+        finally:
+            store.load_tensors({})
+        pid = os.getpid()
+        partial = aggregator.partial(f"worker-{pid}", ctx.round, version or 0) if aggregator.client_ids else None
+        return partial, rejected, {k: v for k, v in out_states.items() if v}, pid, nbytes
+
     def evaluate_shard(
         self, global_vec: torch.Tensor, client_ids: Sequence[str]
     ) -> list[tuple[str, int, dict[str, float]]]:
@@ -199,6 +245,7 @@ class RayEngine(Engine):
     """
 
     name = "ray"
+    partials = True
 
     def __init__(
         self,
@@ -234,6 +281,9 @@ class RayEngine(Engine):
         self.device = device
         self.ordered = ordered
         self.last_worker_pids: dict[str, int] = {}
+        self.driver_bytes = 0
+        """Tensor bytes the driver has received from the workers (updates or partials, and client states)."""
+        self._rejections: dict[str, str] = {}
         self.worker_pids: tuple[int, ...] = ()
         self.worker_nodes: tuple[str, ...] = ()
         self._actors: list[Any] = []
@@ -377,9 +427,59 @@ class RayEngine(Engine):
             states = {ins.client_id: dict(s) for ins in part if (s := self.client_states.get(ins.client_id))}
             streams.append(actor.run_shard.options(num_returns="streaming").remote(g_ref, part, states))
         for update, state, pid in self._drain(ray, streams):
+            self.driver_bytes += update.nbytes + sum(tensor_bytes(t) for t in state.values())
             self.client_states.put(update.client_id, state)
             self.last_worker_pids[update.client_id] = pid
             yield from self.seal([by_id[update.client_id]], [update])
+
+    def run_partials(
+        self,
+        global_vec: torch.Tensor,
+        instructions: Sequence[ClientInstruction],
+        *,
+        aggregator: Aggregator,
+        pipe: Pipeline,
+        ctx: StageContext,
+        max_examples: int | None = None,
+    ) -> Iterator[tuple[Partial, int]]:
+        """Each worker checks and sums its shard and sends one partial: ``(partial, its clients' update bytes)``.
+
+        The driver receives one model-sized float64 sum per worker instead of one update per
+        client; updates a worker refused are in :meth:`take_rejections`.
+        """
+        ray = self._check_open()
+        self._check_clients([ins.client_id for ins in instructions])
+        self.last_worker_pids = {}
+        if not instructions:
+            return
+        g_ref = ray.put(global_vec.detach().cpu())
+        pending = []
+        for actor, part in zip(self._actors, shard(list(instructions), len(self._actors)), strict=False):
+            states = {ins.client_id: dict(s) for ins in part if (s := self.client_states.get(ins.client_id))}
+            pending.append(actor.run_shard_partial.remote(g_ref, part, states, aggregator, pipe, ctx, max_examples))
+        if self.ordered:
+            results = (self._get(ray, ref) for ref in pending)
+        else:
+            results = self._wait_each(ray, pending)
+        for partial, rejected, states, pid, nbytes in results:
+            self._rejections.update(rejected)
+            for cid, st in states.items():
+                self.driver_bytes += sum(tensor_bytes(t) for t in st.values())
+                self.client_states.put(cid, st)
+            if partial is None:
+                continue
+            self.driver_bytes += partial.nbytes
+            self.last_worker_pids.update(dict.fromkeys(partial.client_ids, pid))
+            yield partial, nbytes
+
+    def _wait_each(self, ray: ModuleType, pending: list[Any]) -> Iterator[Any]:
+        while pending:
+            ready, pending = ray.wait(pending, num_returns=1)
+            yield self._get(ray, ready[0])
+
+    def take_rejections(self) -> dict[str, str]:
+        out, self._rejections = self._rejections, {}
+        return out
 
     def _drain(self, ray: ModuleType, streams: list[Any]) -> Iterator[Any]:
         """The items of Ray streaming generators: as they arrive, or stream by stream if ``ordered``."""

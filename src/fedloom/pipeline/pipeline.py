@@ -10,17 +10,20 @@ and meta alike). ``broadcast`` is the optional stage that encodes the global mod
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
-from fedloom.core.errors import ConfigError
+from fedloom.core.errors import ConfigError, InvalidUpdateError
 from fedloom.core.params import ParamSpec
 from fedloom.core.types import Aggregate, ClientInstruction, ClientUpdate, ComponentSpec, Payload
 from fedloom.pipeline.base import ClientBatch, Stage, StageContext, StageState
 from fedloom.pipeline.registry import build_stage
+
+log = logging.getLogger("fedloom.federation")
 
 __all__ = ["Broadcast", "Pipeline", "client_stages", "finish_clients", "run_client_stages"]
 
@@ -149,6 +152,22 @@ class Pipeline:
         """The server halves, in reverse order, on one update."""
         for st in reversed(self.stages):
             update = st.server(update, ctx)
+        return update
+
+    def check(self, update: ClientUpdate, ctx: StageContext, *, max_examples: int | None = None) -> ClientUpdate:
+        """The update decoded by the server halves and validated for ``ctx``'s model, or InvalidUpdateError.
+
+        A stage failing in any other way (a hostile payload) is an invalid update too: it never
+        takes the server down. Stateless, so a worker can run it (per-worker partial sums).
+        """
+        try:
+            update = self.decode(update, ctx)
+        except InvalidUpdateError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - a hostile payload must never take the server down
+            log.exception("round %d: decoding the update from %r failed", ctx.round, update.client_id)
+            raise InvalidUpdateError(f"decoding failed: {type(exc).__name__}: {exc}", client_id=update.client_id) from None
+        update.validate(numel=ctx.spec.numel, dtype=ctx.dtype, max_examples=max_examples)
         return update
 
     def init_state(self, spec: ParamSpec) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
