@@ -15,7 +15,7 @@ PKG = Path(__file__).resolve().parents[1] / "src" / "fedloom"
 
 # Layer of each subpackage / top-level module (1 = apps, 5 = foundations).
 LAYER = {
-    "cli": 1, "demo": 1, "artifacts": 1, "serve": 1, "run": 1, "report": 1,
+    "cli": 1, "demo": 1, "edge": 1, "artifacts": 1, "serve": 1, "run": 1, "report": 1,
     "federation": 2, "server": 2, "agent": 2,
     "engines": 3,
     "strategies": 4, "client": 4, "pipeline": 4, "privacy": 4, "compress": 4, "secure": 4,

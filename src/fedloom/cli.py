@@ -150,6 +150,52 @@ def client(
     )
 
 
+@app.command()
+def edge(
+    config: Annotated[Path, typer.Argument(help="the run's TOML configuration (its \\[hierarchy] edges name this edge's clients)")],
+    edge_id: Annotated[str, typer.Option("--edge", help="which edge of \\[hierarchy] this process is")],
+    server: Annotated[str, typer.Option("--server", help="HOST:PORT of the root server")],
+    listen: Annotated[str, typer.Option("--listen", help="HOST:PORT this edge serves its clients on")],
+    credentials: Annotated[
+        Path | None, typer.Option("--credentials", help="this edge's client directory for the root (`fedloom certs client EDGE`)")
+    ] = None,
+    edge_credentials: Annotated[
+        Path | None, typer.Option("--edge-credentials", help="this edge's server directory for its clients (`fedloom certs init`)")
+    ] = None,
+    insecure: Annotated[bool, typer.Option("--insecure", help="no TLS either way (loopback development only)")] = False,
+    server_name: Annotated[
+        str | None, typer.Option("--server-name", help="TLS name to verify when --server is an address not in the certificate")
+    ] = None,
+    min_clients: Annotated[
+        int | None, typer.Option("--min-clients", min=1, help="clients to wait for before a round (default: the whole roster)")
+    ] = None,
+    set_: Annotated[list[str] | None, typer.Option("--set", help="override: section.key=value (repeatable)")] = None,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
+) -> None:
+    """Run an edge aggregator of a hierarchical deployment: a client of the root, a server to its clients."""
+    from fedloom.agent import AgentOptions
+    from fedloom.core.config import load_config
+    from fedloom.edge import run_edge
+
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    if insecure == (credentials is not None) or insecure == (edge_credentials is not None):
+        console.print("[bold red]error:[/] give --credentials DIR and --edge-credentials DIR, or --insecure")
+        raise typer.Exit(2)
+    if insecure:
+        console.print("[bold red]WARNING: --insecure: no TLS, no authentication. Loopback development only.[/]")
+    try:
+        cfg = load_config(config, set_ or [])
+        options = AgentOptions(server=server, credentials=credentials, client_id=edge_id, server_name=server_name)
+        report = run_edge(
+            cfg, edge_id, options, listen=listen, insecure=insecure, min_clients=min_clients,
+            credentials=str(edge_credentials) if edge_credentials is not None else None,
+        )  # fmt: skip
+    except FedloomError as exc:
+        console.print(f"[bold red]error:[/] {exc}")
+        raise typer.Exit(1) from None
+    console.print(f"edge {edge_id}: {report.tasks} rounds forwarded, {len(report.refused)} partials refused")
+
+
 certs_app = typer.Typer(help="Create the CA, server and client credentials for TLS deployments.")
 app.add_typer(certs_app, name="certs")
 

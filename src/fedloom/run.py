@@ -189,13 +189,16 @@ def build_loggers(cfg: RunConfig) -> list[Callback]:
     return out
 
 
-def build_run(cfg: RunConfig, *, engine: str | None = None, fresh: bool = False) -> Run:
+def build_run(cfg: RunConfig, *, engine: str | None = None, fresh: bool = False, edge: str | None = None) -> Run:
     """Build dataset, model, strategy, engine and the :class:`Federation` for ``cfg``.
 
     Engine ``remote`` starts the gRPC server of ``[deploy]`` and trains on the clients that
     connect to it (``fedloom server``); the dataset then only provides the task and the
     server's test split. With ``run.store`` set, the run is opened in that :class:`Store` and resumes from its
     latest checkpoint if the store holds it with the same config; ``fresh`` starts it over.
+    ``edge`` (with ``engine="remote"``): build edge ``edge``'s side of a hierarchical deployment
+    (``fedloom edge``): its server admits only its roster, and its federation only runs
+    :meth:`~fedloom.federation.loop.Federation.edge_round`.
     """
     try:
         dataset = load_dataset(cfg.data.name, seed=cfg.run.seed, **cfg.data.options())
@@ -274,6 +277,16 @@ def build_run(cfg: RunConfig, *, engine: str | None = None, fresh: bool = False)
             secure=cfg.secure is not None,
             remote=remote,
         )
+    hierarchy = build_hierarchy(cfg, None if remote else list(dataset.clients))
+    roster: frozenset[str] | None = None
+    roster_name = "this run"
+    if edge is not None:
+        if not remote or hierarchy is None or edge not in hierarchy.edges:
+            known = sorted(hierarchy.edges) if hierarchy is not None else []
+            raise ConfigError(f"{edge!r} is not an edge of [hierarchy] (edges: {known})", key="hierarchy.edges")
+        roster, roster_name = frozenset(hierarchy.edges[edge]), f"edge {edge!r}"
+    elif remote and hierarchy is not None:
+        roster, roster_name = frozenset(hierarchy.edges), "the root (its clients are the edges)"
     if remote:
         from fedloom.server.deploy import run_info, start_remote_engine  # gRPC: only for a deployment
 
@@ -285,6 +298,8 @@ def build_run(cfg: RunConfig, *, engine: str | None = None, fresh: bool = False)
                 cfg.model.name, cfg.model.options(), task,
                 max_message_bytes=secure.wire_bytes(spec.numel) if secure is not None else 0,
             ),  # fmt: skip
+            roster=roster,
+            roster_name=roster_name,
         )
     else:
         eng = build_engine(
@@ -309,7 +324,6 @@ def build_run(cfg: RunConfig, *, engine: str | None = None, fresh: bool = False)
             return evaluate_vector(eval_model, spec, vec.cpu(), test, task)
 
     buffer, latency = build_schedule(cfg, remote=remote)
-    hierarchy = build_hierarchy(cfg, None if remote else list(dataset.clients))
     store: Store | None = None
     handle: RunHandle | None = None
     if cfg.run.store is not None:

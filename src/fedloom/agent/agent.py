@@ -135,8 +135,8 @@ def task_from_dict(data: dict[str, Any]) -> TaskSpec:
 class ClientAgent:
     """One data holder's process (see the module docstring)."""
 
-    def __init__(self, data: ClientData, options: AgentOptions) -> None:
-        self.data = data
+    def __init__(self, data: ClientData | None, options: AgentOptions) -> None:
+        self.data = data  # None: a process that does not train itself (an edge aggregator overrides _work)
         self.options = options
         self.creds = load_client_credentials(options.credentials) if options.credentials is not None else None
         if self.creds is None and not options.client_id:
@@ -179,11 +179,9 @@ class ClientAgent:
 
     def _register(self) -> None:
         stub = self._connect()
-        test_n = len(self.data.test) if self.data.test is not None else 0
+        num, test_n = self._registration_counts()
         reply = stub.Register(
-            pb.RegisterRequest(
-                client_id=self.client_id, num_examples=self.data.num_examples, num_test_examples=test_n, version=_version()
-            ),
+            pb.RegisterRequest(client_id=self.client_id, num_examples=num, num_test_examples=test_n, version=_version()),
             timeout=30,
         )
         info = json.loads(reply.run_json)
@@ -200,6 +198,11 @@ class ClientAgent:
         self._session = reply.session
         self._hb_interval = max(0.5, reply.heartbeat_interval)
         log.info("client %r registered with %s", self.client_id, self.options.server)
+
+    def _registration_counts(self) -> tuple[int, int]:
+        """The training and test examples this client declares when it registers."""
+        assert self.data is not None
+        return self.data.num_examples, len(self.data.test) if self.data.test is not None else 0
 
     def _heartbeat_loop(self) -> None:
         # Its own TCP connection, so heartbeats never queue behind a model transfer on a slow link.
@@ -360,7 +363,7 @@ class ClientAgent:
 
     def _work(self, msg: Message) -> tuple[str, dict[str, Any], dict[str, torch.Tensor]]:
         """Do the task in ``msg``; return the result's ``(kind, meta, tensors)``."""
-        assert self._spec is not None and self._model is not None and self._task is not None
+        assert self._spec is not None and self._model is not None and self._task is not None and self.data is not None
         if msg.kind == EVALUATE:
             params = codec.decode_evaluation(msg.meta, msg.tensors)
             self._spec.check_vector(params)

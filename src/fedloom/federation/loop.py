@@ -430,6 +430,10 @@ class Federation:
         try:
             for update in stream:
                 bytes_up += update.nbytes
+                if isinstance(update, Partial):  # an edge aggregator answering a flat round
+                    rejected[update.source] = "a partial aggregate in a round without [hierarchy]"
+                    log.warning("round %d: rejected a partial aggregate from %r: the run is not hierarchical", rnd, update.source)
+                    continue
                 try:
                     update = self._check(update, expected, rnd, ctx, pipe, proto)
                     aggregator.add(update)

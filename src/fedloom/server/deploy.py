@@ -72,8 +72,13 @@ def start_remote_engine(
     spec: ParamSpec,
     dtype: torch.dtype,
     info: dict[str, Any],
+    roster: frozenset[str] | None = None,
+    roster_name: str = "this run",
 ) -> RemoteEngine:
-    """Listen on ``deploy.address`` and return the engine serving this run's clients."""
+    """Listen on ``deploy.address`` and return the engine serving this run's clients.
+
+    ``roster``: the only client ids that may register (an edge's clients, a root's edges).
+    """
     if deploy.insecure:
         host = deploy.address.rsplit(":", 1)[0].strip("[]")
         log.warning(INSECURE_WARNING)
@@ -106,6 +111,8 @@ def start_remote_engine(
             max_message_bytes=int(info.get("max_message_bytes", 0)),
             max_examples=deploy.max_examples,
             client_max_examples=dict(deploy.client_max_examples),
+            roster=roster,
+            roster_name=roster_name,
         ),
         revoked=RevocationList(Path(deploy.revoked) if deploy.revoked else None),
     )

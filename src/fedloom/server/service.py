@@ -53,6 +53,7 @@ from fedloom.transport.protocol import (
     EVALUATE,
     FAILURE,
     PROTOCOL,
+    PARTIAL,
     PROTOCOL_REPLY,
     GRPC_OPTIONS,
     IDLE,
@@ -109,6 +110,8 @@ class ServiceSettings:
     max_message_bytes: int = 0  # tensor bytes a client message may carry (0: three models' worth); CKKS needs more
     max_examples: int | None = None  # the most training examples any client may declare
     client_max_examples: Mapping[str, int] = field(default_factory=dict)  # per-client caps
+    roster: frozenset[str] | None = None  # the only client ids that may register (an edge's clients; a root's edges)
+    roster_name: str = "this run"  # whose roster, for the refusal
 
 
 class _Refused(Exception):
@@ -203,6 +206,11 @@ class FleetService(pb_grpc.FleetServicer):
             certs.validate_client_id(cid)
         except certs.CertError as exc:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        roster = self.settings.roster
+        if roster is not None and cid not in roster:
+            reason = f"{cid!r} is not in the roster of {self.settings.roster_name}"
+            self.guard.warn(cid, "register", "refused a registration of %r (%s): %s", cid, context.peer(), reason)
+            context.abort(grpc.StatusCode.PERMISSION_DENIED, reason)
         try:
             self.guard.admit_registration(cid)
         except LimitExceeded as exc:
@@ -405,6 +413,10 @@ class FleetService(pb_grpc.FleetServicer):
         if task is None:
             raise _Refused("task closed")
         expected = {TASK: UPDATE, EVALUATE: EVAL_RESULT, PROTOCOL: PROTOCOL_REPLY}[task.kind]
+        if msg.kind == PARTIAL and task.kind == TASK:  # an edge aggregator's answer (hierarchical FL)
+            part = codec.decode_partial(meta, msg.tensors, client_id=cid, round=task.meta["round"])
+            part.validate(numel=self.spec.numel)
+            return part
         if msg.kind != expected:
             raise InvalidUpdateError(f"a {task.kind} task needs a {expected!r} message, got {msg.kind!r}", client_id=cid)
         registered = self.coordinator.info(cid)

@@ -25,6 +25,13 @@ An update (kind ``update``) from a :class:`~fedloom.core.types.ClientUpdate`::
              [payload: {codec, meta}]
     tensors  "delta"  or  "payload/<name>" (an encoded Payload), and "extras/<key>"
 
+A partial aggregate (kind ``partial``, an edge's answer to a training task) from a
+:class:`~fedloom.core.types.Partial`::
+
+    meta     round, model_version, weight, client_ids, client_examples, metric_sums,
+             metric_weights, extra_counts
+    tensors  "delta_sum" (float64) and "extras/<key>" (the extras' sums)
+
 The client id of an update is not in it: the server knows who sent it (its session and
 certificate). Evaluation tasks carry ``params``; their results only metadata.
 
@@ -46,7 +53,16 @@ import torch
 
 from fedloom.core.errors import ConfigError, FedloomError, InvalidUpdateError
 from fedloom.core.keys import BROADCAST_PREFIX, DELTA, EXTRAS_PREFIX, PARAMS, PAYLOAD_PREFIX, PROTOCOL_PREFIX
-from fedloom.core.types import ClientInstruction, ClientUpdate, ComponentSpec, JSONScalar, Payload, ProtocolMessage, TrainConfig
+from fedloom.core.types import (
+    ClientInstruction,
+    ClientUpdate,
+    ComponentSpec,
+    JSONScalar,
+    Partial,
+    Payload,
+    ProtocolMessage,
+    TrainConfig,
+)
 from fedloom.transport.protocol import EVALUATE, TASK
 
 __all__ = [
@@ -56,12 +72,14 @@ __all__ = [
     "decode_evaluation",
     "decode_failure",
     "decode_instruction",
+    "decode_partial",
     "decode_protocol",
     "decode_update",
     "encode_eval_result",
     "encode_evaluation",
     "encode_failure",
     "encode_instruction",
+    "encode_partial",
     "encode_protocol",
     "encode_update",
     "instruction_meta",
@@ -414,6 +432,83 @@ def decode_update(
         payload=payload,
         weight=None if weight is None else float(weight),
         model_version=version,
+    )
+
+
+# --------------------------------------------------------------------------- partial aggregates
+DELTA_SUM = "delta_sum"
+
+
+def encode_partial(p: Partial) -> tuple[Meta, Tensors]:
+    """``(meta, tensors)`` of a ``partial`` message (see the module docstring)."""
+    meta: Meta = {
+        "round": p.round,
+        "model_version": p.model_version,
+        "weight": p.weight,
+        "client_ids": list(p.client_ids),
+        "client_examples": list(p.client_examples),
+        "metric_sums": dict(p.metric_sums),
+        "metric_weights": dict(p.metric_weights),
+        "extra_counts": dict(p.extra_counts),
+    }
+    tensors = {DELTA_SUM: p.delta_sum, **_prefixed(EXTRAS_PREFIX, p.extra_sums)}
+    return meta, tensors
+
+
+def decode_partial(
+    meta: Mapping[str, Any],
+    tensors: Mapping[str, torch.Tensor],
+    *,
+    client_id: str,
+    round: int | None = None,  # noqa: A002 - the field's name
+) -> Partial:
+    """The :class:`Partial` of a ``partial`` message from edge ``client_id`` (its source).
+
+    Checks the metadata's types (:meth:`Partial.validate` checks the sums against the model);
+    raises :class:`~fedloom.core.errors.InvalidUpdateError` naming the first problem.
+    """
+
+    def bad(reason: str) -> InvalidUpdateError:
+        return InvalidUpdateError(f"partial: {reason}", client_id=client_id)
+
+    rnd = meta.get("round")
+    if not _is_int(rnd) or (round is not None and rnd != round):
+        raise bad(f"is for round {rnd!r}, not {round}" if round is not None else f"round must be an integer, got {rnd!r}")
+    version = meta.get("model_version")
+    if not _is_int(version) or version < 0:
+        raise bad(f"model_version must be an integer >= 0, got {version!r}")
+    weight = meta.get("weight")
+    if not _is_number(weight):
+        raise bad(f"weight must be a finite number >= 0, got {weight!r}")
+    ids, examples = meta.get("client_ids"), meta.get("client_examples")
+    if not isinstance(ids, list) or not all(isinstance(c, str) for c in ids):
+        raise bad("client_ids must be a list of strings")
+    if not isinstance(examples, list) or not all(_is_int(n) for n in examples):
+        raise bad("client_examples must be a list of integers")
+    maps = {k: meta.get(k, {}) for k in ("metric_sums", "metric_weights", "extra_counts")}
+    for k, v in maps.items():
+        if not isinstance(v, dict):
+            raise bad(f"{k} must be a JSON object")
+    unknown = [k for k in tensors if k != DELTA_SUM and not k.startswith(EXTRAS_PREFIX)]
+    if unknown:
+        raise bad(f"unexpected tensors {unknown[:5]}")
+    if DELTA_SUM not in tensors:
+        raise bad("has no delta_sum")
+    extras = _unprefixed(EXTRAS_PREFIX, tensors)
+    if set(extras) != set(maps["extra_counts"]):
+        raise bad("extras and extra_counts name different keys")
+    return Partial(
+        source=client_id,
+        round=rnd,
+        model_version=version,
+        delta_sum=tensors[DELTA_SUM],
+        weight=float(weight),
+        client_ids=tuple(ids),
+        client_examples=tuple(examples),
+        metric_sums=maps["metric_sums"],
+        metric_weights=maps["metric_weights"],
+        extra_sums=extras,
+        extra_counts=maps["extra_counts"],
     )
 
 

@@ -6,7 +6,8 @@ A server and a client of the same fedloom version exchange ``fedloom.v1.Fleet`` 
 * server to client: :data:`TASK` (train), :data:`EVALUATE` (federated evaluation),
   :data:`PROTOCOL` (one stage of a round protocol: secure aggregation's key setup, shares,
   unmasking), :data:`IDLE` (nothing yet, pull again), :data:`SHUTDOWN` (the run is over);
-* client to server: :data:`UPDATE` (a training result), :data:`EVAL_RESULT`,
+* client to server: :data:`UPDATE` (a training result), :data:`PARTIAL` (an edge
+  aggregator's training result: its clients' partial sum, hierarchical FL), :data:`EVAL_RESULT`,
   :data:`PROTOCOL_REPLY`, :data:`FAILURE` (the client could not do the task, with a reason).
 
 :func:`spec_digest` is sent at registration: a client that built a different model layout
@@ -26,6 +27,7 @@ __all__ = [
     "FAILURE",
     "GRPC_OPTIONS",
     "IDLE",
+    "PARTIAL",
     "PROTOCOL",
     "PROTOCOL_REPLY",
     "SERVER_KINDS",
@@ -40,6 +42,7 @@ EVALUATE = "evaluate"
 IDLE = "idle"
 SHUTDOWN = "shutdown"
 UPDATE = "update"
+PARTIAL = "partial"
 EVAL_RESULT = "eval_result"
 FAILURE = "failure"
 PROTOCOL = "protocol"
@@ -47,7 +50,7 @@ PROTOCOL_REPLY = "protocol_reply"
 
 SERVER_KINDS = frozenset({TASK, EVALUATE, PROTOCOL, IDLE, SHUTDOWN})
 """Kinds a client accepts from the server."""
-CLIENT_KINDS = frozenset({UPDATE, EVAL_RESULT, PROTOCOL_REPLY, FAILURE})
+CLIENT_KINDS = frozenset({UPDATE, PARTIAL, EVAL_RESULT, PROTOCOL_REPLY, FAILURE})
 """Kinds the server accepts from a client."""
 
 GRPC_OPTIONS = [
