@@ -42,3 +42,21 @@ def test_table_fits_80_columns_and_names_what_it_left_out() -> None:
     assert "ε" in lines[2] and "auprc" in lines[2] and "MB down/up" in lines[2]
     assert left and set(left) <= set(METRICS)
     assert len([x for x in lines if x.startswith("│")]) <= 26  # at most 25 sampled rounds plus the last
+
+
+def test_the_client_table_shows_each_clients_global_and_personalized_headline_within_80_columns() -> None:
+    from rich.console import Console
+
+    from fedloom.report import client_table
+
+    cm = {f"hospital-{c}": {"fed_mae": 1.0 + i, "pers_mae": 0.5 + i, "fed_rmse": 2.0, "pers_rmse": 1.0} for i, c in enumerate("ABC")}
+    h = History([RoundRecord(1, {}, [], 0, 0, 0, 0.1), RoundRecord(2, {}, [], 0, 0, 0, 0.1, client_metrics=cm)])
+    table = client_table(h, ("mae", "rmse"))
+    assert table is not None
+    assert [c.header for c in table.columns] == ["client", "fed mae", "pers mae", "fed rmse", "pers rmse"]
+    console = Console(width=80, record=True)
+    console.print(table)
+    text = console.export_text()
+    assert all(len(line) <= 80 for line in text.splitlines())
+    assert "hospital-C" in text and "2.5000" in text  # C's personalized MAE
+    assert client_table(History([RoundRecord(1, {}, [], 0, 0, 0, 0.1)]), ("mae",)) is None

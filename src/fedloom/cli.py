@@ -260,7 +260,7 @@ def certs_revoke(
 
 def _run_and_report(r: Run, out_dir: Path, *, quiet: bool) -> None:
     from fedloom.artifacts import write_run_outputs
-    from fedloom.report import round_line, round_table, short_name
+    from fedloom.report import client_table, round_line, round_table, short_name
 
     cfg = r.config
     width = min(console.width, 100)
@@ -297,6 +297,9 @@ def _run_and_report(r: Run, out_dir: Path, *, quiet: bool) -> None:
     console.print(table)
     if left_out:
         console.print(f"also in history.json: {', '.join(short_name(n) for n in left_out)}", highlight=False)
+    per_client = client_table(history, headline, width=width)
+    if per_client is not None:
+        console.print(per_client)
     if r.federation.stop_reason is not None:
         console.print(f"[bold yellow]stopped after round {r.federation.state.round}:[/] {r.federation.stop_reason}")
     write_run_outputs(out_dir, history=history, model=r.global_model(), config=cfg.model_dump(), title=cfg.run.name)

@@ -16,7 +16,7 @@ from rich.table import Table
 
 from fedloom.core.history import History, RoundRecord
 
-__all__ = ["fmt", "ordered_metrics", "round_line", "round_table", "short_name"]
+__all__ = ["client_table", "fmt", "ordered_metrics", "round_line", "round_table", "short_name"]
 
 _SHORT = {
     "accuracy": "acc",
@@ -44,7 +44,7 @@ def short_name(metric: str) -> str:
     """``test_accuracy`` -> ``acc``, ``fed_mae`` -> ``fed mae``, ``dp_epsilon`` -> ``ε``."""
     if metric in _FIXED:
         return _FIXED[metric]
-    for prefix, shown in (("test_", ""), ("fed_", "fed "), ("train_", "train ")):
+    for prefix, shown in (("test_", ""), ("fed_", "fed "), ("pers_", "pers "), ("train_", "train ")):
         if metric.startswith(prefix):
             rest = metric[len(prefix) :]
             return shown + _SHORT.get(rest, rest)
@@ -54,7 +54,7 @@ def short_name(metric: str) -> str:
 def ordered_metrics(names: Sequence[str], headline: Sequence[str]) -> list[str]:
     """``names`` by importance: the headline test metric, ε, the pruned sparsity, the other test metrics, training loss, federated ones, the rest."""
     heads = [f"test_{m}" for m in headline]
-    first = [*heads[:1], "dp_epsilon", "sparsity", "clock_s", "staleness_mean", *heads[1:], "train_loss", *(f"fed_{m}" for m in headline)]
+    first = [*heads[:1], "dp_epsilon", "sparsity", "clock_s", "staleness_mean", *heads[1:], "train_loss", *(f"{p}_{m}" for m in headline for p in ("fed", "pers"))]
     rank = {n: i for i, n in enumerate(first)}
     return sorted(names, key=lambda n: (rank.get(n, len(rank)), list(names).index(n)))
 
@@ -110,3 +110,32 @@ def round_table(history: History, headline: Sequence[str], *, title: str, width:
             f"{r.bytes_down / 1e6:.1f}/{r.bytes_up / 1e6:.1f}",
         )
     return table, [n for n in names if n not in shown]
+
+
+def client_table(history: History, headline: Sequence[str], *, width: int = 80, max_rows: int = 30) -> Table | None:
+    """Each client's own evaluation in the last round that has one: the global model (``fed``)
+    and its personalized model (``pers``) on the client's test split, for the headline metrics
+    that fit ``width``; None when no round evaluated per client."""
+    rec = next((r for r in reversed(history.records) if r.client_metrics), None)
+    if rec is None:
+        return None
+    names = sorted({k for m in rec.client_metrics.values() for k in m})
+    pairs = [m for m in headline if f"fed_{m}" in names or f"pers_{m}" in names]
+    cols: list[str] = []
+    used = max(len("client"), *(len(c) for c in rec.client_metrics)) + 4
+    for m in pairs:
+        for n in (f"fed_{m}", f"pers_{m}"):
+            if n in names and used + 12 <= width:
+                cols.append(n)
+                used += 12
+    table = Table(title=f"round {rec.round}, each client's test split: fed = global, pers = its own model")
+    table.add_column("client")
+    for n in cols:
+        table.add_column(short_name(n), justify="right")
+    clients = sorted(rec.client_metrics)
+    for cid in clients[:max_rows]:
+        m = rec.client_metrics[cid]
+        table.add_row(cid, *[fmt(m[n]) if n in m else "" for n in cols])
+    if len(clients) > max_rows:
+        table.add_row(f"... {len(clients) - max_rows} more in history.json", *[""] * len(cols))
+    return table

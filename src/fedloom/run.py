@@ -17,10 +17,13 @@ import torch
 from torch import nn
 
 from fedloom.client.evaluate import evaluate_vector
+from fedloom.client.transforms import personal_mask
 from fedloom.core.config import RunConfig
 from fedloom.core.errors import ConfigError, DataError
+from fedloom.core.keys import PERSONAL
 from fedloom.core.params import ParamSpec
 from fedloom.core.seeding import derive_seed
+from fedloom.core.types import ComponentSpec, PersonalEval, TrainConfig
 from fedloom.cutting.magnitude import MagnitudePruner
 from fedloom.data.base import FederatedDataset
 from fedloom.data.registry import load_dataset
@@ -41,7 +44,7 @@ from fedloom.strategies.registry import build_strategy
 if TYPE_CHECKING:
     from fedloom.privacy.plan import PrivacyPlan
 
-__all__ = ["ENGINES", "Run", "build_engine", "build_hierarchy", "build_loggers", "build_pipeline", "build_pruner", "build_run", "build_schedule", "initial_model"]
+__all__ = ["ENGINES", "Run", "build_engine", "build_hierarchy", "build_loggers", "build_personal", "build_pipeline", "build_pruner", "build_run", "build_schedule", "initial_model"]
 
 ENGINES = ("auto", "sequential", "vectorized", "ray")
 
@@ -163,6 +166,20 @@ def build_schedule(cfg: RunConfig, *, remote: bool) -> tuple[BufferPolicy | None
         lat = cfg.latency
         latency = LatencyModel(lat.kind, median=lat.median, sigma=lat.sigma, jitter=lat.jitter, speeds=lat.speeds, seed=cfg.run.seed)
     return buffer, latency
+
+
+def build_personal(cfg: RunConfig, spec: ParamSpec, train: TrainConfig) -> PersonalEval | None:
+    """The ``[personalization]`` table: the personal-layer recipe and the personalized evaluation."""
+    p = cfg.personalization
+    if p is None:
+        return None
+    transforms: tuple[ComponentSpec, ...] = ()
+    if p.layers:
+        recipe = ComponentSpec.of(PERSONAL, layers=",".join(p.layers))
+        personal_mask(spec, recipe.kwargs["layers"])  # a name the model lacks: a keyed error now, not mid-run
+        transforms = (recipe,)
+    lr = p.finetune_lr if p.finetune_lr is not None else train.lr
+    return PersonalEval(steps=p.finetune_steps, train=replace(train, lr=lr), transforms=transforms, seed=derive_seed(cfg.run.seed, "personal"))
 
 
 def build_hierarchy(cfg: RunConfig, clients: list[str] | None) -> Hierarchy | None:
@@ -324,6 +341,7 @@ def build_run(cfg: RunConfig, *, engine: str | None = None, fresh: bool = False,
             return evaluate_vector(eval_model, spec, vec.cpu(), test, task)
 
     buffer, latency = build_schedule(cfg, remote=remote)
+    personal = build_personal(cfg, spec, strategy.train)
     store: Store | None = None
     handle: RunHandle | None = None
     if cfg.run.store is not None:
@@ -351,5 +369,7 @@ def build_run(cfg: RunConfig, *, engine: str | None = None, fresh: bool = False,
         buffer=buffer,
         latency=latency,
         hierarchy=hierarchy,
+        personal=personal,
+        personal_eval_every=cfg.personalization.eval_every if cfg.personalization is not None else 0,
     )
     return Run(cfg, dataset, model_fn, spec, strategy, eng, federation, privacy)

@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from fedloom.agent import AgentOptions, ClientAgent
-from fedloom.core.config import parse_config
+from fedloom.core.config import PersonalizationSection, parse_config
 from fedloom.run import Run, build_run
 from fedloom.transport.wire import Message
 
@@ -90,6 +90,24 @@ def test_deployment_equals_simulation() -> None:
         assert d.metrics["test_mae"] == s.metrics["test_mae"]
         assert d.bytes_down == s.bytes_down and d.bytes_up == s.bytes_up
     assert [a.report.tasks for a in agents] == [3, 3, 3]
+
+
+def test_personal_layers_and_personalized_evaluation_deployed_equal_the_simulation() -> None:
+    """The head ("net.2") stays on each site (client state in the agent), and each site fine-tunes
+    and evaluates its own model on request: the same per-site metrics as in simulation."""
+    cfg = _config().model_copy(
+        update={"personalization": PersonalizationSection(layers=["net.2"], finetune_steps=3, eval_every=2)}
+    )
+    deployed, agents = _deploy(cfg)
+    sim = build_run(cfg, engine="sequential")
+    sim.federation.run(cfg.run.rounds)
+    assert torch.equal(deployed.federation.state.params, sim.federation.state.params)
+    for d, s in zip(deployed.federation.history, sim.federation.history, strict=True):
+        assert d.client_metrics == s.client_metrics
+    last = deployed.federation.history.records[-1].client_metrics
+    assert sorted(last) == SITES and all({"fed_mae", "pers_mae"} <= set(m) for m in last.values())
+    for a in agents:  # each site kept its own head
+        assert torch.equal(a.state["personal.params"], sim.engine.client_states.get(a.client_id)["personal.params"])
 
 
 class _Straggler(ClientAgent):

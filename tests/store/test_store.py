@@ -113,12 +113,12 @@ def test_schema_is_created_versioned_and_a_newer_version_is_refused(tmp_path: Pa
     con.execute("UPDATE meta SET value=? WHERE key='schema_version'", (str(SCHEMA_VERSION + 1),))
     con.commit()
     con.close()
-    with pytest.raises(StoreError, match=r"schema version 3, newer than this fedloom supports \(2\)"):
+    with pytest.raises(StoreError, match=r"schema version 4, newer than this fedloom supports \(3\)"):
         Store.open(db)
 
 
 def test_a_version_1_store_is_migrated_and_keeps_its_rounds(tmp_path: Path) -> None:
-    """v2 added rounds.reason: a v1 store opens, gains the column, and its old rounds read back."""
+    """v2 added rounds.reason, v3 rounds.client_metrics: a v1 store opens, gains both, and its old rounds read back."""
     db = tmp_path / "fedloom.db"
     with Store.open(db) as store:
         run = store.start_or_resume_run("r", {"a": 1}, fresh=True)
@@ -126,6 +126,7 @@ def test_a_version_1_store_is_migrated_and_keeps_its_rounds(tmp_path: Path) -> N
                                             bytes_down=1, bytes_up=2, seconds=0.5))
     con = sqlite3.connect(db)
     con.execute("ALTER TABLE rounds DROP COLUMN reason")  # as version 1 wrote it
+    con.execute("ALTER TABLE rounds DROP COLUMN client_metrics")
     con.execute("UPDATE meta SET value='1' WHERE key='schema_version'")
     con.commit()
     con.close()
@@ -135,10 +136,12 @@ def test_a_version_1_store_is_migrated_and_keeps_its_rounds(tmp_path: Path) -> N
         run = store.find_run("r")
         assert [r.num_examples for r in store.history(run)] == [3]
         store.record_round(run, RoundRecord(round=2, metrics={}, clients=[], num_examples=0, bytes_down=0,
-                                            bytes_up=0, seconds=0.1, status="aborted", reason="too few"))
+                                            bytes_up=0, seconds=0.1, status="aborted", reason="too few",
+                                            client_metrics={"c": {"pers_mae": 1.5}}))
         assert [(r.status, r.reason) for r in store.history(run)] == [("ok", ""), ("aborted", "too few")]
+        assert [r.client_metrics for r in store.history(run)] == [{}, {"c": {"pers_mae": 1.5}}]
     con = sqlite3.connect(db)
-    assert con.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()[0] == "2"
+    assert con.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()[0] == "3"
 
 
 def test_open_refuses_what_is_not_a_store(tmp_path: Path) -> None:

@@ -28,7 +28,7 @@ from safetensors.torch import load as safetensors_load
 from safetensors.torch import save as safetensors_save
 from torch import nn
 
-from fedloom.client.evaluate import evaluate_vector
+from fedloom.client.evaluate import evaluate_personal, evaluate_vector
 from fedloom.client.training import train_local
 from fedloom.core.errors import ConfigError, FedloomError, PayloadError
 from fedloom.core.params import ParamSpec
@@ -366,12 +366,19 @@ class ClientAgent:
         assert self._spec is not None and self._model is not None and self._task is not None and self.data is not None
         if msg.kind == EVALUATE:
             params = codec.decode_evaluation(msg.meta, msg.tensors)
+            personal = codec.decode_personal(msg.meta)
             self._spec.check_vector(params)
             test = self.data.test
             if test is None or len(test) == 0:
                 self.report.evaluations += 1
                 return EVAL_RESULT, codec.encode_eval_result(0, {}), {}
-            metrics = evaluate_vector(self._model, self._spec, params.to(self.device), test, self._task)
+            if personal is None:
+                metrics = evaluate_vector(self._model, self._spec, params.to(self.device), test, self._task)
+            else:  # this client's own model: its personal layers, fine-tuned on its data; its state is not changed
+                metrics = evaluate_personal(
+                    self._model, self._spec, params.to(self.device), self.data.train, test, self._task,
+                    personal, self.client_id, self.state,
+                )  # fmt: skip
             self.report.evaluations += 1
             return EVAL_RESULT, codec.encode_eval_result(len(test), metrics), {}
         if msg.kind == PROTOCOL:

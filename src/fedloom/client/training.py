@@ -18,7 +18,8 @@ With ``cfg.dp_clip_norm`` set, local training is sample-level DP-SGD instead
 clipped, noised per-sample gradient sum that Opacus computes, before the transforms and the
 optimizer step.
 
-The result is the delta ``local − global`` over the WHOLE state (buffers such as BatchNorm
+Training starts from the global vector, or where a transform says (personal layers: the
+client's own values of them). The result is the delta ``local − global`` over the WHOLE state (buffers such as BatchNorm
 statistics included), the number of examples and steps, and the mean training loss.
 """
 
@@ -32,7 +33,7 @@ from torch import nn
 
 from fedloom.client.dpsgd import OpacusDPSGD, poisson_batches
 from fedloom.client.losses import get_loss
-from fedloom.client.transforms import GradientTransform, build_transforms
+from fedloom.client.transforms import GradientTransform, build_transforms, start_vector
 from fedloom.core.errors import ConfigError
 from fedloom.core.keys import CLIENT_CONTROL, CONTROL_DELTA, SERVER_CONTROL
 from fedloom.core.params import ParamSpec
@@ -113,14 +114,14 @@ def train_local(
     if n == 0:
         raise ConfigError(f"client {instruction.client_id!r} has no training data", key="data")
     device = global_vec.device
-    spec.load_into(model, global_vec)
+    state = client_state or {}
+    transforms = active_transforms(instruction)
+    spec.load_into(model, start_vector(transforms, spec, global_vec, instruction, state))  # personal layers: the client's own
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     opt = make_optimizer(params, cfg)
     loss_fn = get_loss(cfg.loss)
 
-    state = client_state or {}
-    transforms = active_transforms(instruction)
     prepared = [t.prepare(spec, global_vec, instruction, state) for t in transforms]
     laid = [{k: _trainable_views(spec, v[k], model) for k in t.laid_out} for t, v in zip(transforms, prepared, strict=True)]
 

@@ -23,7 +23,14 @@ client and broadcasts as ``(1, *shape)``).
   after the optimizer step, ``w *= m`` (so momentum, weight decay or Adam cannot move a pruned
   weight: it stays exactly zero).
 
-``after_step`` is the hook for transforms that act on the parameters after the optimizer
+* :class:`PersonalLayers` — FedPer (Arivazhagan et al. 2019): the parameters named by
+  ``layers`` never leave the client. Training starts from the global vector with those entries
+  replaced by the client's own (:meth:`GradientTransform.start`); afterwards the client keeps
+  its new values as client state (:data:`PERSONAL_PARAMS`) and sends zeros in their place, so
+  the server's average never moves them.
+
+``start`` is the hook for transforms that change where local training starts (personal
+layers); ``after_step`` is the hook for transforms that act on the parameters after the optimizer
 (the pruning mask). Sample-level DP-SGD is not a
 transform: it changes how each backend computes the gradient (:mod:`fedloom.client.dpsgd`),
 and the transforms then edit the privatized gradient (post-processing). An instruction names its
@@ -34,6 +41,7 @@ makes them.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -43,7 +51,19 @@ import torch
 
 from fedloom.core.bits import packed_len, unpack
 from fedloom.core.errors import ConfigError
-from fedloom.core.keys import CLIENT_CONTROL, CONTROL_DELTA, FEDDYN, FEDDYN_GRAD, PROXIMAL, PRUNE, PRUNE_MASK, SCAFFOLD, SERVER_CONTROL
+from fedloom.core.keys import (
+    CLIENT_CONTROL,
+    CONTROL_DELTA,
+    FEDDYN,
+    FEDDYN_GRAD,
+    PERSONAL,
+    PERSONAL_PARAMS,
+    PROXIMAL,
+    PRUNE,
+    PRUNE_MASK,
+    SCAFFOLD,
+    SERVER_CONTROL,
+)
 from fedloom.core.params import ParamSpec
 from fedloom.core.types import ClientInstruction, ComponentSpec
 
@@ -51,10 +71,13 @@ __all__ = [
     "TRANSFORMS",
     "DynamicRegularization",
     "GradientTransform",
+    "PersonalLayers",
     "Proximal",
     "PruneMask",
     "ScaffoldCorrection",
     "build_transforms",
+    "personal_mask",
+    "start_vector",
 ]
 
 
@@ -76,6 +99,15 @@ class GradientTransform:
     ) -> dict[str, torch.Tensor]:
         """Flat full-length vectors this client needs this round (default: none)."""
         return {}
+
+    def start(
+        self, spec: ParamSpec, global_vec: torch.Tensor, instruction: ClientInstruction, client_state: Vectors
+    ) -> torch.Tensor | None:
+        """The vector local training starts from instead of ``global_vec`` (None: the global one).
+
+        The delta is still taken against ``global_vec``.
+        """
+        return None
 
     def apply(self, params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor], vecs: Laid) -> None:
         """Edit ``grads`` in place (elementwise, so it works stacked and unstacked)."""
@@ -216,7 +248,68 @@ class DynamicRegularization(GradientTransform):
         return {}
 
 
+@functools.lru_cache(maxsize=32)
+def personal_mask(spec: ParamSpec, layers: str) -> torch.Tensor:
+    """Boolean mask (numel,) of the entries of the parameters whose names start with one of ``layers``
+    (comma-separated prefixes); a prefix that names nothing is a keyed :class:`ConfigError`."""
+    prefixes = [p.strip() for p in layers.split(",") if p.strip()]
+    if not prefixes:
+        raise ConfigError("names no layer", key="personalization.layers")
+    mask = torch.zeros(spec.numel, dtype=torch.bool)
+    for prefix in prefixes:
+        hits = [e for e in spec.entries if e.trainable and (e.name == prefix or e.name.startswith(prefix + "."))]
+        if not hits:
+            names = sorted({e.name.rsplit(".", 1)[0] for e in spec.entries if e.trainable})
+            raise ConfigError(f"the model has no parameters under {prefix!r}; its layers: {names}", key="personalization.layers")
+        for e in hits:
+            mask[e.offset : e.stop] = True
+    return mask
+
+
+@dataclass(frozen=True)
+class PersonalLayers(GradientTransform):
+    """Personal layers (FedPer): ``layers`` (comma-separated name prefixes) stay on the client."""
+
+    name: ClassVar[str] = PERSONAL
+    layers: str = ""
+
+    def start(self, spec, global_vec, instruction, client_state):  # type: ignore[no-untyped-def]
+        own = client_state.get(PERSONAL_PARAMS)
+        if own is None:  # first round: the global (initial) values
+            return None
+        mask = personal_mask(spec, self.layers).to(global_vec.device)
+        v = global_vec.clone()
+        v[mask] = own.to(device=v.device, dtype=v.dtype)
+        return v
+
+    def prepare(self, spec, global_vec, instruction, client_state):  # type: ignore[no-untyped-def]
+        return {"global_personal": global_vec[personal_mask(spec, self.layers).to(global_vec.device)]}
+
+    def finish(self, spec, instruction, delta, num_steps, vecs, state):  # type: ignore[no-untyped-def]
+        mask = personal_mask(spec, self.layers).to(delta.device)
+        state[PERSONAL_PARAMS] = (vecs["global_personal"] + delta[mask]).detach().clone()
+        delta[mask] = 0  # in place: the engines' delta matrix sees it too
+        return {}
+
+
+def start_vector(
+    transforms: Sequence[GradientTransform],
+    spec: ParamSpec,
+    global_vec: torch.Tensor,
+    instruction: ClientInstruction,
+    client_state: Vectors,
+) -> torch.Tensor:
+    """Where this client's local training starts: ``global_vec``, or what a transform's :meth:`~GradientTransform.start` says."""
+    start = global_vec
+    for t in transforms:
+        s = t.start(spec, start, instruction, client_state)
+        if s is not None:
+            start = s
+    return start
+
+
 TRANSFORMS: dict[str, type[GradientTransform]] = {
+    PERSONAL: PersonalLayers,
     PROXIMAL: Proximal,
     SCAFFOLD: ScaffoldCorrection,
     PRUNE: PruneMask,

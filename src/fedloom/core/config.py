@@ -33,6 +33,7 @@ __all__ = [
     "HierarchySection",
     "LatencySection",
     "ModelSection",
+    "PersonalizationSection",
     "PrivacySection",
     "PruningSection",
     "RunConfig",
@@ -243,6 +244,22 @@ class HierarchySection(_Strict):
     kappa: int = Field(1, ge=1)
 
 
+class PersonalizationSection(_Strict):
+    """``[personalization]``: personal layers and each client's evaluation of its own model.
+
+    ``layers``: parameter-name prefixes (``"fc3"``, ``"2"``) whose values never leave the
+    client (FedPer): kept as client state, sent as zeros. ``finetune_steps``: local steps each
+    client fine-tunes the model on its training split (at ``finetune_lr``, default
+    ``client.lr``) before its personalized evaluation (``pers_*`` metrics, per client).
+    ``eval_every``: personalized evaluation every N rounds (0: after the last round only).
+    """
+
+    layers: list[str] = []
+    finetune_steps: int = Field(0, ge=0)
+    finetune_lr: float | None = Field(None, gt=0.0)
+    eval_every: int = Field(0, ge=0)
+
+
 class StageSection(_Open):
     """One ``[[pipeline]]`` entry (or the ``[broadcast]`` table): a stage name and its options."""
 
@@ -326,6 +343,7 @@ class RunConfig(_Strict):
     buffer: BufferSection | None = None
     latency: LatencySection | None = None
     hierarchy: HierarchySection | None = None
+    personalization: PersonalizationSection | None = None
 
     def identity(self) -> dict[str, Any]:
         """The settings that determine the run's results, as JSON-able data.
@@ -343,7 +361,7 @@ class RunConfig(_Strict):
         data.pop("tracking")
         for key in ("store", "checkpoint_every", "keep_checkpoints", "rounds", "ray_address", "ray_workers"):
             data["run"].pop(key)
-        for table in ("attack", "buffer", "latency", "hierarchy"):  # tables added later: runs without one keep their identity
+        for table in ("attack", "buffer", "latency", "hierarchy", "personalization"):  # tables added later: runs without one keep their identity
             if data.get(table) is None:
                 data.pop(table)
         if data.get("privacy"):

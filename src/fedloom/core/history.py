@@ -35,10 +35,17 @@ class RoundRecord:
     rejected: dict[str, str] = field(default_factory=dict)
     status: str = "ok"
     reason: str = ""
+    client_metrics: dict[str, dict[str, float]] = field(default_factory=dict)
+    """Each client's own evaluation this round (``fed_*`` of the global model, ``pers_*`` of its
+    personalized one), when federated or personalized evaluation ran."""
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["metrics"] = {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in self.metrics.items()}
+        d["client_metrics"] = {
+            c: {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in m.items()}
+            for c, m in self.client_metrics.items()
+        }
         d["bytes"] = {"down": self.bytes_down, "up": self.bytes_up}
         return d
 
@@ -56,6 +63,10 @@ class RoundRecord:
             rejected=dict(d.get("rejected", {})),
             status=str(d.get("status", "ok")),
             reason=str(d.get("reason", "")),
+            client_metrics={
+                str(c): {k: (math.nan if v is None else float(v)) for k, v in m.items()}
+                for c, m in (d.get("client_metrics") or {}).items()
+            },
         )
 
 

@@ -12,7 +12,8 @@ SCAFFOLD (Karimireddy et al. 2020):
 Gradient transforms (:mod:`fedloom.client.transforms`), named in instructions:
 :data:`PROXIMAL` (FedProx), :data:`SCAFFOLD`, :data:`PRUNE` (magnitude pruning's mask, whose
 bits travel in the instruction payload under :data:`PRUNE_MASK`), :data:`FEDDYN` (FedDyn's
-regularizer, whose client keeps its g_i as client state under :data:`FEDDYN_GRAD`).
+regularizer, whose client keeps its g_i as client state under :data:`FEDDYN_GRAD`),
+:data:`PERSONAL` (personal layers, FedPer: kept as client state under :data:`PERSONAL_PARAMS`).
 
 Tensor names on the wire (:mod:`fedloom.transport.codec`):
 
@@ -38,6 +39,8 @@ __all__ = [
     "FEDDYN_GRAD",
     "PARAMS",
     "PAYLOAD_PREFIX",
+    "PERSONAL",
+    "PERSONAL_PARAMS",
     "PROTOCOL_PREFIX",
     "PROXIMAL",
     "PRUNE",
@@ -77,3 +80,7 @@ FEDDYN = "feddyn"
 """Gradient-transform name of FedDyn's dynamic regularizer (option ``alpha``)."""
 FEDDYN_GRAD = "feddyn.grad"
 """Client-state key of a FedDyn client's linear-term vector g_i (the paper's ∇L_i(θ_i^{t−1}))."""
+PERSONAL = "personal"
+"""Gradient-transform name of personal layers (option ``layers``: comma-separated parameter-name prefixes)."""
+PERSONAL_PARAMS = "personal.params"
+"""Client-state key of a client's own values of its personal layers (the masked entries, in vector order)."""

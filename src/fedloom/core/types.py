@@ -2,6 +2,7 @@
 
 * :class:`TrainConfig` — typed local-training hyperparameters (validated on creation).
 * :class:`ClientInstruction` — one client's orders for one round: config, seed, payload.
+* :class:`PersonalEval` — how a client evaluates its own (personalized, fine-tuned) model.
 * :class:`ClientUpdate` — a client's answer: a dense delta or an encoded :class:`Payload`,
   example count, aggregation weight, metrics, extras.
 * :class:`Payload` — named tensors of any dtype plus the codec's JSON metadata: what an
@@ -34,6 +35,7 @@ __all__ = [
     "OptimizerName",
     "Partial",
     "Payload",
+    "PersonalEval",
     "ProtocolMessage",
     "TrainConfig",
     "tensor_bytes",
@@ -262,6 +264,70 @@ class ClientInstruction:
         object.__setattr__(self, "stages", tuple(self.stages))
         if self.model_version is None:
             object.__setattr__(self, "model_version", self.round - 1)
+
+
+@dataclass(frozen=True)
+class PersonalEval:
+    """How each client evaluates its own model in a personalized evaluation.
+
+    The client takes the global vector, puts in its personal layers (``transforms``, the
+    personal-layer recipe a run's instructions carry), fine-tunes ``steps`` optimizer steps on
+    its training split with ``train`` (0: none) from a generator seeded with ``seed`` and the
+    client id, and reports its test-split metrics. Nothing it does here changes its state.
+    """
+
+    steps: int = 0
+    train: TrainConfig = field(default_factory=TrainConfig)
+    transforms: tuple[ComponentSpec, ...] = ()
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if isinstance(self.steps, bool) or not isinstance(self.steps, int) or self.steps < 0:
+            raise ConfigError(f"must be an integer >= 0, got {self.steps!r}", key="personalization.finetune_steps")
+        object.__setattr__(self, "transforms", tuple(self.transforms))
+
+    def instruction(self, client_id: str, seed: int) -> ClientInstruction | None:
+        """The fine-tuning run of ``client_id`` as an instruction (None when ``steps`` is 0)."""
+        if self.steps == 0:
+            return None
+        from dataclasses import replace as _replace
+
+        return ClientInstruction(
+            round=0, client_id=client_id, train=_replace(self.train, max_steps=self.steps, epochs=self.steps),  # >= k batches
+            seed=seed, transforms=self.transforms,
+        )  # fmt: skip
+
+    def to_json(self) -> dict[str, Any]:
+        from dataclasses import asdict
+
+        train = asdict(self.train)
+        train["betas"] = list(train["betas"])
+        return {"steps": self.steps, "train": train, "transforms": [t.to_json() for t in self.transforms], "seed": self.seed}
+
+    @classmethod
+    def from_json(cls, data: object) -> PersonalEval:
+        """The plan :meth:`to_json` wrote; :class:`ConfigError` naming what is malformed."""
+        if not isinstance(data, Mapping):
+            raise ConfigError(f"a personalized evaluation must be a JSON object, got {type(data).__name__}")
+        train = data.get("train")
+        if not isinstance(train, Mapping) or not isinstance(data.get("transforms", []), list):
+            raise ConfigError("a personalized evaluation needs a train object and a transforms list")
+        t = dict(train)
+        if isinstance(t.get("betas"), list):
+            t["betas"] = tuple(t["betas"])
+        try:
+            cfg = TrainConfig(**t)
+        except TypeError as exc:
+            raise ConfigError(f"personalized evaluation train: {exc}") from None
+        seed = data.get("seed", 0)
+        if isinstance(seed, bool) or not isinstance(seed, int):
+            raise ConfigError(f"personalized evaluation seed must be an integer, got {seed!r}")
+        return cls(
+            steps=data.get("steps", 0),  # type: ignore[arg-type]
+            train=cfg,
+            transforms=tuple(ComponentSpec.from_json(c) for c in data.get("transforms", [])),
+            seed=seed,
+        )
 
 
 @dataclass(frozen=True)

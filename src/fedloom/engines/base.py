@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from fedloom.core.params import ParamSpec
-from fedloom.core.types import ClientInstruction, ClientUpdate, Partial, Payload, ProtocolMessage
+from fedloom.core.types import ClientInstruction, ClientUpdate, Partial, Payload, PersonalEval, ProtocolMessage
 from fedloom.pipeline import Pipeline, StageContext, finish_clients
 from fedloom.secure.host import ProtocolClients
 from fedloom.strategies.base import Aggregator
@@ -151,9 +151,13 @@ class Engine(ABC):
 
     @abstractmethod
     def evaluate_clients(
-        self, global_vec: torch.Tensor, client_ids: Sequence[str]
+        self, global_vec: torch.Tensor, client_ids: Sequence[str], *, personal: PersonalEval | None = None
     ) -> Iterator[tuple[str, int, dict[str, float]]]:
-        """Federated evaluation: (client id, test examples, metrics) on each client's own test split."""
+        """Federated evaluation: (client id, test examples, metrics) on each client's own test split.
+
+        With ``personal``, each client evaluates its own model instead: its personal layers
+        and ``personal.steps`` fine-tuning steps (:func:`~fedloom.client.evaluate.evaluate_personal`).
+        """
 
     def take_rejections(self) -> dict[str, str]:
         """Results refused before they became updates during the last cohort (client id -> reason).

@@ -39,7 +39,7 @@ import torch
 
 from fedloom.core.errors import ConfigError, EngineError, FedloomError, InvalidUpdateError, StrategyError
 from fedloom.core.params import ParamSpec
-from fedloom.core.types import ClientInstruction, ClientUpdate, Partial, Payload, tensor_bytes
+from fedloom.core.types import ClientInstruction, ClientUpdate, Partial, Payload, PersonalEval, tensor_bytes
 from fedloom.data.base import FederatedDataset
 from fedloom.engines.base import Engine, ModelFn
 from fedloom.engines.vectorized import VectorizedEngine, local_engine
@@ -212,10 +212,22 @@ class ShardWorker:
         return partial, rejected, {k: v for k, v in out_states.items() if v}, pid, nbytes
 
     def evaluate_shard(
-        self, global_vec: torch.Tensor, client_ids: Sequence[str]
+        self,
+        global_vec: torch.Tensor,
+        client_ids: Sequence[str],
+        personal: PersonalEval | None = None,
+        states: Mapping[str, Mapping[str, torch.Tensor]] | None = None,
     ) -> list[tuple[str, int, dict[str, float]]]:
-        """Federated evaluation of a shard's clients (those without a test split are skipped)."""
-        return list(self.engine.evaluate_clients(global_vec, client_ids))
+        """Federated evaluation of a shard's clients (those without a test split are skipped);
+        ``personal``: each client's own model, from its ``states`` (read only)."""
+        store = self.engine.client_states
+        store.load_tensors({})
+        for cid, state in (states or {}).items():
+            store.put(cid, state)
+        try:
+            return list(self.engine.evaluate_clients(global_vec, client_ids, personal=personal))
+        finally:
+            store.load_tensors({})
 
 
 class RayEngine(Engine):
@@ -500,17 +512,17 @@ class RayEngine(Engine):
             yield self._get(ray, ref)
 
     def evaluate_clients(
-        self, global_vec: torch.Tensor, client_ids: Sequence[str]
+        self, global_vec: torch.Tensor, client_ids: Sequence[str], *, personal: PersonalEval | None = None
     ) -> Iterator[tuple[str, int, dict[str, float]]]:
         ray = self._check_open()
         self._check_clients(client_ids)
         if not client_ids:
             return
         g_ref = ray.put(global_vec.detach().cpu())
-        pending = [
-            actor.evaluate_shard.remote(g_ref, part)
-            for actor, part in zip(self._actors, shard(list(client_ids), len(self._actors)), strict=False)
-        ]
+        pending = []
+        for actor, part in zip(self._actors, shard(list(client_ids), len(self._actors)), strict=False):
+            states = {c: dict(s) for c in part if (s := self.client_states.get(c))} if personal is not None else None
+            pending.append(actor.evaluate_shard.remote(g_ref, part, personal, states))
         if self.ordered:
             for ref in pending:
                 yield from self._get(ray, ref)

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from fedloom.core.params import ParamSpec
-from fedloom.core.types import ClientInstruction, ClientUpdate, Payload, ProtocolMessage
+from fedloom.core.types import ClientInstruction, ClientUpdate, Payload, PersonalEval, ProtocolMessage
 from fedloom.engines.base import Engine
 from fedloom.engines.coordinator import Collector, Coordinator
 from fedloom.transport import codec
@@ -173,7 +173,7 @@ class RemoteEngine(Engine):
         yield from self._collect(collector, {m.client_id for m in requests}, what)
 
     def evaluate_clients(
-        self, global_vec: torch.Tensor, client_ids: Sequence[str]
+        self, global_vec: torch.Tensor, client_ids: Sequence[str], *, personal: PersonalEval | None = None
     ) -> Iterator[tuple[str, int, dict[str, float]]]:
         if not client_ids:
             return
@@ -181,7 +181,7 @@ class RemoteEngine(Engine):
         body: Body | None = None
         tasks = []
         for cid in client_ids:
-            kind, meta, tensors = codec.encode_evaluation(cid, g)
+            kind, meta, tensors = codec.encode_evaluation(cid, g, personal)
             if body is None:  # the same tensors for every client: encoded once
                 body = encode_body(tensors, chunk_bytes=self.chunk_bytes)
             tasks.append((cid, kind, meta, body))

@@ -9,11 +9,11 @@ from collections.abc import Iterator, Sequence
 
 import torch
 
-from fedloom.client.evaluate import evaluate_vector
+from fedloom.client.evaluate import evaluate_personal, evaluate_vector
 from fedloom.client.training import train_local
 from fedloom.core.errors import EngineError
 from fedloom.core.params import ParamSpec
-from fedloom.core.types import ClientInstruction, ClientUpdate, Payload
+from fedloom.core.types import ClientInstruction, ClientUpdate, Payload, PersonalEval
 from fedloom.data.base import FederatedDataset
 from fedloom.engines.base import Engine, ModelFn
 
@@ -57,11 +57,17 @@ class SequentialEngine(Engine):
             yield from self.finish_clients([ins], [result.update], [result.state])
 
     def evaluate_clients(
-        self, global_vec: torch.Tensor, client_ids: Sequence[str]
+        self, global_vec: torch.Tensor, client_ids: Sequence[str], *, personal: PersonalEval | None = None
     ) -> Iterator[tuple[str, int, dict[str, float]]]:
         g = global_vec.to(self.device)
+        task = self.dataset.task
         for cid in client_ids:
-            test = self._client(cid).test
+            data = self._client(cid)
+            test = data.test
             if test is None or len(test) == 0:
                 continue
-            yield cid, len(test), evaluate_vector(self.model, self.spec, g, test, self.dataset.task)
+            if personal is None:
+                yield cid, len(test), evaluate_vector(self.model, self.spec, g, test, task)
+            else:
+                state = self.client_states.get(cid)
+                yield cid, len(test), evaluate_personal(self.model, self.spec, g, data.train, test, task, personal, cid, state)

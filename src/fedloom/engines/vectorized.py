@@ -55,11 +55,11 @@ import torch
 
 from fedloom.client.dpsgd import poisson_batches
 from fedloom.client.training import LocalResult, active_transforms, batch_order, finish_local
-from fedloom.client.transforms import GradientTransform
+from fedloom.client.transforms import GradientTransform, start_vector
 from fedloom.core.errors import ConfigError, EngineError
 from fedloom.core.params import ParamSpec
 from fedloom.core.seeding import derive_seed
-from fedloom.core.types import ClientInstruction, ClientUpdate, Payload, TrainConfig
+from fedloom.core.types import ClientInstruction, ClientUpdate, Payload, PersonalEval, TrainConfig
 from fedloom.data.base import FederatedDataset, Split
 from fedloom.engines._dpsgd import ChunkPrivatizer, PerSampleClipper
 from fedloom.engines._lockstep import (
@@ -300,13 +300,18 @@ class VectorizedEngine(Engine):
             dp = ChunkPrivatizer(self._clipper, cfg, [chunk[i] for i in rows], sizes, device, g.dtype)
 
         stack = SlotStack(self._slots, k)
-        theta_g = torch.cat([g[c] for c in self._cols]) if self._cols else g.new_zeros(0)
-        theta = stack.stack(theta_g.unsqueeze(0).expand(k, -1))
-        state = g.unsqueeze(0).repeat(k, 1)
-        grad = torch.empty_like(theta)
         # Gradient transforms (the same code as the sequential trainer's): per-client vectors
         # stacked like theta, shared ones as a (1, *shape) view broadcasting over the chunk.
         transforms = active_transforms(chunk[0])
+        starts = [start_vector(transforms, spec, g, chunk[i], self.client_states.get(chunk[i].client_id)) for i in rows]
+        if any(s is not g for s in starts):  # personal layers: each client starts from its own values
+            state = torch.stack(starts)
+            theta = stack.stack(torch.stack([self._trainable(s) for s in starts]))
+        else:
+            theta_g = torch.cat([g[c] for c in self._cols]) if self._cols else g.new_zeros(0)
+            theta = stack.stack(theta_g.unsqueeze(0).expand(k, -1))
+            state = g.unsqueeze(0).repeat(k, 1)
+        grad = torch.empty_like(theta)
         prepared = [
             [t.prepare(spec, g, chunk[i], self.client_states.get(chunk[i].client_id)) for t in transforms] for i in rows
         ]
@@ -393,9 +398,9 @@ class VectorizedEngine(Engine):
         return torch.cat([vec[c] for c in self._cols]) if self._cols else vec.new_zeros(0)
 
     def evaluate_clients(
-        self, global_vec: torch.Tensor, client_ids: Sequence[str]
+        self, global_vec: torch.Tensor, client_ids: Sequence[str], *, personal: PersonalEval | None = None
     ) -> Iterator[tuple[str, int, dict[str, float]]]:
-        return self._sequential.evaluate_clients(global_vec, client_ids)
+        return self._sequential.evaluate_clients(global_vec, client_ids, personal=personal)
 
 
 @dataclass(frozen=True)

@@ -74,7 +74,7 @@ import torch
 from fedloom.core.errors import BudgetExhausted, ConfigError, InvalidUpdateError, ProtocolAbort, ProtocolError, StrategyError
 from fedloom.core.params import ParamSpec
 from fedloom.core.seeding import derive_seed
-from fedloom.core.types import Aggregate, ClientInstruction, ClientUpdate, Partial, tensor_bytes
+from fedloom.core.types import Aggregate, ClientInstruction, ClientUpdate, Partial, PersonalEval, tensor_bytes
 from fedloom.cutting.magnitude import MagnitudePruner
 from fedloom.engines.base import Engine
 from fedloom.core.history import History, RoundRecord
@@ -135,6 +135,8 @@ class Federation:
         buffer: BufferPolicy | None = None,
         latency: LatencyModel | None = None,
         hierarchy: Hierarchy | None = None,
+        personal: PersonalEval | None = None,
+        personal_eval_every: int = 0,
     ) -> None:
         if (store is None) != (run_handle is None):
             raise ValueError("store and run_handle go together: run_handle = store.start_or_resume_run(...)")
@@ -159,6 +161,10 @@ class Federation:
             raise ConfigError("a latency model is for simulation; deployed clients take the time they take", key="latency")
         if hierarchy is not None:
             self._check_hierarchy(hierarchy, strategy, secure=secure, buffer=buffer, adversary=adversary)
+        if personal_eval_every < 0:
+            raise ConfigError(f"must be >= 0, got {personal_eval_every}", key="personalization.eval_every")
+        self.personal = personal
+        self.personal_eval_every = personal_eval_every
         self.hierarchy = hierarchy
         self.buffer = buffer
         self.latency = latency
@@ -348,8 +354,14 @@ class Federation:
             metrics.update(prune_metrics)
         if self.evaluate is not None and (rnd % self.eval_every == 0):
             metrics.update({f"test_{k}": v for k, v in self.evaluate(self.state.params).items()})
-        if self.federated_eval_every > 0 and rnd % self.federated_eval_every == 0:
-            metrics.update(self.federated_evaluation())
+        per_client: dict[str, dict[str, float]] = {}
+        personal_due = self.personal is not None and (
+            checkpoint or (self.personal_eval_every > 0 and rnd % self.personal_eval_every == 0)
+        )
+        if personal_due or (self.federated_eval_every > 0 and rnd % self.federated_eval_every == 0):
+            metrics.update(self.federated_evaluation(per_client=per_client))
+        if personal_due:
+            metrics.update(self.federated_evaluation(personal=self.personal, per_client=per_client))
         if self.buffer is not None or self.latency is not None:
             metrics["clock_s"] = self._schedule_snapshot(tried.dispatched)
         record = RoundRecord(
@@ -363,6 +375,7 @@ class Federation:
             rejected=rejected,
             status=status,
             reason=reason if status != "ok" else "",
+            client_metrics=per_client,
         )
         self.history.append(record)
         event = self._event(record, last=checkpoint)
@@ -681,6 +694,8 @@ class Federation:
     def _instructions(self, rnd: int, cohort: Sequence[str], pipe: Pipeline) -> list[ClientInstruction]:
         """The cohort's instructions for round ``rnd``: the strategy's, with the stages' recipes and the pruning mask."""
         instructions = [self.strategy.client_config(self.state, rnd, cid) for cid in cohort]
+        if self.personal is not None and self.personal.transforms:  # personal layers stay on each client
+            instructions = [replace(ins, transforms=(*ins.transforms, *self.personal.transforms)) for ins in instructions]
         if pipe.recipes:
             instructions = [replace(ins, stages=pipe.recipes) for ins in instructions]
         pruning = self.pruner.for_clients(self.state, self.spec) if self.pruner is not None else None
@@ -838,15 +853,25 @@ class Federation:
         self.state = replace(self.state, tensors=tensors, meta={**self.state.meta, "schedule": sched})
         return clock
 
-    def federated_evaluation(self) -> dict[str, float]:
-        """Example-weighted mean of every client's metrics on its own test split (``fed_*``)."""
+    def federated_evaluation(
+        self, *, personal: PersonalEval | None = None, per_client: dict[str, dict[str, float]] | None = None
+    ) -> dict[str, float]:
+        """Example-weighted mean of every client's metrics on its own test split (``fed_*``).
+
+        With ``personal``, each client evaluates its own model (its personal layers, fine-tuned:
+        ``pers_*``). ``per_client`` (optional) receives each client's metrics under the same names.
+        """
+        prefix = "fed" if personal is None else "pers"
         sums: dict[str, float] = {}
         total = 0
-        for _cid, n, m in self.engine.evaluate_clients(self.state.params, self.engine.available_clients()):
+        extra = {} if personal is None else {"personal": personal}
+        for cid, n, m in self.engine.evaluate_clients(self.state.params, self.engine.available_clients(), **extra):
             total += n
             for k, v in m.items():
                 sums[k] = sums.get(k, 0.0) + v * n
-        return {f"fed_{k}": v / total for k, v in sums.items()} if total else {}
+            if per_client is not None:
+                per_client.setdefault(cid, {}).update({f"{prefix}_{k}": float(v) for k, v in m.items()})
+        return {f"{prefix}_{k}": v / total for k, v in sums.items()} if total else {}
 
     def _ctx(self, rnd: int) -> StageContext:
         return StageContext(self.spec, rnd, self.state.params.dtype)

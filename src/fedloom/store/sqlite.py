@@ -73,7 +73,7 @@ __all__ = [
 
 log = logging.getLogger("fedloom.store")
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -99,6 +99,7 @@ CREATE TABLE IF NOT EXISTS rounds (
     rejected TEXT NOT NULL,
     recorded REAL NOT NULL,
     reason TEXT NOT NULL DEFAULT '',
+    client_metrics TEXT NOT NULL DEFAULT '{}',
     PRIMARY KEY (run_id, round)
 );
 CREATE TABLE IF NOT EXISTS clients (
@@ -282,6 +283,13 @@ class Store:
                 "UPDATE meta SET value='2' WHERE key='schema_version';COMMIT;"
             )
             version = 2
+        if version == 2 and not self.read_only:  # v3 adds rounds.client_metrics (each client's own evaluation)
+            self._db.executescript(
+                "BEGIN IMMEDIATE;"
+                "ALTER TABLE rounds ADD COLUMN client_metrics TEXT NOT NULL DEFAULT '{}';"
+                "UPDATE meta SET value='3' WHERE key='schema_version';COMMIT;"
+            )
+            version = 3
         if version < 1:
             raise StoreError(f"{self.path} has schema version {version}; no migration to {SCHEMA_VERSION} exists")
 
@@ -435,7 +443,7 @@ class Store:
             db.execute("DELETE FROM rounds WHERE run_id=? AND round=?", (run.id, record.round))
             db.execute(
                 "INSERT INTO rounds (run_id, round, metrics, clients, num_examples, bytes_down, bytes_up,"
-                " seconds, status, rejected, recorded, reason) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                " seconds, status, rejected, recorded, reason, client_metrics) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (
                     run.id,
                     record.round,
@@ -449,6 +457,7 @@ class Store:
                     json.dumps(record.rejected),
                     now,
                     record.reason,
+                    json.dumps(record.to_dict()["client_metrics"]),
                 ),
             )
             # Rejected first: a client rejected and then accepted in the same round counts as ok.
@@ -476,6 +485,9 @@ class Store:
                     rejected=json.loads(r["rejected"]),
                     status=r["status"],
                     reason=r["reason"] if "reason" in r.keys() else "",  # a read-only v1 store has none
+                    client_metrics=RoundRecord.from_dict(
+                        {"round": r["round"], "client_metrics": json.loads(r["client_metrics"])}
+                    ).client_metrics if "client_metrics" in r.keys() else {},  # fmt: skip
                 )
                 for r in rows
             ]

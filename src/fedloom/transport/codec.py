@@ -60,6 +60,7 @@ from fedloom.core.types import (
     JSONScalar,
     Partial,
     Payload,
+    PersonalEval,
     ProtocolMessage,
     TrainConfig,
 )
@@ -73,6 +74,7 @@ __all__ = [
     "decode_failure",
     "decode_instruction",
     "decode_partial",
+    "decode_personal",
     "decode_protocol",
     "decode_update",
     "encode_eval_result",
@@ -322,9 +324,13 @@ def decode_protocol(meta: Mapping[str, Any], tensors: Mapping[str, torch.Tensor]
     return ProtocolMessage(meta["protocol"], meta["stage"], meta["round"], client_id, meta=body, tensors=dict(tensors))
 
 
-def encode_evaluation(client_id: str, params: torch.Tensor) -> tuple[str, Meta, Tensors]:
-    """``(kind, meta, tensors)`` of a federated-evaluation task on the dense global vector."""
-    return EVALUATE, {"client_id": client_id}, {PARAMS: params}
+def encode_evaluation(client_id: str, params: torch.Tensor, personal: PersonalEval | None = None) -> tuple[str, Meta, Tensors]:
+    """``(kind, meta, tensors)`` of a federated-evaluation task on the dense global vector
+    (``personal``: the client evaluates its own, personalized model; ``meta["personal"]``)."""
+    meta: Meta = {"client_id": client_id}
+    if personal is not None:
+        meta["personal"] = personal.to_json()
+    return EVALUATE, meta, {PARAMS: params}
 
 
 def decode_evaluation(meta: Mapping[str, Any], tensors: Mapping[str, torch.Tensor]) -> torch.Tensor:
@@ -336,6 +342,16 @@ def decode_evaluation(meta: Mapping[str, Any], tensors: Mapping[str, torch.Tenso
     if unknown:
         raise TaskError(f"evaluation task has unexpected tensors {unknown[:5]}")
     return params
+
+
+def decode_personal(meta: Mapping[str, Any]) -> PersonalEval | None:
+    """The personalized-evaluation plan of an evaluation task (None: evaluate the global model)."""
+    if meta.get("personal") is None:
+        return None
+    try:
+        return PersonalEval.from_json(meta["personal"])
+    except ConfigError as exc:
+        raise TaskError(f"evaluation task personal: {exc}") from None
 
 
 # --------------------------------------------------------------------------- updates
