@@ -20,7 +20,7 @@ from fedloom.client.evaluate import evaluate_vector
 from fedloom.client.transforms import personal_mask
 from fedloom.core.config import RunConfig
 from fedloom.core.errors import ConfigError, DataError
-from fedloom.core.keys import PERSONAL
+from fedloom.core.keys import DITTO, PERSONAL
 from fedloom.core.params import ParamSpec
 from fedloom.core.seeding import derive_seed
 from fedloom.core.types import ComponentSpec, PersonalEval, TrainConfig
@@ -178,6 +178,8 @@ def build_personal(cfg: RunConfig, spec: ParamSpec, train: TrainConfig) -> Perso
         recipe = ComponentSpec.of(PERSONAL, layers=",".join(p.layers))
         personal_mask(spec, recipe.kwargs["layers"])  # a name the model lacks: a keyed error now, not mid-run
         transforms = (recipe,)
+    if p.ditto_lambda is not None:
+        transforms = (*transforms, ComponentSpec.of(DITTO, lam=p.ditto_lambda))
     lr = p.finetune_lr if p.finetune_lr is not None else train.lr
     return PersonalEval(steps=p.finetune_steps, train=replace(train, lr=lr), transforms=transforms, seed=derive_seed(cfg.run.seed, "personal"))
 

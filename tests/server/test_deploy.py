@@ -93,10 +93,10 @@ def test_deployment_equals_simulation() -> None:
 
 
 def test_personal_layers_and_personalized_evaluation_deployed_equal_the_simulation() -> None:
-    """The head ("net.2") stays on each site (client state in the agent), and each site fine-tunes
-    and evaluates its own model on request: the same per-site metrics as in simulation."""
+    """The head ("net.2") stays on each site (client state in the agent), each site keeps a Ditto
+    model, and each fine-tunes and evaluates its own model on request: all as in simulation."""
     cfg = _config().model_copy(
-        update={"personalization": PersonalizationSection(layers=["net.2"], finetune_steps=3, eval_every=2)}
+        update={"personalization": PersonalizationSection(layers=["net.2"], ditto_lambda=0.3, finetune_steps=3, eval_every=2)}
     )
     deployed, agents = _deploy(cfg)
     sim = build_run(cfg, engine="sequential")
@@ -107,7 +107,8 @@ def test_personal_layers_and_personalized_evaluation_deployed_equal_the_simulati
     last = deployed.federation.history.records[-1].client_metrics
     assert sorted(last) == SITES and all({"fed_mae", "pers_mae"} <= set(m) for m in last.values())
     for a in agents:  # each site kept its own head
-        assert torch.equal(a.state["personal.params"], sim.engine.client_states.get(a.client_id)["personal.params"])
+        for key in ("personal.params", "ditto.model"):
+            assert torch.equal(a.state[key], sim.engine.client_states.get(a.client_id)[key])
 
 
 class _Straggler(ClientAgent):

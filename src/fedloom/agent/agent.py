@@ -29,7 +29,7 @@ from safetensors.torch import save as safetensors_save
 from torch import nn
 
 from fedloom.client.evaluate import evaluate_personal, evaluate_vector
-from fedloom.client.training import train_local
+from fedloom.client.training import personal_instruction, train_local
 from fedloom.core.errors import ConfigError, FedloomError, PayloadError
 from fedloom.core.params import ParamSpec
 from fedloom.core.types import Payload
@@ -398,8 +398,12 @@ class ClientAgent:
         if self.options.delay > 0:
             time.sleep(self.options.delay)
         result = train_local(self._model, self._spec, g, self.data.train, ins, client_state=self.state)
+        state = result.state
+        personal = personal_instruction(ins)
+        if personal is not None:  # Ditto: the personal run, only its client state kept
+            state = train_local(self._model, self._spec, g, self.data.train, personal, client_state=state).state
         # the instruction's client stages (weighting, compression), as every engine runs them
-        ups, states = finish_clients(self._spec, [ins], [result.update], [result.state])
+        ups, states = finish_clients(self._spec, [ins], [result.update], [state])
         self.state = dict(states[0])
         self._save_state()
         up = ups[0]

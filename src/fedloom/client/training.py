@@ -26,7 +26,7 @@ statistics included), the number of examples and steps, and the mean training lo
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 from torch import nn
@@ -45,6 +45,7 @@ __all__ = [
     "active_transforms",
     "batch_order",
     "finish_local",
+    "personal_instruction",
     "make_optimizer",
     "train_local",
 ]
@@ -168,6 +169,17 @@ def train_local(
         client_state=client_state,
         transforms=list(zip(transforms, prepared, strict=True)),
     )
+
+
+def personal_instruction(instruction: ClientInstruction) -> ClientInstruction | None:
+    """The personal local run an instruction asks for after the usual one (Ditto), or None.
+
+    Same data order and hyperparameters, the ``personal`` transforms, no client stages: its
+    update is never sent, only the client state it leaves is kept. Every engine runs it.
+    """
+    if not instruction.personal:
+        return None
+    return replace(instruction, transforms=instruction.personal, personal=(), stages=(), protocol=None)
 
 
 def finish_local(

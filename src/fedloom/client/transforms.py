@@ -29,6 +29,12 @@ client and broadcasts as ``(1, *shape)``).
   its new values as client state (:data:`PERSONAL_PARAMS`) and sends zeros in their place, so
   the server's average never moves them.
 
+* :class:`DittoPersonal` — Ditto (Li et al. 2021): the transform of the *personal* local run
+  (``ClientInstruction.personal``) that follows the usual one. It starts from the client's
+  personal model v_k (client state :data:`DITTO_MODEL`; the global model the first time), adds
+  ``lam · (v − w)`` to each gradient (the pull toward the global model w), and keeps the
+  result as the new v_k; that run's update is never sent.
+
 ``start`` is the hook for transforms that change where local training starts (personal
 layers); ``after_step`` is the hook for transforms that act on the parameters after the optimizer
 (the pruning mask). Sample-level DP-SGD is not a
@@ -54,6 +60,8 @@ from fedloom.core.errors import ConfigError
 from fedloom.core.keys import (
     CLIENT_CONTROL,
     CONTROL_DELTA,
+    DITTO,
+    DITTO_MODEL,
     FEDDYN,
     FEDDYN_GRAD,
     PERSONAL,
@@ -69,6 +77,7 @@ from fedloom.core.types import ClientInstruction, ComponentSpec
 
 __all__ = [
     "TRANSFORMS",
+    "DittoPersonal",
     "DynamicRegularization",
     "GradientTransform",
     "PersonalLayers",
@@ -292,6 +301,36 @@ class PersonalLayers(GradientTransform):
         return {}
 
 
+@dataclass(frozen=True)
+class DittoPersonal(GradientTransform):
+    """Ditto's personal run: from v_k, gradients plus ``lam · (v − w_global)``; v_k kept as client state."""
+
+    name: ClassVar[str] = DITTO
+    laid_out: ClassVar[tuple[str, ...]] = ("anchor",)
+    shared: ClassVar[frozenset[str]] = frozenset({"anchor"})
+    lam: float = 0.1
+
+    def __post_init__(self) -> None:
+        if isinstance(self.lam, bool) or not isinstance(self.lam, (int, float)) or not (math.isfinite(self.lam) and self.lam >= 0):
+            raise ConfigError(f"must be a finite number >= 0, got {self.lam!r}", key="personalization.ditto_lambda")
+
+    def start(self, spec, global_vec, instruction, client_state):  # type: ignore[no-untyped-def]
+        own = client_state.get(DITTO_MODEL)
+        return None if own is None else own.to(device=global_vec.device, dtype=global_vec.dtype)
+
+    def prepare(self, spec, global_vec, instruction, client_state):  # type: ignore[no-untyped-def]
+        return {"anchor": global_vec}
+
+    def apply(self, params, grads, vecs):  # type: ignore[no-untyped-def]
+        if self.lam:
+            diffs = torch._foreach_sub([p.detach() for p in params], list(vecs["anchor"]))
+            torch._foreach_add_(list(grads), diffs, alpha=self.lam)
+
+    def finish(self, spec, instruction, delta, num_steps, vecs, state):  # type: ignore[no-untyped-def]
+        state[DITTO_MODEL] = (vecs["anchor"] + delta).detach().clone()  # delta is against the global model
+        return {}
+
+
 def start_vector(
     transforms: Sequence[GradientTransform],
     spec: ParamSpec,
@@ -310,6 +349,7 @@ def start_vector(
 
 TRANSFORMS: dict[str, type[GradientTransform]] = {
     PERSONAL: PersonalLayers,
+    DITTO: DittoPersonal,
     PROXIMAL: Proximal,
     SCAFFOLD: ScaffoldCorrection,
     PRUNE: PruneMask,

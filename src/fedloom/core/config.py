@@ -255,6 +255,7 @@ class PersonalizationSection(_Strict):
     """
 
     layers: list[str] = []
+    ditto_lambda: float | None = Field(None, ge=0.0)
     finetune_steps: int = Field(0, ge=0)
     finetune_lr: float | None = Field(None, gt=0.0)
     eval_every: int = Field(0, ge=0)

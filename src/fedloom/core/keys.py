@@ -13,7 +13,8 @@ Gradient transforms (:mod:`fedloom.client.transforms`), named in instructions:
 :data:`PROXIMAL` (FedProx), :data:`SCAFFOLD`, :data:`PRUNE` (magnitude pruning's mask, whose
 bits travel in the instruction payload under :data:`PRUNE_MASK`), :data:`FEDDYN` (FedDyn's
 regularizer, whose client keeps its g_i as client state under :data:`FEDDYN_GRAD`),
-:data:`PERSONAL` (personal layers, FedPer: kept as client state under :data:`PERSONAL_PARAMS`).
+:data:`PERSONAL` (personal layers, FedPer: kept as client state under :data:`PERSONAL_PARAMS`),
+:data:`DITTO` (Ditto's personal run, whose model v_k is client state under :data:`DITTO_MODEL`).
 
 Tensor names on the wire (:mod:`fedloom.transport.codec`):
 
@@ -39,6 +40,8 @@ __all__ = [
     "FEDDYN_GRAD",
     "PARAMS",
     "PAYLOAD_PREFIX",
+    "DITTO",
+    "DITTO_MODEL",
     "PERSONAL",
     "PERSONAL_PARAMS",
     "PROTOCOL_PREFIX",
@@ -84,3 +87,7 @@ PERSONAL = "personal"
 """Gradient-transform name of personal layers (option ``layers``: comma-separated parameter-name prefixes)."""
 PERSONAL_PARAMS = "personal.params"
 """Client-state key of a client's own values of its personal layers (the masked entries, in vector order)."""
+DITTO = "ditto"
+"""Gradient-transform name of Ditto's personal run (option ``lam``: the pull toward the global model)."""
+DITTO_MODEL = "ditto.model"
+"""Client-state key of a Ditto client's personal model v_k (a full vector)."""

@@ -257,11 +257,15 @@ class ClientInstruction:
     model_version: int | None = None
     protocol: ProtocolMessage | None = None
     """A round protocol's message delivered with the training task (secure aggregation's masked-input stage)."""
+    personal: tuple[ComponentSpec, ...] = ()
+    """The transforms of a second, personal local run after the first (Ditto's personal model):
+    its update is never sent, only the client state it leaves is kept."""
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "payload", _frozen_map(self.payload))
         object.__setattr__(self, "transforms", tuple(self.transforms))
         object.__setattr__(self, "stages", tuple(self.stages))
+        object.__setattr__(self, "personal", tuple(self.personal))
         if self.model_version is None:
             object.__setattr__(self, "model_version", self.round - 1)
 

@@ -10,7 +10,7 @@ from collections.abc import Iterator, Sequence
 import torch
 
 from fedloom.client.evaluate import evaluate_personal, evaluate_vector
-from fedloom.client.training import train_local
+from fedloom.client.training import personal_instruction, train_local
 from fedloom.core.errors import EngineError
 from fedloom.core.params import ParamSpec
 from fedloom.core.types import ClientInstruction, ClientUpdate, Payload, PersonalEval
@@ -54,7 +54,11 @@ class SequentialEngine(Engine):
             result = train_local(
                 self.model, self.spec, g, data, ins, client_state=self.client_states.get(ins.client_id)
             )
-            yield from self.finish_clients([ins], [result.update], [result.state])
+            state = result.state
+            personal = personal_instruction(ins)
+            if personal is not None:  # Ditto: the personal run, only its client state kept
+                state = train_local(self.model, self.spec, g, data, personal, client_state=state).state
+            yield from self.finish_clients([ins], [result.update], [state])
 
     def evaluate_clients(
         self, global_vec: torch.Tensor, client_ids: Sequence[str], *, personal: PersonalEval | None = None

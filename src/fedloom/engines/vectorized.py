@@ -54,7 +54,7 @@ from typing import Literal
 import torch
 
 from fedloom.client.dpsgd import poisson_batches
-from fedloom.client.training import LocalResult, active_transforms, batch_order, finish_local
+from fedloom.client.training import LocalResult, active_transforms, batch_order, finish_local, personal_instruction
 from fedloom.client.transforms import GradientTransform, start_vector
 from fedloom.core.errors import ConfigError, EngineError
 from fedloom.core.params import ParamSpec
@@ -267,13 +267,19 @@ class VectorizedEngine(Engine):
         g = global_vec.to(self.device)
         groups: dict[tuple, list[ClientInstruction]] = {}
         for ins in instructions:
-            groups.setdefault((ins.train, ins.transforms, ins.stages), []).append(ins)
-        for (cfg, _, _), group in groups.items():
+            groups.setdefault((ins.train, ins.transforms, ins.stages, ins.personal), []).append(ins)
+        for (cfg, _, _, _), group in groups.items():
             size = self.chunk_size_for(cfg, active_transforms(group[0]))
             for start in range(0, len(group), size):
                 chunk = group[start : start + size]
                 results, deltas = self._train_chunk(g, cfg, chunk)
-                yield from self.finish_clients(chunk, [r.update for r in results], [r.state for r in results], deltas)
+                states = [r.state for r in results]
+                if chunk[0].personal:  # Ditto: the personal run in lockstep too, from the states just made
+                    for ins, st in zip(chunk, states, strict=True):
+                        self.client_states.put(ins.client_id, st)
+                    personal = [personal_instruction(ins) for ins in chunk]
+                    states = [r.state for r in self._train_chunk(g, cfg, personal)[0]]  # type: ignore[arg-type]
+                yield from self.finish_clients(chunk, [r.update for r in results], states, deltas)
 
     def _train_chunk(
         self, g: torch.Tensor, cfg: TrainConfig, chunk: list[ClientInstruction]

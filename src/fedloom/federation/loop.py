@@ -71,6 +71,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
+from fedloom.core.keys import DITTO
 from fedloom.core.errors import BudgetExhausted, ConfigError, InvalidUpdateError, ProtocolAbort, ProtocolError, StrategyError
 from fedloom.core.params import ParamSpec
 from fedloom.core.seeding import derive_seed
@@ -694,8 +695,10 @@ class Federation:
     def _instructions(self, rnd: int, cohort: Sequence[str], pipe: Pipeline) -> list[ClientInstruction]:
         """The cohort's instructions for round ``rnd``: the strategy's, with the stages' recipes and the pruning mask."""
         instructions = [self.strategy.client_config(self.state, rnd, cid) for cid in cohort]
-        if self.personal is not None and self.personal.transforms:  # personal layers stay on each client
-            instructions = [replace(ins, transforms=(*ins.transforms, *self.personal.transforms)) for ins in instructions]
+        if self.personal is not None and self.personal.transforms:
+            own = tuple(t for t in self.personal.transforms if t.name != DITTO)  # personal layers stay on each client
+            ditto = tuple(t for t in self.personal.transforms if t.name == DITTO)  # Ditto: a personal run after the usual one
+            instructions = [replace(ins, transforms=(*ins.transforms, *own), personal=ditto) for ins in instructions]
         if pipe.recipes:
             instructions = [replace(ins, stages=pipe.recipes) for ins in instructions]
         pruning = self.pruner.for_clients(self.state, self.spec) if self.pruner is not None else None

@@ -7,7 +7,7 @@ result is :mod:`fedloom.transport.wire`; this module knows nothing of gRPC.
 A training task (kind ``task``) from a :class:`~fedloom.core.types.ClientInstruction`::
 
     meta     round, client_id, seed, model_version, train (TrainConfig fields),
-             transforms, stages (lists of ComponentSpec.to_json()), [deadline_s],
+             transforms, stages, personal (lists of ComponentSpec.to_json()), [deadline_s],
              [broadcast: {codec, meta}]
     tensors  "params" (the dense global vector)  or  "broadcast/<name>" (an encoded broadcast
              Payload, whose codec and meta are in the metadata), and "payload/<key>" per
@@ -167,6 +167,7 @@ def instruction_meta(
         "train": train,
         "transforms": [c.to_json() for c in ins.transforms],
         "stages": [c.to_json() for c in ins.stages],
+        "personal": [c.to_json() for c in ins.personal],
     }
     if deadline_s is not None:
         meta["deadline_s"] = deadline_s
@@ -285,6 +286,7 @@ def decode_instruction(meta: Mapping[str, Any], tensors: Mapping[str, torch.Tens
             payload=payload,
             transforms=_components(meta.get("transforms"), "transforms"),
             stages=_components(meta.get("stages"), "stages"),
+            personal=_components(meta.get("personal"), "personal"),
             model_version=version,
             protocol=protocol,
         )
