@@ -43,6 +43,8 @@ STRATEGY_RUNS = {
     "fednova": {"strategy": {"name": "fednova", "fraction": 1.0}, "client": {"epochs": 1, "batch_size": 1024, "lr": 0.02, "momentum": 0.5}},
     # FedDyn: the dynamic regularizer in local training, g_i as client state, h on the server
     "feddyn": {"strategy": {"name": "feddyn", "fraction": 1.0, "alpha": 0.1}},
+    # personalization: a personal head (FedPer), Ditto's personal model, and each site's fine-tuned evaluation
+    "personal": {"personalization": {"layers": ["net.2"], "ditto_lambda": 0.2, "finetune_steps": 3, "eval_every": 1}},
 }
 
 
@@ -222,7 +224,7 @@ def test_every_engine_prunes_the_same() -> None:
 
 @pytest.mark.parametrize("name", sorted(STRATEGY_RUNS))
 def test_every_engine_runs_the_same_strategy(name: str) -> None:
-    """FedNova and FedDyn: the same run on every engine; FedDyn's client state g_i matches too."""
+    """FedNova, FedDyn and personalization: the same run on every engine; client states match too."""
     seq = _simulate(name, "sequential")
     vec = _simulate(name, "vectorized")
     ray_run = _simulate(name, "ray", ray_workers=2)
@@ -239,6 +241,20 @@ def test_every_engine_runs_the_same_strategy(name: str) -> None:
         assert tau_eff == [(8000 * 14.0078125 + 6400 * 12.015625 + 9600 * 18.001953125) / 24000] * 3
         for other in (remote.federation, vec.federation, ray_run.federation):
             assert [r.metrics["tau_eff"] for r in other.history] == tau_eff
+    elif name == "personal":
+        for cid in ref.engine.available_clients():
+            for key in ("personal.params", "ditto.model"):
+                want = ref.engine.client_states.get(cid)[key]
+                _close(vec.federation.engine.client_states.get(cid)[key], want)
+                _close(ray_run.federation.engine.client_states.get(cid)[key], want)
+                assert torch.equal(next(a for a in agents if a.client_id == cid).state[key], want)
+        for o, s in zip(remote.federation.history, ref.history, strict=True):
+            assert o.client_metrics == s.client_metrics  # each site's own evaluation, bit for bit
+        for other in (vec.federation, ray_run.federation):
+            for o, s in zip(other.history, ref.history, strict=True):
+                assert sorted(o.client_metrics) == sorted(s.client_metrics) == sorted(ref.engine.available_clients())
+                for cid, m in s.client_metrics.items():
+                    assert o.client_metrics[cid]["pers_mae"] == pytest.approx(m["pers_mae"], rel=1e-5)
     else:
         h = ref.state.tensors["stage.0.feddyn.h"]  # the server's h
         assert float(h.abs().sum()) > 0 and torch.equal(remote.federation.state.tensors["stage.0.feddyn.h"], h)
