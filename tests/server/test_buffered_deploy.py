@@ -75,3 +75,57 @@ max_pull_wait = 0.5
     assert all(r["metrics"]["staleness_max"] == 0 for r in fast[:1])
     clocks = [r["metrics"]["clock_s"] for r in rounds]
     assert clocks == sorted(clocks) and clocks[-1] >= 1.5  # real seconds since the start
+
+
+def test_a_stopped_buffered_deployment_resumes_and_re_dispatches_its_flights(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """In-process (the real gRPC server, agents in threads): stop after 3 applies with clients in
+    flight, start again from the store: the in-flight work is sent again, the run goes on."""
+    import logging
+    import threading
+
+    from fedloom.agent import AgentOptions, ClientAgent
+    from fedloom.core.config import parse_config
+    from fedloom.run import build_run
+
+    def go(rounds: int):  # type: ignore[no-untyped-def]
+        cfg = parse_config(
+            {
+                "run": {"name": "buffered", "seed": 2, "rounds": rounds, "store": str(tmp_path / "store.db")},
+                "data": {"name": "hospital"},
+                "model": {"name": "mlp", "hidden": [16]},
+                "strategy": {"name": "fedavg", "fraction": 1.0},
+                "client": {"epochs": 1, "batch_size": 64, "lr": 0.01, "max_steps": 4},
+                "buffer": {"size": 1, "concurrency": 3},
+                "deploy": {"address": "127.0.0.1:0", "insecure": True, "min_clients": 3, "wait_timeout": 30,
+                           "round_timeout": 30, "heartbeat_interval": 0.5, "max_pull_wait": 0.5},
+            }
+        )  # fmt: skip
+        run = build_run(cfg, engine="remote")
+        port = run.engine.port  # type: ignore[attr-defined]
+        agents = [
+            ClientAgent(run.dataset.clients[s], AgentOptions(server=f"127.0.0.1:{port}", client_id=s, pull_wait=0.5))
+            for s in run.dataset.client_ids
+        ]
+        threads = [threading.Thread(target=a.run, daemon=True) for a in agents]
+        for t in threads:
+            t.start()
+        try:
+            run.federation.run(rounds)
+        finally:
+            run.engine.close()
+            run.federation.store.close()  # type: ignore[union-attr]
+        for t in threads:
+            t.join(timeout=30)
+        return run
+
+    first = go(3)
+    flying = first.federation.state.meta["schedule"]["flights"]
+    assert len(flying) == 2  # concurrency 3 less the arrival that closed the last buffer
+    with caplog.at_level(logging.INFO, logger="fedloom.federation"):
+        second = go(6)
+    assert second.federation.resumed_from == 3
+    assert [r.round for r in second.federation.history] == [1, 2, 3, 4, 5, 6]
+    assert all(r.status == "ok" for r in second.federation.history)
+    assert any("re-dispatching" in m for m in caplog.messages)
+    clocks = [r.metrics["clock_s"] for r in second.federation.history]
+    assert clocks == sorted(clocks)  # the clock goes on from where the first run stopped

@@ -270,7 +270,7 @@ class LiveFlights:
             return sorted(self._flights.values(), key=lambda f: f.serial)
 
     def ready(self) -> bool:
-        return not self._queue.empty()
+        return False  # real time has no ties: top up before every wait
 
     def next(self) -> Arrival | None:
         while True:
