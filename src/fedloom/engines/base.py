@@ -98,6 +98,14 @@ class Engine(ABC):
     def available_clients(self) -> list[str]:
         """Ids of the clients that can take part now."""
 
+    def clients_now(self) -> list[str]:
+        """The clients that can take part right now, without waiting for more (default: :meth:`available_clients`).
+
+        Buffered rounds top up with these while others are in flight: a deployment that lost a
+        client keeps going with the rest instead of waiting for ``min_clients`` again.
+        """
+        return self.available_clients()
+
     @abstractmethod
     def run_cohort(
         self,

@@ -73,6 +73,9 @@ class RemoteEngine(Engine):
             log.warning("only %d live clients after waiting %.0f s (want %d)", len(live), self.wait_timeout, self.min_available)
         return live
 
+    def clients_now(self) -> list[str]:
+        return self.coordinator.live_clients()
+
     def take_rejections(self) -> dict[str, str]:
         out, self._rejections = self._rejections, {}
         return out

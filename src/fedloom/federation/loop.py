@@ -768,8 +768,8 @@ class Federation:
             if not fl.ready():  # nothing else due now: top up the clients in flight
                 flying = fl.in_flight()
                 want = self.buffer.concurrency - len(flying)
-                if want > 0:
-                    available = self.engine.available_clients()
+                if want > 0:  # with work in flight, top up from whoever is there now rather than wait
+                    available = self.engine.clients_now() if flying else self.engine.available_clients()
                     busy = {f.client_id for f in flying} | set(accepted)
                     idle = sorted(set(available) - busy)
                     chosen = self.strategy.sampler.draw(rnd, idle, want, salt=draws) if idle else []
