@@ -6,12 +6,11 @@ from collections.abc import Sequence
 
 import pytest
 import torch
-from torch import nn
+import toy
 
 from fedloom.core.errors import ConfigError
-from fedloom.core.params import ParamSpec
 from fedloom.core.types import TrainConfig
-from fedloom.data.base import ClientData, FederatedDataset, Split, TaskSpec
+from fedloom.data.base import FederatedDataset
 from fedloom.engines.sequential import SequentialEngine
 from fedloom.engines.vectorized import VectorizedEngine
 from fedloom.federation.buffered import BufferPolicy
@@ -21,30 +20,15 @@ from fedloom.store import Store
 from fedloom.strategies.fedavg import FedAvg
 from fedloom.strategies.scaffold import Scaffold
 
-TASK = TaskSpec(kind="regression", input_shape=(3,), num_outputs=1, loss="mse", metrics=("mae", "loss"))
 TRAIN = TrainConfig(loss="mse", epochs=1, batch_size=4, lr=0.05)
 
 
 def _dataset(sizes: Sequence[int]) -> FederatedDataset:
-    g = torch.Generator().manual_seed(0)
-    clients = {}
-    for i, n in enumerate(sizes):
-        x = torch.randn(n, 3, generator=g)
-        y = x @ torch.tensor([1.0, -2.0, 0.5]) + 0.3 * i
-        clients[f"c{i}"] = ClientData(train=Split(x, y), test=Split(x[:4], y[:4]))
-    return FederatedDataset("toy", TASK, clients)
+    return toy.dataset(sizes)
 
 
 def _federation(ds: FederatedDataset, strategy, *, engine_cls=SequentialEngine, **kw) -> Federation:
-    torch.manual_seed(0)
-
-    def model_fn() -> nn.Module:
-        return nn.Linear(3, 1)
-
-    model = model_fn()
-    spec = ParamSpec.from_module(model)
-    engine = engine_cls(model_fn=model_fn, dataset=ds, spec=spec)
-    return Federation(strategy=strategy, engine=engine, spec=spec, initial=spec.module_vector(model), **kw)
+    return toy.federation(ds, strategy, engine_cls=engine_cls, **kw)
 
 
 SIZES = [13, 7, 21, 9, 16, 11, 8, 12]

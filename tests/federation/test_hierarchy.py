@@ -7,13 +7,12 @@ from collections.abc import Sequence
 import pytest
 import torch
 import torch.nn.functional as F
-from torch import nn
+import toy
 
 from fedloom.core.config import parse_config
 from fedloom.core.errors import ConfigError
-from fedloom.core.params import ParamSpec
 from fedloom.core.types import Partial, TrainConfig
-from fedloom.data.base import ClientData, FederatedDataset, Split, TaskSpec
+from fedloom.data.base import FederatedDataset, Split
 from fedloom.engines.sequential import SequentialEngine
 from fedloom.engines.vectorized import VectorizedEngine
 from fedloom.federation.hierarchy import Hierarchy, edges_of
@@ -23,31 +22,16 @@ from fedloom.strategies.fedavg import FedAvg
 from fedloom.strategies.fedprox import FedProx
 from fedloom.strategies.robust import FedMedian, Krum
 
-TASK = TaskSpec(kind="regression", input_shape=(3,), num_outputs=1, loss="mse", metrics=("mae", "loss"))
 TRAIN = TrainConfig(loss="mse", epochs=2, batch_size=4, lr=0.05)
 SIZES = [13, 7, 21, 9, 16, 11, 8, 12]
 
 
 def _dataset(sizes: Sequence[int], dtype: torch.dtype = torch.float32) -> FederatedDataset:
-    g = torch.Generator().manual_seed(0)
-    clients = {}
-    for i, n in enumerate(sizes):
-        x = torch.randn(n, 3, generator=g, dtype=dtype)
-        y = x @ torch.tensor([1.0, -2.0, 0.5], dtype=dtype) + 0.3 * i
-        clients[f"c{i}"] = ClientData(train=Split(x, y), test=Split(x[:4], y[:4]))
-    return FederatedDataset("toy", TASK, clients)
+    return toy.dataset(sizes, dtype=dtype)
 
 
 def _federation(ds: FederatedDataset, strategy, *, engine_cls=SequentialEngine, dtype=torch.float32, **kw) -> Federation:
-    torch.manual_seed(0)
-
-    def model_fn() -> nn.Module:
-        return nn.Linear(3, 1).to(dtype)
-
-    model = model_fn()
-    spec = ParamSpec.from_module(model)
-    engine = engine_cls(model_fn=model_fn, dataset=ds, spec=spec)
-    return Federation(strategy=strategy, engine=engine, spec=spec, initial=spec.module_vector(model), **kw)
+    return toy.federation(ds, strategy, engine_cls=engine_cls, dtype=dtype, **kw)
 
 
 def test_one_edge_equals_flat_fedavg_exactly() -> None:

@@ -9,34 +9,27 @@ from dataclasses import replace
 import pytest
 import torch
 import torch.nn.functional as F
+import toy
 from torch import nn
 
 from fedloom.client.transforms import personal_mask
 from fedloom.core.config import parse_config
 from fedloom.core.errors import ConfigError
 from fedloom.core.keys import PERSONAL, PERSONAL_PARAMS
-from fedloom.core.params import ParamSpec
 from fedloom.core.types import ComponentSpec, PersonalEval, TrainConfig
-from fedloom.data.base import ClientData, FederatedDataset, Split, TaskSpec
+from fedloom.data.base import FederatedDataset
 from fedloom.engines.sequential import SequentialEngine
 from fedloom.engines.vectorized import VectorizedEngine
 from fedloom.federation.loop import Federation
 from fedloom.run import build_run
 from fedloom.strategies.fedavg import FedAvg
 
-TASK = TaskSpec(kind="regression", input_shape=(3,), num_outputs=1, loss="mse", metrics=("mae", "loss"))
 TRAIN = TrainConfig(loss="mse", epochs=1, batch_size=4, lr=0.05)
 HEAD = ComponentSpec.of(PERSONAL, layers="2")
 
 
 def _dataset(sizes: Sequence[int], dtype: torch.dtype = torch.float32) -> FederatedDataset:
-    g = torch.Generator().manual_seed(0)
-    clients = {}
-    for i, n in enumerate(sizes):
-        x = torch.randn(n, 3, generator=g, dtype=dtype)
-        y = x @ torch.tensor([1.0, -2.0, 0.5], dtype=dtype) + 2.0 * i  # each client its own offset
-        clients[f"c{i}"] = ClientData(train=Split(x, y), test=Split(x[:6] + 0.1, y[:6]))
-    return FederatedDataset("toy", TASK, clients)
+    return toy.dataset(sizes, dtype=dtype, offset=2.0, test_shift=0.1)  # each client its own offset
 
 
 def _mlp() -> nn.Module:
@@ -44,11 +37,7 @@ def _mlp() -> nn.Module:
 
 
 def _federation(ds, strategy, *, model_fn=_mlp, engine_cls=SequentialEngine, dtype=torch.float32, **kw) -> Federation:
-    torch.manual_seed(0)
-    model = model_fn().to(dtype)
-    spec = ParamSpec.from_module(model)
-    engine = engine_cls(model_fn=lambda: model_fn().to(dtype), dataset=ds, spec=spec)
-    return Federation(strategy=strategy, engine=engine, spec=spec, initial=spec.module_vector(model), **kw)
+    return toy.federation(ds, strategy, model_fn=model_fn, engine_cls=engine_cls, dtype=dtype, **kw)
 
 
 @pytest.mark.parametrize("engine_cls", [SequentialEngine, VectorizedEngine])

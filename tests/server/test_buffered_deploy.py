@@ -81,11 +81,9 @@ def test_a_stopped_buffered_deployment_resumes_and_re_dispatches_its_flights(tmp
     """In-process (the real gRPC server, agents in threads): stop after 3 applies with clients in
     flight, start again from the store: the in-flight work is sent again, the run goes on."""
     import logging
-    import threading
 
-    from fedloom.agent import AgentOptions, ClientAgent
     from fedloom.core.config import parse_config
-    from fedloom.run import build_run
+    from test_deploy import _deploy
 
     def go(rounds: int):  # type: ignore[no-untyped-def]
         cfg = parse_config(
@@ -100,22 +98,8 @@ def test_a_stopped_buffered_deployment_resumes_and_re_dispatches_its_flights(tmp
                            "round_timeout": 30, "heartbeat_interval": 0.5, "max_pull_wait": 0.5},
             }
         )  # fmt: skip
-        run = build_run(cfg, engine="remote")
-        port = run.engine.port  # type: ignore[attr-defined]
-        agents = [
-            ClientAgent(run.dataset.clients[s], AgentOptions(server=f"127.0.0.1:{port}", client_id=s, pull_wait=0.5))
-            for s in run.dataset.client_ids
-        ]
-        threads = [threading.Thread(target=a.run, daemon=True) for a in agents]
-        for t in threads:
-            t.start()
-        try:
-            run.federation.run(rounds)
-        finally:
-            run.engine.close()
-            run.federation.store.close()  # type: ignore[union-attr]
-        for t in threads:
-            t.join(timeout=30)
+        run, _ = _deploy(cfg)  # the three hospitals as agents in threads
+        run.federation.store.close()  # type: ignore[union-attr]
         return run
 
     first = go(3)

@@ -448,13 +448,7 @@ class Federation:
                     rejected[update.source] = "a partial aggregate in a round without [hierarchy]"
                     log.warning("round %d: rejected a partial aggregate from %r: the run is not hierarchical", rnd, update.source)
                     continue
-                try:
-                    update = self._check(update, expected, rnd, ctx, pipe, proto)
-                    aggregator.add(update)
-                except (InvalidUpdateError, StrategyError, ProtocolError) as exc:
-                    reason = getattr(exc, "reason", str(exc))
-                    rejected[update.client_id] = reason
-                    log.warning("round %d: rejected update from %r: %s", rnd, update.client_id, reason)
+                if not self._fold(aggregator, update.client_id, rnd, rejected, lambda u=update: self._check(u, expected, rnd, ctx, pipe, proto)):
                     continue
                 expected.discard(update.client_id)
                 accepted.append(update.client_id)
@@ -645,15 +639,9 @@ class Federation:
             stream = self.engine.run_cohort(x, instructions)
             try:
                 for update in stream:
-                    try:
-                        update = self._check(update, expected, rnd, ctx, pipe)
-                        aggregator.add(update)
-                    except (InvalidUpdateError, StrategyError, ProtocolError) as exc:
-                        reason = getattr(exc, "reason", str(exc))
-                        rejected[update.client_id] = reason
-                        log.warning("round %d: edge %r rejected the update of %r: %s", rnd, edge.client_id, update.client_id, reason)
-                        continue
-                    expected.discard(update.client_id)
+                    check = lambda u=update: self._check(u, expected, rnd, ctx, pipe)  # noqa: E731
+                    if self._fold(aggregator, update.client_id, rnd, rejected, check, at=f"edge {edge.client_id!r}"):
+                        expected.discard(update.client_id)
             finally:
                 close = getattr(stream, "close", None)
                 if close is not None:
@@ -797,16 +785,10 @@ class Federation:
                 log.warning("round %d: %r (from version %d) brought no update: %s", rnd, f.client_id, f.version, why)
                 continue
             bytes_up += update.nbytes
-            try:
-                update, tau = self._check_flight(f, update, version, pipe)
-                aggregator.add(update)
-            except (InvalidUpdateError, StrategyError, ProtocolError) as exc:
-                reason = getattr(exc, "reason", str(exc))
-                rejected[f.client_id] = reason
-                log.warning("round %d: rejected update from %r: %s", rnd, f.client_id, reason)
+            if not self._fold(aggregator, f.client_id, rnd, rejected, lambda f=f, u=update: self._check_flight(f, u, version, pipe)):
                 continue
             accepted.append(f.client_id)
-            staleness.append(tau)
+            staleness.append(version - f.version)
         for cid, reason in self.engine.take_rejections().items():
             rejected[cid] = reason
         metrics: dict[str, float] = {"in_flight": float(len(fl.in_flight()))}
@@ -817,7 +799,21 @@ class Federation:
             aggregator, accepted, bytes_down, bytes_up, len(set(available)), dispatched=dispatched, metrics=metrics
         )
 
-    def _check_flight(self, f: Flight, update: ClientUpdate, version: int, pipe: Pipeline) -> tuple[ClientUpdate, int]:
+    @staticmethod
+    def _fold(
+        aggregator: Aggregator, cid: str, rnd: int, rejected: dict[str, str], check: Callable[[], ClientUpdate], *, at: str = "the server"
+    ) -> bool:
+        """Add the update ``check()`` returns; if it refuses it (or the aggregator does), record and log why. True if added."""
+        try:
+            aggregator.add(check())
+        except (InvalidUpdateError, StrategyError, ProtocolError) as exc:
+            reason = getattr(exc, "reason", str(exc))
+            rejected[cid] = reason
+            log.warning("round %d: %s rejected the update of %r: %s", rnd, at, cid, reason)
+            return False
+        return True
+
+    def _check_flight(self, f: Flight, update: ClientUpdate, version: int, pipe: Pipeline) -> ClientUpdate:
         """A buffered arrival checked against its dispatch and scaled by its staleness weight."""
         assert self.buffer is not None
         cid = f.client_id
@@ -834,7 +830,7 @@ class Federation:
         if s != 1.0:
             assert update.delta is not None
             update = replace(update, delta=update.delta * s)
-        return update, tau
+        return update
 
     def _schedule_snapshot(self, dispatched: Sequence[str]) -> float:
         """Advance a synchronous run's simulated clock; put the schedule in the state; return the clock."""
