@@ -455,11 +455,7 @@ class Federation:
                 if self.over_selection > 0.0 and len(accepted) >= target:
                     break  # over-selection: enough updates, the engine cancels the rest
         finally:
-            close = getattr(stream, "close", None)
-            if close is not None:
-                close()
-            for cid, reason in self.engine.take_rejections().items():
-                rejected[cid] = reason
+            self._end_stream(stream, rejected)
         return _Attempt(aggregator, accepted, bytes_down, bytes_up, len(set(available)), protocol=proto, dispatched=cohort)
 
     def _sums_where_trained(self, aggregator: Aggregator, proto: Any) -> bool:
@@ -565,11 +561,7 @@ class Federation:
                 accepted.extend(part.client_ids)
                 merged += 1
         finally:
-            close = getattr(stream, "close", None)
-            if close is not None:
-                close()
-            for cid, reason in self.engine.take_rejections().items():
-                rejected[cid] = reason
+            self._end_stream(stream, rejected)
         return _Attempt(
             aggregator if merged else None, accepted, bytes_down, bytes_up, len(set(available)),
             dispatched=edges, metrics={"edges": float(merged)},
@@ -643,11 +635,7 @@ class Federation:
                     if self._fold(aggregator, update.client_id, rnd, rejected, check, at=f"edge {edge.client_id!r}"):
                         expected.discard(update.client_id)
             finally:
-                close = getattr(stream, "close", None)
-                if close is not None:
-                    close()
-                for cid, reason in self.engine.take_rejections().items():
-                    rejected[cid] = reason
+                self._end_stream(stream, rejected)
             if not aggregator.client_ids:
                 continue
             part = aggregator.partial(edge.client_id, rnd, version)
@@ -798,6 +786,13 @@ class Federation:
         return _Attempt(
             aggregator, accepted, bytes_down, bytes_up, len(set(available)), dispatched=dispatched, metrics=metrics
         )
+
+    def _end_stream(self, stream: Any, rejected: dict[str, str]) -> None:
+        """Close an engine's stream (the engine cancels what is left) and collect what it refused at the door."""
+        close = getattr(stream, "close", None)
+        if close is not None:
+            close()
+        rejected.update(self.engine.take_rejections())
 
     @staticmethod
     def _fold(
