@@ -29,23 +29,33 @@ referenced, so a resumed run re-dispatches the interrupted work.
 from __future__ import annotations
 
 import heapq
+import logging
 import math
 import queue
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
-from typing import Any, Literal, Protocol
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 import torch
 
-from fedloom.core.errors import ConfigError
-from fedloom.core.types import ClientInstruction, ClientUpdate, Payload
+from fedloom.core.errors import ConfigError, InvalidUpdateError
+from fedloom.core.seeding import derive_seed
+from fedloom.core.types import ClientInstruction, ClientUpdate, Payload, tensor_bytes
 from fedloom.engines.base import Engine
+from fedloom.federation.attempt import Attempt
 from fedloom.federation.timing import LatencyModel
+from fedloom.pipeline import Pipeline
+
+if TYPE_CHECKING:
+    from fedloom.federation.loop import Federation
+
+log = logging.getLogger("fedloom.federation")
 
 __all__ = [
     "BufferPolicy",
+    "BufferedRounds",
     "Flight",
     "Flights",
     "LiveFlights",
@@ -298,3 +308,148 @@ class LiveFlights:
         with self._lock:
             self._flights.clear()
             self._bases.clear()
+
+
+class BufferedRounds:
+    """The round loop's buffered closing (a mixin of :class:`~fedloom.federation.loop.Federation`)."""
+
+    def _open_flights(self: Federation) -> Flights:
+        """The flights of a buffered run: restored from the state's schedule (a resumed run re-dispatches them)."""
+        sched = dict(self.state.meta.get("schedule") or {})
+        clock = float(sched.get("clock", 0.0))
+        if getattr(self.engine, "live", False):
+            flights: Flights = LiveFlights(self.engine, clock=clock)
+        else:
+            intercept = None
+            if self.adversary is not None:
+                from fedloom.attacks import AttackContext
+
+                adversary = self.adversary
+                weighting = next((st for st in self.pipeline.stages if st.weighting and st.runs_on_client), None)
+
+                def intercept(stream: Iterator[ClientUpdate], rnd: int) -> Iterator[ClientUpdate]:
+                    return adversary.intercept(stream, AttackContext(self.spec, rnd, weighting))  # type: ignore[arg-type]
+
+            flights = SimulatedFlights(self.engine, self.latency or LatencyModel(seed=self.strategy.seed), clock=clock, intercept=intercept)
+        self._serial = int(sched.get("serial", 0))
+        bases = {int(k.rsplit(".", 1)[1]): t for k, t in self.state.tensors.items() if k.startswith("schedule.base.")}
+        pending = [f for f in sched.get("flights", []) if int(f[1]) in bases]
+        available = set(self.engine.available_clients()) if pending else set()
+        by_version: dict[int, list[Flight]] = {}
+        for cid, version, serial, seed, due in pending:
+            if cid not in available:
+                log.warning("resume: %r was training from version %d and is gone; not re-dispatched", cid, version)
+                continue
+            ins = replace(self._instructions(int(version) + 1, [cid], self.pipeline.for_round(self.state.tensors, self.state.meta))[0], seed=int(seed), model_version=int(version))
+            by_version.setdefault(int(version), []).append(Flight(cid, int(version), int(serial), ins, float(due)))
+        for version, group in sorted(by_version.items()):
+            log.info("resume: re-dispatching %d client(s) that were training from version %d", len(group), version)
+            flights.dispatch(version, bases[version], None, group)
+        return flights
+
+    def _attempt_buffered(self: Federation, rnd: int, rejected: dict[str, str], pipe: Pipeline) -> Attempt:
+        """One buffered round: keep ``concurrency`` clients in flight, close at ``size`` valid updates.
+
+        Arrivals due at the same (simulated) instant are taken together before anyone new is
+        dispatched, so equal latencies with K = concurrency replay synchronous rounds exactly.
+        """
+        assert self.buffer is not None
+        if self._flights is None:
+            self._flights = self._open_flights()
+        fl = self._flights
+        version = self.state.round
+        aggregator = self.strategy.aggregator(self.state, rnd)
+        ctx = self._ctx(rnd)
+        sent = pipe.broadcast(self.state.params, ctx, derive_seed(self.strategy.seed, "broadcast", rnd))
+        accepted: list[str] = []
+        staleness: list[int] = []
+        dispatched: list[str] = []
+        bytes_down = bytes_up = 0
+        available: list[str] = []
+        draws = 0
+        again: dict[str, int] = {}
+        while len(accepted) < self.buffer.size:
+            if not fl.ready():  # nothing else due now: top up the clients in flight
+                flying = fl.in_flight()
+                want = self.buffer.concurrency - len(flying)
+                if want > 0:  # with work in flight, top up from whoever is there now rather than wait
+                    available = self.engine.clients_now() if flying else self.engine.available_clients()
+                    busy = {f.client_id for f in flying} | set(accepted)
+                    idle = sorted(set(available) - busy)
+                    chosen = self.strategy.sampler.draw(rnd, idle, want, salt=draws) if idle else []
+                    draws += 1
+                    if chosen:
+                        instructions = self._instructions(rnd, chosen, pipe)
+                        new = []
+                        for ins in instructions:
+                            k = again.get(ins.client_id, 0)  # dispatched before at this version: a fresh seed
+                            again[ins.client_id] = k + 1
+                            if k:
+                                ins = replace(ins, seed=derive_seed(ins.seed, "again", k))
+                            self._serial += 1
+                            new.append(Flight(ins.client_id, version, self._serial, ins, fl.due(ins.client_id, self._serial)))
+                        fl.dispatch(version, sent.vector, sent.payload, new)
+                        dispatched.extend(chosen)
+                        bytes_down += sum(sent.nbytes + sum(tensor_bytes(t) for t in ins.payload.values()) for ins in instructions)
+            arrival = fl.next()
+            if arrival is None:
+                log.warning("round %d: no client in flight and none idle to dispatch", rnd)
+                break
+            f, update, why = arrival
+            if update is None:
+                rejected[f.client_id] = why
+                log.warning("round %d: %r (from version %d) brought no update: %s", rnd, f.client_id, f.version, why)
+                continue
+            bytes_up += update.nbytes
+            if not self._fold(aggregator, f.client_id, rnd, rejected, lambda f=f, u=update: self._check_flight(f, u, version, pipe)):
+                continue
+            accepted.append(f.client_id)
+            staleness.append(version - f.version)
+        for cid, reason in self.engine.take_rejections().items():
+            rejected[cid] = reason
+        metrics: dict[str, float] = {"in_flight": float(len(fl.in_flight()))}
+        if staleness:
+            metrics["staleness_mean"] = sum(staleness) / len(staleness)
+            metrics["staleness_max"] = float(max(staleness))
+        return Attempt(
+            aggregator, accepted, bytes_down, bytes_up, len(set(available)), dispatched=dispatched, metrics=metrics
+        )
+
+    def _check_flight(self: Federation, f: Flight, update: ClientUpdate, version: int, pipe: Pipeline) -> ClientUpdate:
+        """A buffered arrival checked against its dispatch and scaled by its staleness weight."""
+        assert self.buffer is not None
+        cid = f.client_id
+        if update.model_version != f.version:
+            raise InvalidUpdateError(
+                f"update says it started from model version {update.model_version}, it was sent version {f.version}",
+                client_id=cid,
+            )
+        tau = version - f.version
+        if tau > self.buffer.max_staleness:
+            raise InvalidUpdateError(f"staleness {tau} is beyond max_staleness {self.buffer.max_staleness}", client_id=cid)
+        update = self._check(update, {cid}, f.round, self._ctx(f.round), pipe)
+        s = self.buffer.weight(tau)
+        if s != 1.0:
+            assert update.delta is not None
+            update = replace(update, delta=update.delta * s)
+        return update
+
+    def _schedule_snapshot(self: Federation, dispatched: Sequence[str]) -> float:
+        """Advance a synchronous run's simulated clock; put the schedule in the state; return the clock."""
+        sched = dict(self.state.meta.get("schedule") or {})
+        tensors = {k: v for k, v in self.state.tensors.items() if not k.startswith("schedule.base.")}
+        if self._flights is not None:
+            clock = self._flights.now()
+            sched = {"clock": clock, "serial": self._serial, "flights": [f.to_json() for f in self._flights.in_flight()]}
+            tensors.update({f"schedule.base.{v}": t for v, t in self._flights.bases().items()})
+        else:  # synchronous: the round lasts as long as its slowest client
+            assert self.latency is not None
+            serial = int(sched.get("serial", 0))
+            durations = []
+            for cid in dispatched:
+                serial += 1
+                durations.append(self.latency.duration(cid, serial))
+            clock = float(sched.get("clock", 0.0)) + max(durations, default=0.0)
+            sched = {"clock": clock, "serial": serial}
+        self.state = replace(self.state, tensors=tensors, meta={**self.state.meta, "schedule": sched})
+        return clock

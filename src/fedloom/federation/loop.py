@@ -64,8 +64,8 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field, replace
+from collections.abc import Callable, Sequence
+from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -79,9 +79,10 @@ from fedloom.core.types import Aggregate, ClientInstruction, ClientUpdate, Parti
 from fedloom.cutting.magnitude import MagnitudePruner
 from fedloom.engines.base import Engine
 from fedloom.core.history import History, RoundRecord
-from fedloom.federation.buffered import BufferPolicy, Flight, Flights, LiveFlights, SimulatedFlights
+from fedloom.federation.attempt import Attempt
+from fedloom.federation.buffered import BufferPolicy, BufferedRounds, Flights
 from fedloom.federation.callbacks import Callback, FunctionCallback, RoundEvent, StoreRecorder
-from fedloom.federation.hierarchy import Hierarchy
+from fedloom.federation.hierarchy import HierarchicalRounds, Hierarchy
 from fedloom.federation.timing import LatencyModel
 from fedloom.pipeline import Pipeline, StageContext
 from fedloom.strategies.base import Aggregator, ServerState, Strategy
@@ -99,7 +100,7 @@ Evaluator = Callable[[torch.Tensor], dict[str, float]]
 RoundCallback = Callable[[RoundRecord, ServerState], None]
 
 
-class Federation:
+class Federation(BufferedRounds, HierarchicalRounds):
     """Drives ``strategy`` over ``engine`` for a number of rounds.
 
     ``evaluate`` (optional) maps the global vector to server-side metrics (prefixed
@@ -384,7 +385,7 @@ class Federation:
             cb.on_round(event)
         return record
 
-    def _attempt(self, rnd: int, attempt: int, rejected: dict[str, str], pipe: Pipeline) -> _Attempt:
+    def _attempt(self, rnd: int, attempt: int, rejected: dict[str, str], pipe: Pipeline) -> Attempt:
         """One try at round ``rnd``: select, dispatch, stream the updates into a fresh aggregator.
 
         With secure aggregation, the protocol's setup exchanges run first and only the clients
@@ -397,7 +398,7 @@ class Federation:
             if not self.round_retries:
                 raise  # nothing will change: a configuration error, not a dropout
             log.warning("round %d: cannot select a cohort: %s", rnd, exc)
-            return _Attempt(None, [], 0, 0, 0)
+            return Attempt(None, [], 0, 0, 0)
         target = len(cohort)
         if self.over_selection > 0.0:
             rest = sorted(set(available) - set(cohort))
@@ -413,7 +414,7 @@ class Federation:
             except ProtocolAbort as exc:
                 rejected.update(proto.rejected)
                 log.warning("round %d: %s", rnd, exc)
-                return _Attempt(None, [], proto.bytes_down, proto.bytes_up, len(set(available)), aborted=str(exc))
+                return Attempt(None, [], proto.bytes_down, proto.bytes_up, len(set(available)), aborted=str(exc))
             rejected.update(proto.rejected)
             proto.rejected.clear()
             target = min(target, len(trained))
@@ -456,7 +457,7 @@ class Federation:
                     break  # over-selection: enough updates, the engine cancels the rest
         finally:
             self._end_stream(stream, rejected)
-        return _Attempt(aggregator, accepted, bytes_down, bytes_up, len(set(available)), protocol=proto, dispatched=cohort)
+        return Attempt(aggregator, accepted, bytes_down, bytes_up, len(set(available)), protocol=proto, dispatched=cohort)
 
     def _sums_where_trained(self, aggregator: Aggregator, proto: Any) -> bool:
         """Whether the engine's workers can sum their shards (nothing needs each update at the server)."""
@@ -478,7 +479,7 @@ class Federation:
         rejected: dict[str, str],
         bytes_down: int,
         available: int,
-    ) -> _Attempt:
+    ) -> Attempt:
         """A synchronous round whose updates are checked and summed where they were trained (one partial per worker)."""
         expected = {ins.client_id for ins in instructions}
         accepted: list[str] = []
@@ -500,174 +501,9 @@ class Federation:
                 rejected[cid] = reason
                 log.warning("round %d: rejected update from %r: %s", rnd, cid, reason)
         dispatched = [ins.client_id for ins in instructions]
-        return _Attempt(aggregator, accepted, bytes_down, bytes_up, available, dispatched=dispatched)
+        return Attempt(aggregator, accepted, bytes_down, bytes_up, available, dispatched=dispatched)
 
-    # ----------------------------------------------------------- hierarchical
-    @staticmethod
-    def _check_hierarchy(h: Hierarchy, strategy: Strategy, *, secure: Any, buffer: Any, adversary: Any) -> None:
-        probe = strategy.aggregator(strategy.init(torch.zeros(1)), 1)
-        if probe.partial_refusal:
-            raise ConfigError(
-                f"strategy {strategy.name!r} cannot run hierarchically: {probe.partial_refusal}", key="hierarchy"
-            )
-        if secure is not None:
-            raise ConfigError("hierarchical rounds cannot run under secure aggregation: edges would see their clients' sums", key="hierarchy")
-        if buffer is not None:
-            raise ConfigError("choose one of [buffer] and [hierarchy]", key="hierarchy")
-        if adversary is not None:
-            raise ConfigError("attacks run on flat rounds; remove [hierarchy] or [attack]", key="hierarchy")
-        if h.kappa > 1 and (strategy.update_extras or strategy.synchronous_only):
-            raise ConfigError(
-                f"strategy {strategy.name!r} keeps per-round server state its edges would not see; it needs kappa = 1",
-                key="hierarchy.kappa",
-            )
-
-    def _attempt_hierarchical(self, rnd: int, attempt: int, rejected: dict[str, str], pipe: Pipeline) -> _Attempt:
-        """One root round: every edge returns a partial (its clients' sum, or ``kappa`` edge rounds' progress)."""
-        h = self.hierarchy
-        assert h is not None
-        live = getattr(self.engine, "live", False)
-        available = self.engine.available_clients()
-        edges = sorted(set(available) & set(h.edges)) if live else list(h.edges)
-        instructions = self._instructions(rnd, edges, pipe)
-        ctx = self._ctx(rnd)
-        sent = pipe.broadcast(self.state.params, ctx, derive_seed(self.strategy.seed, "broadcast", rnd))
-        bytes_down = sum(sent.nbytes + sum(tensor_bytes(t) for t in ins.payload.values()) for ins in instructions)
-        aggregator = self.strategy.aggregator(self.state, rnd)
-        accepted: list[str] = []
-        merged = 0
-        bytes_up = 0
-        if live:  # each edge is a process of its own: its partial comes back as its result
-            extra = {} if sent.payload is None else {"broadcast": sent.payload}
-            stream: Iterator[Any] = self.engine.run_cohort(sent.vector, instructions, **extra)
-        else:
-            stream = (self.edge_round(sent.vector, ins, h.edges[ins.client_id], pipe, rejected) for ins in instructions)
-        expected = set(edges)
-        try:
-            for part in stream:
-                if part is None:
-                    continue
-                bytes_up += part.nbytes
-                source = getattr(part, "source", getattr(part, "client_id", "?"))
-                try:
-                    self._check_partial(part, expected, rnd)
-                    aggregator.merge(part, dtype=self.state.params.dtype)
-                except (InvalidUpdateError, StrategyError) as exc:
-                    reason = getattr(exc, "reason", str(exc))
-                    rejected[source] = reason
-                    log.warning("round %d: rejected the partial of edge %r: %s", rnd, source, reason)
-                    continue
-                expected.discard(part.source)
-                accepted.extend(part.client_ids)
-                merged += 1
-        finally:
-            self._end_stream(stream, rejected)
-        return _Attempt(
-            aggregator if merged else None, accepted, bytes_down, bytes_up, len(set(available)),
-            dispatched=edges, metrics={"edges": float(merged)},
-        )  # fmt: skip
-
-    def _check_partial(self, part: Any, expected: set[str], rnd: int) -> None:
-        """A partial from an edge of this round, for this round's model, from its own clients; else InvalidUpdateError."""
-        from fedloom.core.types import Partial
-
-        if not isinstance(part, Partial):
-            raise InvalidUpdateError("a hierarchical round takes a partial aggregate from each edge, got a client update", client_id=getattr(part, "client_id", "?"))
-        src = part.source
-        if src not in expected:
-            raise InvalidUpdateError("not an edge of this round (or it already answered)", client_id=src)
-        if part.round != rnd:
-            raise InvalidUpdateError(f"partial is for round {part.round}, not {rnd}", client_id=src)
-        if part.model_version != self.state.round:
-            raise InvalidUpdateError(f"partial starts from model version {part.model_version}, not {self.state.round}", client_id=src)
-        part.validate(numel=self.spec.numel)
-        assert self.hierarchy is not None
-        roster = set(self.hierarchy.edges.get(src, ()))
-        strangers = [c for c in part.client_ids if c not in roster]
-        if strangers:
-            raise InvalidUpdateError(f"client(s) {strangers[:3]} are not in edge {src!r}'s roster", client_id=src)
-        if self.max_examples is not None and max(part.client_examples) > self.max_examples:
-            raise InvalidUpdateError(f"a client declares more than the limit of {self.max_examples} examples", client_id=src)
-
-    def edge_round(
-        self,
-        params: torch.Tensor,
-        edge: ClientInstruction,
-        roster: Sequence[str],
-        pipe: Pipeline | None = None,
-        rejected: dict[str, str] | None = None,
-    ) -> Partial | None:
-        """An edge's share of root round ``edge.round``: ``kappa`` edge rounds with its clients, as one partial.
-
-        Each edge round selects a cohort among the roster's available clients (the strategy's
-        sampling; edge round k > 0 draws with salt k), instructs them as the root instructed the
-        edge (its own seed per client) and checks and sums their updates; with ``kappa`` > 1 the
-        edge moves its model by each round's weighted mean. None if no client answered.
-        """
-        h = self.hierarchy
-        kappa = h.kappa if h is not None else 1
-        pipe = pipe if pipe is not None else self.pipeline.for_round(self.state.tensors, self.state.meta)
-        rejected = rejected if rejected is not None else {}
-        rnd, version = edge.round, edge.model_version
-        assert version is not None
-        ctx = self._ctx(rnd)
-        members = set(roster)
-        clients = sorted(c for c in self.engine.available_clients() if c in members)
-        x = params
-        parts = []
-        for k in range(kappa):
-            if k == 0:
-                cohort = self.strategy.select(rnd, clients) if clients else []
-            else:
-                cohort = self.strategy.sampler.draw(rnd, clients, self.strategy.sampler.cohort_size(len(clients)), salt=k)
-            if not cohort:
-                continue
-            seed = (lambda cid: derive_seed(self.strategy.seed, "client", rnd, cid)) if k == 0 else (
-                lambda cid: derive_seed(self.strategy.seed, "client", rnd, cid, "edge-round", k)
-            )  # fmt: skip
-            instructions = [replace(edge, client_id=cid, seed=seed(cid)) for cid in cohort]
-            aggregator = self.strategy.aggregator(self.state, rnd)
-            expected = set(cohort)
-            stream = self.engine.run_cohort(x, instructions)
-            try:
-                for update in stream:
-                    check = lambda u=update: self._check(u, expected, rnd, ctx, pipe)  # noqa: E731
-                    if self._fold(aggregator, update.client_id, rnd, rejected, check, at=f"edge {edge.client_id!r}"):
-                        expected.discard(update.client_id)
-            finally:
-                self._end_stream(stream, rejected)
-            if not aggregator.client_ids:
-                continue
-            part = aggregator.partial(edge.client_id, rnd, version)
-            if kappa == 1:
-                return part
-            parts.append(part)
-            if part.weight > 0:  # the edge's FedAvg step
-                x = x + (part.delta_sum / part.weight).to(x.dtype)
-        if not parts:
-            return None
-        weight = sum(p.weight for p in parts) / len(parts)
-        examples: dict[str, int] = {}
-        metric_sums: dict[str, float] = {}
-        metric_weights: dict[str, int] = {}
-        for p in parts:
-            examples.update(zip(p.client_ids, p.client_examples, strict=True))
-            for key, v in p.metric_sums.items():
-                metric_sums[key] = metric_sums.get(key, 0.0) + v
-                metric_weights[key] = metric_weights.get(key, 0) + p.metric_weights[key]
-        return Partial(
-            source=edge.client_id,
-            round=rnd,
-            model_version=version,
-            delta_sum=(x.to(torch.float64) - params.to(torch.float64)) * weight,
-            weight=weight,
-            client_ids=tuple(examples),
-            client_examples=tuple(examples.values()),
-            metric_sums=metric_sums,
-            metric_weights=metric_weights,
-        )
-
-    # ------------------------------------------------------- buffered closing
+    # ------------------------------------------------------------- shared
     def _instructions(self, rnd: int, cohort: Sequence[str], pipe: Pipeline) -> list[ClientInstruction]:
         """The cohort's instructions for round ``rnd``: the strategy's, with the stages' recipes and the pruning mask."""
         instructions = [self.strategy.client_config(self.state, rnd, cid) for cid in cohort]
@@ -684,108 +520,6 @@ class Federation:
                 replace(ins, transforms=(*ins.transforms, recipe), payload={**ins.payload, **payload}) for ins in instructions
             ]
         return instructions
-
-    def _open_flights(self) -> Flights:
-        """The flights of a buffered run: restored from the state's schedule (a resumed run re-dispatches them)."""
-        sched = dict(self.state.meta.get("schedule") or {})
-        clock = float(sched.get("clock", 0.0))
-        if getattr(self.engine, "live", False):
-            flights: Flights = LiveFlights(self.engine, clock=clock)
-        else:
-            intercept = None
-            if self.adversary is not None:
-                from fedloom.attacks import AttackContext
-
-                adversary = self.adversary
-                weighting = next((st for st in self.pipeline.stages if st.weighting and st.runs_on_client), None)
-
-                def intercept(stream: Iterator[ClientUpdate], rnd: int) -> Iterator[ClientUpdate]:
-                    return adversary.intercept(stream, AttackContext(self.spec, rnd, weighting))  # type: ignore[arg-type]
-
-            flights = SimulatedFlights(self.engine, self.latency or LatencyModel(seed=self.strategy.seed), clock=clock, intercept=intercept)
-        self._serial = int(sched.get("serial", 0))
-        bases = {int(k.rsplit(".", 1)[1]): t for k, t in self.state.tensors.items() if k.startswith("schedule.base.")}
-        pending = [f for f in sched.get("flights", []) if int(f[1]) in bases]
-        available = set(self.engine.available_clients()) if pending else set()
-        by_version: dict[int, list[Flight]] = {}
-        for cid, version, serial, seed, due in pending:
-            if cid not in available:
-                log.warning("resume: %r was training from version %d and is gone; not re-dispatched", cid, version)
-                continue
-            ins = replace(self._instructions(int(version) + 1, [cid], self.pipeline.for_round(self.state.tensors, self.state.meta))[0], seed=int(seed), model_version=int(version))
-            by_version.setdefault(int(version), []).append(Flight(cid, int(version), int(serial), ins, float(due)))
-        for version, group in sorted(by_version.items()):
-            log.info("resume: re-dispatching %d client(s) that were training from version %d", len(group), version)
-            flights.dispatch(version, bases[version], None, group)
-        return flights
-
-    def _attempt_buffered(self, rnd: int, rejected: dict[str, str], pipe: Pipeline) -> _Attempt:
-        """One buffered round: keep ``concurrency`` clients in flight, close at ``size`` valid updates.
-
-        Arrivals due at the same (simulated) instant are taken together before anyone new is
-        dispatched, so equal latencies with K = concurrency replay synchronous rounds exactly.
-        """
-        assert self.buffer is not None
-        if self._flights is None:
-            self._flights = self._open_flights()
-        fl = self._flights
-        version = self.state.round
-        aggregator = self.strategy.aggregator(self.state, rnd)
-        ctx = self._ctx(rnd)
-        sent = pipe.broadcast(self.state.params, ctx, derive_seed(self.strategy.seed, "broadcast", rnd))
-        accepted: list[str] = []
-        staleness: list[int] = []
-        dispatched: list[str] = []
-        bytes_down = bytes_up = 0
-        available: list[str] = []
-        draws = 0
-        again: dict[str, int] = {}
-        while len(accepted) < self.buffer.size:
-            if not fl.ready():  # nothing else due now: top up the clients in flight
-                flying = fl.in_flight()
-                want = self.buffer.concurrency - len(flying)
-                if want > 0:  # with work in flight, top up from whoever is there now rather than wait
-                    available = self.engine.clients_now() if flying else self.engine.available_clients()
-                    busy = {f.client_id for f in flying} | set(accepted)
-                    idle = sorted(set(available) - busy)
-                    chosen = self.strategy.sampler.draw(rnd, idle, want, salt=draws) if idle else []
-                    draws += 1
-                    if chosen:
-                        instructions = self._instructions(rnd, chosen, pipe)
-                        new = []
-                        for ins in instructions:
-                            k = again.get(ins.client_id, 0)  # dispatched before at this version: a fresh seed
-                            again[ins.client_id] = k + 1
-                            if k:
-                                ins = replace(ins, seed=derive_seed(ins.seed, "again", k))
-                            self._serial += 1
-                            new.append(Flight(ins.client_id, version, self._serial, ins, fl.due(ins.client_id, self._serial)))
-                        fl.dispatch(version, sent.vector, sent.payload, new)
-                        dispatched.extend(chosen)
-                        bytes_down += sum(sent.nbytes + sum(tensor_bytes(t) for t in ins.payload.values()) for ins in instructions)
-            arrival = fl.next()
-            if arrival is None:
-                log.warning("round %d: no client in flight and none idle to dispatch", rnd)
-                break
-            f, update, why = arrival
-            if update is None:
-                rejected[f.client_id] = why
-                log.warning("round %d: %r (from version %d) brought no update: %s", rnd, f.client_id, f.version, why)
-                continue
-            bytes_up += update.nbytes
-            if not self._fold(aggregator, f.client_id, rnd, rejected, lambda f=f, u=update: self._check_flight(f, u, version, pipe)):
-                continue
-            accepted.append(f.client_id)
-            staleness.append(version - f.version)
-        for cid, reason in self.engine.take_rejections().items():
-            rejected[cid] = reason
-        metrics: dict[str, float] = {"in_flight": float(len(fl.in_flight()))}
-        if staleness:
-            metrics["staleness_mean"] = sum(staleness) / len(staleness)
-            metrics["staleness_max"] = float(max(staleness))
-        return _Attempt(
-            aggregator, accepted, bytes_down, bytes_up, len(set(available)), dispatched=dispatched, metrics=metrics
-        )
 
     def _end_stream(self, stream: Any, rejected: dict[str, str]) -> None:
         """Close an engine's stream (the engine cancels what is left) and collect what it refused at the door."""
@@ -807,45 +541,6 @@ class Federation:
             log.warning("round %d: %s rejected the update of %r: %s", rnd, at, cid, reason)
             return False
         return True
-
-    def _check_flight(self, f: Flight, update: ClientUpdate, version: int, pipe: Pipeline) -> ClientUpdate:
-        """A buffered arrival checked against its dispatch and scaled by its staleness weight."""
-        assert self.buffer is not None
-        cid = f.client_id
-        if update.model_version != f.version:
-            raise InvalidUpdateError(
-                f"update says it started from model version {update.model_version}, it was sent version {f.version}",
-                client_id=cid,
-            )
-        tau = version - f.version
-        if tau > self.buffer.max_staleness:
-            raise InvalidUpdateError(f"staleness {tau} is beyond max_staleness {self.buffer.max_staleness}", client_id=cid)
-        update = self._check(update, {cid}, f.round, self._ctx(f.round), pipe)
-        s = self.buffer.weight(tau)
-        if s != 1.0:
-            assert update.delta is not None
-            update = replace(update, delta=update.delta * s)
-        return update
-
-    def _schedule_snapshot(self, dispatched: Sequence[str]) -> float:
-        """Advance a synchronous run's simulated clock; put the schedule in the state; return the clock."""
-        sched = dict(self.state.meta.get("schedule") or {})
-        tensors = {k: v for k, v in self.state.tensors.items() if not k.startswith("schedule.base.")}
-        if self._flights is not None:
-            clock = self._flights.now()
-            sched = {"clock": clock, "serial": self._serial, "flights": [f.to_json() for f in self._flights.in_flight()]}
-            tensors.update({f"schedule.base.{v}": t for v, t in self._flights.bases().items()})
-        else:  # synchronous: the round lasts as long as its slowest client
-            assert self.latency is not None
-            serial = int(sched.get("serial", 0))
-            durations = []
-            for cid in dispatched:
-                serial += 1
-                durations.append(self.latency.duration(cid, serial))
-            clock = float(sched.get("clock", 0.0)) + max(durations, default=0.0)
-            sched = {"clock": clock, "serial": serial}
-        self.state = replace(self.state, tensors=tensors, meta={**self.state.meta, "schedule": sched})
-        return clock
 
     def federated_evaluation(
         self, *, personal: PersonalEval | None = None, per_client: dict[str, dict[str, float]] | None = None
@@ -893,18 +588,3 @@ class Federation:
                 raise InvalidUpdateError(f"{self.secure.name if self.secure else 'secure'}: {exc}", client_id=cid) from None
             return pipe.decode(update, ctx)
         return pipe.check(update, ctx, max_examples=self.max_examples)
-
-
-@dataclass
-class _Attempt:
-    """What one try at a round produced."""
-
-    aggregator: Aggregator | None
-    accepted: list[str]
-    bytes_down: int
-    bytes_up: int
-    available: int
-    protocol: Any = None
-    aborted: str = ""
-    dispatched: Sequence[str] = ()
-    metrics: dict[str, float] = field(default_factory=dict)
