@@ -146,3 +146,20 @@ def test_long_tailed_latencies_make_buffered_rounds_faster_in_simulated_time() -
 def test_strategies_that_need_synchronous_rounds_refuse_with_the_reason() -> None:
     with pytest.raises(ConfigError, match="scaffold.*needs synchronous rounds"):
         _federation(_dataset(SIZES), Scaffold(train=TRAIN, fraction=0.5), buffer=BufferPolicy(size=2, concurrency=4))
+
+
+def test_a_buffered_round_whose_dispatches_all_fail_closes_instead_of_spinning() -> None:
+    class NoUpdates(SequentialEngine):
+        def run_cohort(self, global_vec, instructions, **kw):  # type: ignore[no-untyped-def]
+            return iter(())
+
+    fed = _federation(
+        _dataset(SIZES), FedAvg(train=TRAIN, fraction=0.5, seed=0), engine_cls=NoUpdates,
+        buffer=BufferPolicy(size=2, concurrency=4), latency=LatencyModel("fixed", median=1.0),
+    )  # fmt: skip
+    w0 = fed.state.params.clone()
+    rec = fed.step()
+    assert rec.status == "insufficient" and rec.clients == []
+    assert set(rec.rejected.values()) == {"the engine returned no update"}
+    assert torch.equal(fed.state.params, w0)
+    assert fed._serial == 4  # concurrency 4, round_retries 0: four failed arrivals close the round

@@ -318,6 +318,7 @@ class BufferedRounds:
         sched = dict(self.state.meta.get("schedule") or {})
         clock = float(sched.get("clock", 0.0))
         if getattr(self.engine, "live", False):
+            self.engine.available_clients()  # wait for min_clients first: the clock counts from the first dispatch
             flights: Flights = LiveFlights(self.engine, clock=clock)
         else:
             intercept = None
@@ -368,6 +369,8 @@ class BufferedRounds:
         available: list[str] = []
         draws = 0
         again: dict[str, int] = {}
+        failures = 0  # arrivals in a row that brought no usable update
+        patience = self.buffer.concurrency * (self.round_retries + 1)
         while len(accepted) < self.buffer.size:
             if not fl.ready():  # nothing else due now: top up the clients in flight
                 flying = fl.in_flight()
@@ -399,10 +402,17 @@ class BufferedRounds:
             if update is None:
                 rejected[f.client_id] = why
                 log.warning("round %d: %r (from version %d) brought no update: %s", rnd, f.client_id, f.version, why)
+            else:
+                bytes_up += update.nbytes
+            if update is None or not self._fold(
+                aggregator, f.client_id, rnd, rejected, lambda f=f, u=update: self._check_flight(f, u, version, pipe)
+            ):
+                failures += 1
+                if failures >= patience:  # every dispatch failing (a broken client fleet, a bug): close, do not spin
+                    log.warning("round %d: %d arrivals in a row brought nothing usable; closing with %d update(s)", rnd, failures, len(accepted))
+                    break
                 continue
-            bytes_up += update.nbytes
-            if not self._fold(aggregator, f.client_id, rnd, rejected, lambda f=f, u=update: self._check_flight(f, u, version, pipe)):
-                continue
+            failures = 0
             accepted.append(f.client_id)
             staleness.append(version - f.version)
         for cid, reason in self.engine.take_rejections().items():
