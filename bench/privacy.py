@@ -77,7 +77,7 @@ SUITES: dict[str, dict[str, Any]] = {
         "delta": 1e-3,
         "config": {
             "data": {"name": "mnist", "partition": "iid", "num_clients": 1000},
-            "model": {"name": "cnn"},
+            "model": {"name": "cnn", "init": "he"},  # as the committed results were measured (the CNN's default then)
             "strategy": {"name": "fedavg", "fraction": 0.1, "sampling": "poisson"},
             "client": {"epochs": 1, "batch_size": 10, "lr": 0.05},
         },

@@ -24,7 +24,7 @@ from fedloom.models.tabular import MLP, Linear
 __all__ = ["MODEL_ALIASES", "build_model", "list_models"]
 
 
-def _cnn(task: TaskSpec, init: str = "he") -> nn.Module:
+def _cnn(task: TaskSpec, init: str = "torch") -> nn.Module:
     if math.prod(task.input_shape) != 784:
         raise ConfigError(
             f"the McMahan CNN needs 28x28 = 784 inputs, the task has shape {task.input_shape}", key="model.name"
