@@ -317,7 +317,7 @@ class BufferedRounds:
         """The flights of a buffered run: restored from the state's schedule (a resumed run re-dispatches them)."""
         sched = dict(self.state.meta.get("schedule") or {})
         clock = float(sched.get("clock", 0.0))
-        if getattr(self.engine, "live", False):
+        if self.engine.live:
             self.engine.available_clients()  # wait for min_clients first: the clock counts from the first dispatch
             flights: Flights = LiveFlights(self.engine, clock=clock)
         else:

@@ -128,7 +128,7 @@ class HierarchicalRounds:
         """One root round: every edge returns a partial (its clients' sum, or ``kappa`` edge rounds' progress)."""
         h = self.hierarchy
         assert h is not None
-        live = getattr(self.engine, "live", False)
+        live = self.engine.live
         available = self.engine.available_clients()
         edges = sorted(set(available) & set(h.edges)) if live else list(h.edges)
         instructions = self._instructions(rnd, edges, pipe)

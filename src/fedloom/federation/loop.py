@@ -159,7 +159,7 @@ class Federation(BufferedRounds, HierarchicalRounds):
                 raise ConfigError(f"strategy {strategy.name!r} needs synchronous rounds: {strategy.synchronous_only}", key="buffer")
             if over_selection > 0.0:
                 raise ConfigError("over-selection is the first-m closing policy; buffered rounds close on their own", key="buffer")
-        if latency is not None and getattr(engine, "live", False):
+        if latency is not None and engine.live:
             raise ConfigError("a latency model is for simulation; deployed clients take the time they take", key="latency")
         if hierarchy is not None:
             self._check_hierarchy(hierarchy, strategy, secure=secure, buffer=buffer, adversary=adversary)
