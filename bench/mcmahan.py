@@ -7,6 +7,7 @@ pathological split (200 shards of 300 sorted by label, 2 per client).
 Usage:
     python bench/mcmahan.py --json bench/results/mcmahan.json [--rows 2nn-iid,cnn-iid]
         [--max-rounds 300] [--time-budget 3600] [--engine sequential] [--init he|torch] [--pixels raw]
+        [--device cuda] [--precision fp32|tf32|bf16] [--cuda-graphs]
     python bench/mcmahan.py --json bench/results/mcmahan_grid.json --rows 2nn-iid,2nn-noniid
         --lr-grid paper --engine vectorized [--max-rounds 1000]
 
@@ -83,15 +84,21 @@ def parse_grid(text: str) -> list[float]:
     return grid
 
 
+RUN_OPTIONS: dict = {}
+"""Extra ``[run]`` keys of every row (``--device``, ``--precision``, ``--cuda-graphs``), set by :func:`main`."""
+CLIENT_OPTIONS: dict = {}
+"""Extra ``[client]`` keys of every row (``--max-steps``: smoke tests only), set by :func:`main`."""
+
+
 def build(name: str, spec: dict, *, lr: float, max_rounds: int, engine: str, seed: int) -> tuple[Run, float]:
     cfg = parse_config(
         {
-            "run": {"name": f"mcmahan-{name}", "seed": seed, "rounds": max_rounds, "engine": engine},
+            "run": {"name": f"mcmahan-{name}", "seed": seed, "rounds": max_rounds, "engine": engine, **RUN_OPTIONS},
             "data": {"name": "mnist", "partition": spec["partition"], "num_clients": 100,
                      "normalize": spec["pixels"] == "standardized"},
             "model": {"name": spec["model"], "init": spec["init"]},
             "strategy": {"name": "fedavg", "fraction": 0.1},
-            "client": {"epochs": spec["epochs"], "batch_size": 10, "lr": lr, "optimizer": "sgd"},
+            "client": {"epochs": spec["epochs"], "batch_size": 10, "lr": lr, "optimizer": "sgd", **CLIENT_OPTIONS},
         }
     )
     t0 = time.perf_counter()
@@ -105,7 +112,9 @@ def run_lr(name: str, spec: dict, entry: dict, *, lr: float, max_rounds: int, bu
     run, setup_s = build(name, spec, lr=lr, max_rounds=max_rounds, engine=engine, seed=seed)
     entry.update(
         {"lr": lr, "engine": run.engine.name, "setup_s": round(setup_s, 2), "rounds_run": 0, "reached_round": None,
-         "accuracy": [], "wall_s": 0.0, "stopped": "running"}
+         "accuracy": [], "wall_s": 0.0, "stopped": "running", "device": run.config.run.device,
+         "precision": run.config.run.precision, "cuda_graphs": run.config.run.cuda_graphs,
+         "mode": getattr(run.engine, "mode", run.engine.name)}
     )
     t1 = time.perf_counter()
     try:
@@ -215,6 +224,12 @@ def main() -> None:
                     help="the models' weight initialization (default: each model's own)")
     ap.add_argument("--pixels", choices=("standardized", "raw"), default="standardized",
                     help="MNIST inputs: standardized (fedloom's default) or raw [0, 1) intensities (the paper's)")
+    ap.add_argument("--device", default="cpu", help="run.device: cpu, cuda, cuda:1")
+    ap.add_argument("--precision", choices=("fp32", "tf32", "bf16"), default="fp32",
+                    help="run.precision of the vectorized engine (rows not in fp32 are stored under '+<precision>')")
+    ap.add_argument("--cuda-graphs", action="store_true", help="run.cuda_graphs: replay full lockstep steps on CUDA")
+    ap.add_argument("--max-steps", type=int, default=None,
+                    help="cap on local steps per client (client.max_steps; smoke tests: not the paper's setting)")
     lr = ap.add_mutually_exclusive_group()
     lr.add_argument("--lr", type=float, default=None, help="override every row's client learning rate")
     lr.add_argument("--lr-grid", default=None,
@@ -225,6 +240,9 @@ def main() -> None:
     if unknown:
         raise SystemExit(f"--rows: unknown row(s) {', '.join(unknown)}; known: {', '.join(ROWS)}")
     grid = parse_grid(args.lr_grid) if args.lr_grid is not None else None
+    RUN_OPTIONS.update(device=args.device, precision=args.precision, cuda_graphs=args.cuda_graphs)
+    if args.max_steps is not None:
+        CLIENT_OPTIONS["max_steps"] = args.max_steps
     args.json.parent.mkdir(parents=True, exist_ok=True)
     out = json.loads(args.json.read_text()) if args.json.exists() else {}
     out.update(
@@ -249,6 +267,7 @@ def main() -> None:
         init = args.init or DEFAULT_INIT[spec["model"]]
         default_init = DEFAULT_INIT[spec["model"]]
         name = base + ("+raw" if args.pixels == "raw" else "") + (f"+{init}" if init != default_init else "")
+        name += f"+{args.precision}" if args.precision != "fp32" else ""
         row = {**spec, "init": init, "pixels": args.pixels, **({"lr": args.lr} if args.lr is not None else {})}
         if grid is None:
             run_row(name, row, max_rounds=args.max_rounds, budget_s=args.time_budget, engine=args.engine,

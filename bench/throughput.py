@@ -18,6 +18,7 @@ Usage:
     python bench/throughput.py --json bench/results/throughput.json [--quick]
         [--models 2nn,cnn] [--cohorts 10,100] [--engines sequential,vectorized,centralized,flower,pfl-research]
         [--max-steps N] [--threads N] [--repeat N] [--chunk-size N]
+        [--device cuda] [--precision fp32|tf32|bf16] [--cuda-graphs]
         [--setup-peers] [--flower-client-cpus N] [--peer-timeout S] [--markdown OUT.md]
 
 The markdown table is printed, stored in the JSON (``table_md``) and, with ``--markdown``,
@@ -99,6 +100,9 @@ def run_fedloom(model: str, cohort: int, settings: dict[str, Any]) -> Row:
     from fedloom.run import build_engine
 
     engine_name = settings["engine"]
+    device = torch.device(settings.get("device") or "cpu")
+    precision = settings.get("precision") or "fp32"
+    cuda = device.type == "cuda"
     t_start = time.perf_counter()
     data = mnist_federated(num_clients=100, partition="iid", seed=0)
 
@@ -121,25 +125,43 @@ def run_fedloom(model: str, cohort: int, settings: dict[str, Any]) -> Row:
         steps = max(len(batch_order(len(data.clients[c].train), cfg, 0)) for c in cohort_ids)
         central = TrainConfig(epochs=1, batch_size=cfg.batch_size * cohort, lr=cfg.lr, max_steps=steps)
         samples = sum(len(b) for b in batch_order(len(pooled), central, 0))
-        scratch = model_fn()
+        scratch = model_fn().to(device)
+        pooled = Split(pooled.x.to(device), pooled.y.to(device))
+        g_dev = g.to(device)
+        autocast = precision == "bf16"  # the limit at the same precision: the whole step under bf16 autocast
+        if cuda:  # tf32 (or not) for the centralized step as for the engine's
+            torch.backends.cuda.matmul.fp32_precision = "tf32" if precision == "tf32" else "ieee"
+            torch.backends.cudnn.conv.fp32_precision = "tf32" if precision == "tf32" else "ieee"
         setup_s = time.perf_counter() - t_start
 
         def one_round(rnd: int) -> None:
-            train_local(scratch, spec, g, pooled, ClientInstruction(round=rnd, client_id="pooled", train=central, seed=rnd))
+            ins = ClientInstruction(round=rnd, client_id="pooled", train=central, seed=rnd)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
+                train_local(scratch, spec, g_dev, pooled, ins)
+            if cuda:
+                torch.cuda.synchronize(device)
 
-        mode = "centralized"
+        mode = "centralized" if precision == "fp32" else f"centralized, {precision}"
     else:
         samples = sum(sum(len(b) for b in batch_order(len(data.clients[c].train), cfg, 0)) for c in cohort_ids)
+        extra = {"precision": precision, "cuda_graphs": bool(settings.get("cuda_graphs"))}
         engine = build_engine(
-            engine_name, model_fn=model_fn, dataset=data, spec=spec, device="cpu", chunk_size=settings["chunk_size"]
-        )
+            engine_name, model_fn=model_fn, dataset=data, spec=spec, device=str(device), chunk_size=settings["chunk_size"],
+            **(extra if engine_name != "sequential" else {}),
+        )  # fmt: skip
         setup_s = time.perf_counter() - t_start
 
         def one_round(rnd: int) -> None:
             for _ in engine.run_cohort(g, instructions(rnd)):
                 pass
+            if cuda:
+                torch.cuda.synchronize(device)
 
         mode = getattr(engine, "mode", engine_name)
+        if precision != "fp32" and engine_name != "sequential":
+            mode += f", {precision}"
+        if settings.get("cuda_graphs") and engine_name != "sequential":
+            mode += ", cuda graphs"
 
     t0 = time.perf_counter()
     one_round(1)
@@ -165,6 +187,22 @@ def run_fedloom(model: str, cohort: int, settings: dict[str, Any]) -> Row:
         "time_to_first_round_s": round(setup_s + first_round_s, 3),
         "peak_rss_mb": round(_peak_rss_mb(), 1),
         "threads": torch.get_num_threads(),
+        "device": str(device),
+        "precision": precision,
+        **(
+            {
+                "gpu": torch.cuda.get_device_name(device),
+                "peak_gpu_mb": round(torch.cuda.max_memory_allocated(device) / 2**20, 1),
+                "peak_gpu_reserved_mb": round(torch.cuda.max_memory_reserved(device) / 2**20, 1),
+                "chunk_size": (
+                    engine.chunk_size_for(cfg) if engine_name == "vectorized" and hasattr(engine, "chunk_size_for") else None
+                ),
+                "graph_replays": getattr(engine, "graph_replays", None) if engine_name != "centralized" else None,
+                "graph_failure": getattr(engine, "graph_failure", None) if engine_name != "centralized" else None,
+            }
+            if cuda
+            else {}
+        ),
     }
 
 
@@ -491,6 +529,9 @@ def _child(args: argparse.Namespace) -> None:
         "chunk_size": args.chunk_size,
         "repeat": args.repeat,
         "threads": args.threads,
+        "device": args.device,
+        "precision": args.precision,
+        "cuda_graphs": args.cuda_graphs,
         "flower_client_cpus": args.flower_client_cpus,
         "timeout": args.peer_timeout,
     }
@@ -562,6 +603,9 @@ def main() -> None:
     p.add_argument("--max-steps", type=int, default=None, help="cap on local steps per client (default: a full epoch)")
     p.add_argument("--chunk-size", type=int, default=None, help="the vectorized engine's chunk size (default: automatic)")
     p.add_argument("--threads", type=int, default=0, help="torch threads per run (default: torch's choice)")
+    p.add_argument("--device", default="cpu", help="fedloom rows' device: cpu, cuda, cuda:1 (peers run on CPU)")
+    p.add_argument("--precision", default="fp32", help="fedloom rows' precision: fp32, tf32, bf16 (run.precision)")
+    p.add_argument("--cuda-graphs", action="store_true", help="the vectorized engine replays full steps from CUDA graphs")
     p.add_argument("--repeat", type=int, default=2, help="timed rounds after the first; the fastest counts")
     p.add_argument("--setup-peers", action="store_true", help="set up the other frameworks' venvs (then go on if --json)")
     p.add_argument("--flower-client-cpus", type=float, default=1.0, help="Ray CPUs per Flower ClientApp actor")
@@ -592,6 +636,9 @@ def main() -> None:
             "max_steps": args.max_steps,
             "lr": LR,
             "threads": args.threads or "default",
+            "device": args.device,
+            "precision": args.precision,
+            "cuda_graphs": args.cuda_graphs,
             "repeat": args.repeat,
             "flower_client_cpus": args.flower_client_cpus,
         },
@@ -617,6 +664,9 @@ def main() -> None:
                     cmd += ["--max-steps", str(args.max_steps)]
                 if args.chunk_size is not None:
                     cmd += ["--chunk-size", str(args.chunk_size)]
+                cmd += ["--device", args.device, "--precision", args.precision]
+                if args.cuda_graphs:
+                    cmd += ["--cuda-graphs"]
                 t = time.perf_counter()
                 res = subprocess.run(cmd, capture_output=True, text=True, check=False)
                 if res.returncode != 0:

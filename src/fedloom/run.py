@@ -86,6 +86,9 @@ def build_engine(
     chunk_size: int | None = None,
     ray_address: str | None = None,
     ray_workers: int | None = None,
+    precision: str = "fp32",
+    cuda_graphs: bool = False,
+    threads: int | None = None,
 ) -> Engine:
     """The simulation engine called ``name``.
 
@@ -93,10 +96,22 @@ def build_engine(
     lockstep, else ``sequential`` (decided once, by :func:`~fedloom.engines.vectorized.local_engine`).
     ``chunk_size`` overrides the vectorized engine's automatic chunk size. ``ray`` shards
     cohorts over ``ray_workers`` Ray workers (default: one per CPU) of the cluster at
-    ``ray_address`` (default: a local Ray instance started in this process).
+    ``ray_address`` (default: a local Ray instance started in this process). ``precision``
+    and ``cuda_graphs`` are the vectorized engine's (``run.precision``, ``run.cuda_graphs``), as is
+    ``threads`` (``run.threads``: chunks trained at once).
     """
     if name in ("auto", "sequential", "vectorized"):
-        return local_engine(name, model_fn=model_fn, dataset=dataset, spec=spec, device=device, chunk_size=chunk_size)  # type: ignore[arg-type]
+        return local_engine(
+            name,  # type: ignore[arg-type]
+            model_fn=model_fn,
+            dataset=dataset,
+            spec=spec,
+            device=device,
+            chunk_size=chunk_size,
+            precision=precision,
+            cuda_graphs=cuda_graphs,
+            threads=threads,
+        )
     if name == "ray":
         return RayEngine(
             model_fn=model_fn,
@@ -330,6 +345,9 @@ def build_run(cfg: RunConfig, *, engine: str | None = None, fresh: bool = False,
             chunk_size=cfg.run.chunk_size,
             ray_address=cfg.run.ray_address,
             ray_workers=cfg.run.ray_workers,
+            precision=cfg.run.precision,
+            cuda_graphs=cfg.run.cuda_graphs,
+            threads=cfg.run.threads,
         )
         if secure is not None:
             eng.protocol_clients.drop = drops

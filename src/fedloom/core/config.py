@@ -71,6 +71,13 @@ class RunSection(_Strict):
     federated_eval_every: int = Field(0, ge=0)
     min_updates: int = Field(1, ge=1)
     chunk_size: int | None = Field(None, ge=1)  # vectorized engine: clients per lockstep chunk (None: automatic)
+    # vectorized engine: the lockstep steps' arithmetic. fp32: IEEE float32; tf32: TF32 tensor-core products on CUDA
+    # (float32 on CPU); bf16: forward pass under bfloat16 autocast, float32 master weights, gradients and updates
+    precision: Literal["fp32", "tf32", "bf16"] = "fp32"
+    cuda_graphs: bool = False  # vectorized engine on CUDA: replay full lockstep steps from one CUDA-graph capture
+    # vectorized engine: chunks trained at once, one worker thread each with single-threaded kernels (same updates
+    # for any value); None: torch's intra-op thread count
+    threads: int | None = Field(None, ge=1)
     ray_address: str | None = None  # ray engine: cluster to join ("auto", "HOST:6379", "ray://HOST:10001"); None: local
     ray_workers: int | None = Field(None, ge=1)  # ray engine: number of workers (None: one per CPU of the cluster)
     store: str | None = None
@@ -362,6 +369,10 @@ class RunConfig(_Strict):
         data.pop("tracking")
         for key in ("store", "checkpoint_every", "keep_checkpoints", "rounds", "ray_address", "ray_workers"):
             data["run"].pop(key)
+        data["run"].pop("cuda_graphs")  # a replayed step computes what the eager one does
+        data["run"].pop("threads")  # chunks on more threads compute the same updates, bit for bit
+        if data["run"]["precision"] == "fp32":  # added later: fp32 runs keep their identity
+            data["run"].pop("precision")
         for table in ("attack", "buffer", "latency", "hierarchy", "personalization"):  # tables added later: runs without one keep their identity
             if data.get(table) is None:
                 data.pop(table)

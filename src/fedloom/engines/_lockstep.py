@@ -21,6 +21,14 @@ parameters into the gradient buffer. Two programs exist:
 
 Dropout draws independent masks per client (the lowered program from the generator it is
 given, the vmap program from the global RNG), not the sequential engine's masks.
+
+Mixed precision. Called inside a ``torch.autocast`` region (the engine's ``bf16`` mode), a
+program runs its forward pass in the autocast dtype and everything else in the parameters'
+dtype: the loss is computed from float32 logits, the backward pass runs with autocast off
+(each op's gradient in the dtype its forward used), and gradients and updates land in the
+float32 buffers. Stacked Linear layers cast their inputs and weights explicitly (their own
+backward needs the dtypes); grouped convolutions are cast by autocast itself; BatchNorm
+statistics are computed in float32.
 """
 
 from __future__ import annotations
@@ -37,6 +45,7 @@ from torch.func import functional_call, grad_and_value, vmap
 
 from fedloom.client.losses import get_loss, per_sample_loss
 from fedloom.core.params import ParamSpec
+from fedloom.engines._device import autocast_dtype
 
 __all__ = [
     "LockstepProgram",
@@ -114,6 +123,9 @@ class LockstepProgram(ABC):
     """One lockstep training step for the active clients."""
 
     kind: str
+    graph_safe: bool = False
+    """Whether :meth:`step` may be captured in a CUDA graph: no host synchronization, no host
+    data read on the device, no random draws from a generator the graph does not own."""
 
     @abstractmethod
     def step(
@@ -156,6 +168,7 @@ class _Ctx:
     counts: torch.Tensor  # (k,) real samples, float
     min_count: int
     gen: torch.Generator
+    compute_dtype: torch.dtype | None = None  # the autocast dtype of the forward pass, if any
 
 
 @dataclass
@@ -197,7 +210,7 @@ class _Linear(_Op):
         w = ctx.param(self.prefix + "weight")  # (k, out, in)
         flat = h.reshape(ctx.k, -1, h.shape[-1])
         bias = ctx.param(self.prefix + "bias") if self.bias else None
-        out = _StackedLinear.apply(flat, w, bias, ctx.weight_out(self.prefix + "weight"), ctx.sgd_lr)
+        out = _StackedLinear.apply(flat, w, bias, ctx.weight_out(self.prefix + "weight"), ctx.sgd_lr, ctx.compute_dtype)
         return _Act(out.view(*h.shape[:-1], w.shape[1]), grouped=False)
 
 
@@ -210,30 +223,39 @@ class _StackedLinear(torch.autograd.Function):
     writes ``dW`` there (the gradient buffer: no allocation, no copy) or, with ``sgd_lr``,
     applies plain SGD ``W -= sgd_lr * dW`` to ``weight_out`` (the parameter buffer) in the
     same product, so the gradient never goes through memory.
+
+    With ``compute_dtype`` (the autocast dtype, e.g. bfloat16) the products run in that dtype
+    on cast copies of ``x``, ``W`` and ``b``; the gradients are returned (or written, or
+    applied) in the dtypes of the float32 inputs and buffers.
     """
 
     @staticmethod
     def forward(  # type: ignore[override]
+        ctx: torch.autograd.function.FunctionCtx,
         x: torch.Tensor,
         weight: torch.Tensor,
         bias: torch.Tensor | None,
         weight_out: torch.Tensor | None,
         sgd_lr: float | None,
+        compute_dtype: torch.dtype | None = None,
     ) -> torch.Tensor:
-        wt = weight.transpose(1, 2)
-        return torch.bmm(x, wt) if bias is None else torch.baddbmm(bias.unsqueeze(1), x, wt)
-
-    @staticmethod
-    def setup_context(ctx: torch.autograd.function.FunctionCtx, inputs: tuple, output: torch.Tensor) -> None:
-        x, weight, bias, weight_out, sgd_lr = inputs
+        ctx.dtypes = (x.dtype, weight.dtype, bias.dtype if bias is not None else None)  # type: ignore[attr-defined]
+        if compute_dtype is not None:  # cast copies: the fused SGD step rewrites the float32 weight later
+            x, weight = x.to(compute_dtype), weight.to(compute_dtype)
+            bias = bias.to(compute_dtype) if bias is not None else None
         ctx.save_for_backward(x, weight)
         ctx.has_bias = bias is not None  # type: ignore[attr-defined]
         ctx.weight_out = weight_out  # type: ignore[attr-defined]
         ctx.sgd_lr = sgd_lr  # type: ignore[attr-defined]
+        ctx.compute_dtype = compute_dtype  # type: ignore[attr-defined]
+        wt = weight.transpose(1, 2)
+        return torch.bmm(x, wt) if bias is None else torch.baddbmm(bias.unsqueeze(1), x, wt)
 
     @staticmethod
     def backward(ctx: torch.autograd.function.FunctionCtx, grad: torch.Tensor) -> tuple:  # type: ignore[override]
         x, weight = ctx.saved_tensors  # type: ignore[attr-defined]
+        if ctx.compute_dtype is not None:  # type: ignore[attr-defined]
+            return _StackedLinear._backward_cast(ctx, grad.to(ctx.compute_dtype), x, weight)  # type: ignore[attr-defined]
         grad_x = torch.bmm(grad, weight) if ctx.needs_input_grad[0] else None  # type: ignore[attr-defined]
         grad_w = None
         if ctx.needs_input_grad[1]:  # type: ignore[attr-defined]
@@ -246,7 +268,27 @@ class _StackedLinear(torch.autograd.Function):
             else:  # fused SGD: grad_x above already used the old weight
                 out.baddbmm_(grad_t, x, alpha=-lr)
         grad_b = grad.sum(1) if ctx.has_bias and ctx.needs_input_grad[2] else None  # type: ignore[attr-defined]
-        return grad_x, grad_w, grad_b, None, None
+        return grad_x, grad_w, grad_b, None, None, None
+
+    @staticmethod
+    def _backward_cast(ctx: torch.autograd.function.FunctionCtx, grad: torch.Tensor, x: torch.Tensor,
+                       weight: torch.Tensor) -> tuple:  # fmt: skip
+        """The backward under a compute dtype: products in it, results in the inputs' dtypes."""
+        x_dtype, w_dtype, b_dtype = ctx.dtypes  # type: ignore[attr-defined]
+        need = ctx.needs_input_grad  # type: ignore[attr-defined]
+        grad_x = torch.bmm(grad, weight).to(x_dtype) if need[0] else None
+        grad_w = None
+        if need[1]:
+            dw = torch.bmm(grad.transpose(1, 2).contiguous(), x)
+            out, lr = ctx.weight_out, ctx.sgd_lr  # type: ignore[attr-defined]
+            if out is None:
+                grad_w = dw.to(w_dtype)
+            elif lr is None:
+                grad_w = out.copy_(dw)
+            else:  # fused SGD on the float32 master weight
+                out.add_(dw, alpha=-lr)
+        grad_b = grad.sum(1, dtype=b_dtype) if ctx.has_bias and need[2] else None  # type: ignore[attr-defined]
+        return grad_x, grad_w, grad_b, None, None, None
 
 
 @dataclass(frozen=True)
@@ -337,6 +379,8 @@ class _BatchNorm(_Op):
             g = _grouped(a, ctx)
             bsz, kc, hh, ww = g.shape
             h4 = g.view(bsz, ctx.k, kc // ctx.k, hh * ww).transpose(0, 1)
+        if h4.dtype != ctx.state.dtype:  # mixed precision: statistics and normalization in float32
+            h4 = h4.to(ctx.state.dtype)
         spatial = h4.shape[3]
         if ctx.min_count * spatial < 2:
             raise ValueError(f"Expected more than 1 value per channel when training, got input size {spatial}")
@@ -487,6 +531,8 @@ class LoweredProgram(LockstepProgram):
         if other:
             raise UnsupportedModel(f"buffers {other} have no lockstep lowering")
         self.ops = ops
+        # Dropout draws from the chunk's own generator, which a CUDA graph would not advance.
+        self.graph_safe = not any(isinstance(op, _Dropout) and op.p > 0.0 for op in ops)
         # A layer may write a weight's gradient straight into the gradient buffer (or fuse the
         # SGD step) only when that weight is used once; else autograd sums the contributions.
         self._direct = {n for n, c in uses.items() if c == 1 and n in self.slots}
@@ -523,6 +569,7 @@ class LoweredProgram(LockstepProgram):
         sgd_lr: float | None = None,
     ) -> torch.Tensor:
         k, b = x.shape[0], x.shape[1]
+        compute_dtype = autocast_dtype(x.device.type)
         # Leaves alias the parameter buffers but count versions on their own: the fused SGD
         # step writes a weight during backward, which must not invalidate other saved weights.
         leaves = {n: _alias(p).requires_grad_(True) for n, p in params.items()}
@@ -541,12 +588,16 @@ class LoweredProgram(LockstepProgram):
             counts,
             min_count,
             gen,
+            compute_dtype,
         )
         with torch.enable_grad():
             out = self._forward(ctx, x)
+            if out.dtype != state.dtype:  # mixed precision: the loss from float32 logits
+                out = out.to(state.dtype)
             per = per_sample_loss(loss, out.reshape(k * b, *out.shape[2:]), y.reshape(k * b, *y.shape[2:])).view(k, b)
             losses = per.mean(1) if mask is None else (per * mask).sum(1) / counts
-            computed = torch.autograd.grad(losses.sum(), list(leaves.values()), allow_unused=True)
+            with torch.autocast(x.device.type, enabled=False):  # backward in the forward's dtypes
+                computed = torch.autograd.grad(losses.sum(), list(leaves.values()), allow_unused=True)
         for name, g in zip(leaves, computed, strict=True):
             if g is None:  # its layer applied the fused SGD step
                 continue
@@ -583,21 +634,30 @@ class VmapProgram(LockstepProgram):
             raise UnsupportedModel(f"torch.func training of models with buffers ({buffers}) is not exact")
         self.model = model.train()
         self._consts = [e for e in spec.entries if not e.trainable]
-        self._fns: dict[str, Callable[..., tuple[dict[str, torch.Tensor], torch.Tensor]]] = {}
+        self._dtype = spec.dtype
+        self._fns: dict[tuple, Callable[..., tuple[dict[str, torch.Tensor], torch.Tensor]]] = {}
 
-    def _fn(self, loss: str) -> Callable[..., tuple[dict[str, torch.Tensor], torch.Tensor]]:
-        fn = self._fns.get(loss)
+    def _fn(
+        self, loss: str, device_type: str = "cpu", compute_dtype: torch.dtype | None = None
+    ) -> Callable[..., tuple[dict[str, torch.Tensor], torch.Tensor]]:
+        key = (loss, device_type, compute_dtype)
+        fn = self._fns.get(key)
         if fn is None:
             loss_fn = get_loss(loss)
-            model = self.model
+            model, dtype = self.model, self._dtype
 
             def client_loss(
                 params: dict[str, torch.Tensor], consts: dict[str, torch.Tensor], x: torch.Tensor, y: torch.Tensor
             ) -> torch.Tensor:
-                return loss_fn(functional_call(model, (params, consts), (x,)), y)
+                if compute_dtype is None:
+                    return loss_fn(functional_call(model, (params, consts), (x,)), y)
+                # Mixed precision: the forward under autocast, the loss from float32 outputs.
+                with torch.autocast(device_type, dtype=compute_dtype, cache_enabled=False):
+                    out = functional_call(model, (params, consts), (x,))
+                return loss_fn(out.to(dtype), y)
 
             fn = vmap(grad_and_value(client_loss), in_dims=(0, None, 0, 0), randomness="different")
-            self._fns[loss] = fn
+            self._fns[key] = fn
         return fn
 
     def step(
@@ -613,7 +673,8 @@ class VmapProgram(LockstepProgram):
         gen: torch.Generator,
         sgd_lr: float | None = None,
     ) -> torch.Tensor:
-        fn = self._fn(loss)
+        device_type = x.device.type
+        fn = self._fn(loss, device_type, autocast_dtype(device_type))
         k = x.shape[0]
         consts = {e.name: state[0, e.offset : e.stop].view(e.shape) for e in self._consts}
         groups: dict[int, list[int]] = {}
@@ -621,6 +682,26 @@ class VmapProgram(LockstepProgram):
             groups.setdefault(c, []).append(i)
         losses = torch.empty(k, dtype=state.dtype, device=state.device)
         # Clients grouped by real batch size: no padding, so even batch-coupled models are exact.
+        # Autocast is off around the transforms: ``client_loss`` turns it on for the forward only.
+        with torch.autocast(device_type, enabled=False):
+            self._grouped_steps(fn, params, grads, consts, x, y, groups, losses, k)
+        if sgd_lr is not None:
+            for n, p in params.items():
+                p.add_(grads[n], alpha=-sgd_lr)
+        return losses
+
+    @staticmethod
+    def _grouped_steps(
+        fn: Callable[..., tuple[dict[str, torch.Tensor], torch.Tensor]],
+        params: dict[str, torch.Tensor],
+        grads: dict[str, torch.Tensor],
+        consts: dict[str, torch.Tensor],
+        x: torch.Tensor,
+        y: torch.Tensor,
+        groups: dict[int, list[int]],
+        losses: torch.Tensor,
+        k: int,
+    ) -> None:
         for c, rows in groups.items():
             if len(rows) == k:
                 computed, values = fn(params, consts, x[:, :c], y[:, :c])
@@ -628,13 +709,9 @@ class VmapProgram(LockstepProgram):
                     grads[n].copy_(g)
                 losses.copy_(values)
                 continue
-            index = torch.tensor(rows, device=state.device)
+            index = torch.tensor(rows, device=losses.device)
             sub = {n: p[index] for n, p in params.items()}
             computed, values = fn(sub, consts, x[index, :c], y[index, :c])
             for n, g in computed.items():
                 grads[n][index] = g
             losses[index] = values
-        if sgd_lr is not None:
-            for n, p in params.items():
-                p.add_(grads[n], alpha=-sgd_lr)
-        return losses

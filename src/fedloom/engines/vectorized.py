@@ -41,13 +41,24 @@ number of steps, so the active clients stay a prefix.
 
 A model neither program handles (e.g. data-dependent Python control flow) falls back to
 the sequential engine with one logged warning.
+
+Devices (:mod:`fedloom.engines._device`). The engine runs on ``device`` (``run.device``):
+every client's training samples are moved there once, as one concatenated tensor that
+chunks index; the step loop reads no device value back (no host synchronization per step);
+on CUDA, chunks are sized from the free device memory. ``precision`` (``run.precision``):
+``fp32`` (IEEE float32; the default), ``tf32`` (TF32 tensor-core products on CUDA) or
+``bf16`` (the lockstep forward pass under bfloat16 autocast, float32 master weights,
+gradients and updates). ``cuda_graphs`` (``run.cuda_graphs``) replays the lockstep step of
+full chunks from a CUDA graph; the captured function is the one the eager loop runs.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
-from collections.abc import Iterator, Sequence
+import threading
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -61,7 +72,20 @@ from fedloom.core.params import ParamSpec
 from fedloom.core.seeding import derive_seed
 from fedloom.core.types import ClientInstruction, ClientUpdate, Payload, PersonalEval, TrainConfig
 from fedloom.data.base import FederatedDataset, Split
+from fedloom.engines._device import (
+    CudaGraphBackend,
+    FreeBytesFn,
+    GraphBackend,
+    GraphedStep,
+    ResidentData,
+    autocast_scope,
+    check_precision,
+    chunk_size_from_free,
+    cuda_free_bytes,
+    precision_scope,
+)
 from fedloom.engines._dpsgd import ChunkPrivatizer, PerSampleClipper
+from fedloom.engines._parallel import ChunkPool, default_threads
 from fedloom.engines._lockstep import (
     LockstepProgram,
     LoweredProgram,
@@ -72,7 +96,15 @@ from fedloom.engines._lockstep import (
 from fedloom.engines.base import Engine, ModelFn
 from fedloom.engines.sequential import SequentialEngine
 
-__all__ = ["DEFAULT_CPU_BUDGET", "DEFAULT_GPU_BUDGET", "LocalEngineName", "VectorizedEngine", "local_engine", "lockstep_program"]
+__all__ = [
+    "DEFAULT_CPU_BUDGET",
+    "DEFAULT_GPU_BUDGET",
+    "LocalEngineName",
+    "VectorizedEngine",
+    "even_chunks",
+    "local_engine",
+    "lockstep_program",
+]
 
 log = logging.getLogger("fedloom.engines.vectorized")
 
@@ -134,13 +166,18 @@ def local_engine(
     device: str = "cpu",
     chunk_size: int | None = None,
     memory_budget_bytes: int | None = None,
+    precision: str = "fp32",
+    cuda_graphs: bool = False,
+    threads: int | None = None,
 ) -> Engine:
     """The in-process engine ``name``; the one place ``auto`` is decided.
 
     ``auto`` probes the lockstep program once: the vectorized engine (given that program)
     where the model can be trained in lockstep, else the sequential engine, with the reason
-    logged. The CLI, ``build_run`` and every Ray worker choose here.
+    logged. The CLI, ``build_run`` and every Ray worker choose here. ``precision`` and
+    ``cuda_graphs`` are the vectorized engine's (the sequential engine trains in float32).
     """
+    check_precision(precision)
     if name == "sequential":
         return SequentialEngine(model_fn=model_fn, dataset=dataset, spec=spec, device=device)
     if name not in ("auto", "vectorized"):
@@ -159,6 +196,9 @@ def local_engine(
         chunk_size=chunk_size,
         memory_budget_bytes=memory_budget_bytes,
         program=program,
+        precision=precision,
+        cuda_graphs=cuda_graphs,
+        threads=threads,
     )
 
 
@@ -172,6 +212,24 @@ class VectorizedEngine(Engine):
     chunk by chunk. :attr:`mode` says which lockstep program runs (``sequential``: the
     fallback, with the reason in :attr:`fallback_reason`); federated evaluation is the
     sequential engine's.
+
+    On CUDA, with neither ``chunk_size`` nor ``memory_budget_bytes`` set, the budget is half
+    the free device memory (``free_bytes(device)``, by default
+    :func:`~fedloom.engines._device.cuda_free_bytes`; passing ``free_bytes`` applies this rule
+    on any device). The training samples of every client live on the device once
+    (:class:`~fedloom.engines._device.ResidentData`, built here); chunks index them.
+    ``precision`` (``fp32``, ``tf32``, ``bf16``; see :mod:`fedloom.engines._device`) sets the
+    lockstep steps' arithmetic; DP-SGD chunks always train in float32. ``cuda_graphs``
+    captures the lockstep step of full chunks (every client active, every batch full) in a
+    CUDA graph and replays it, on CUDA only (``graph_backend`` substitutes the capture
+    backend, e.g. :class:`~fedloom.engines._device.EagerGraphBackend` to run that path on
+    CPU); programs that are not graph-safe (dropout, the vmap program) run eagerly.
+
+    ``threads`` chunks train at once, each on its own worker thread with single-threaded
+    kernels (:class:`~fedloom.engines._parallel.ChunkPool`; default: torch's intra-op thread
+    count), and their updates are yielded in chunk order: the same updates, bit for bit,
+    whatever ``threads`` is. Chunks are cut evenly (:func:`even_chunks`). The vmap program
+    and DP-SGD train one chunk at a time with torch's own intra-op threads.
     """
 
     name = "vectorized"
@@ -186,8 +244,20 @@ class VectorizedEngine(Engine):
         chunk_size: int | None = None,
         memory_budget_bytes: int | None = None,
         program: LockstepProgram | None = None,
+        precision: str = "fp32",
+        cuda_graphs: bool = False,
+        free_bytes: FreeBytesFn | None = None,
+        graph_backend: Callable[[], GraphBackend] | None = None,
+        threads: int | None = None,
     ) -> None:
         super().__init__(spec=spec)
+        if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
+            raise ConfigError(f"must be an integer >= 1 or unset, got {threads!r}", key="run.threads")
+        self._pool = ChunkPool(threads if threads is not None else default_threads())
+        self.precision = check_precision(precision)
+        if not isinstance(cuda_graphs, bool):
+            raise ConfigError(f"must be true or false, got {cuda_graphs!r}", key="run.cuda_graphs")
+        self.cuda_graphs = cuda_graphs
         if chunk_size is not None and (
             isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1
         ):
@@ -201,6 +271,11 @@ class VectorizedEngine(Engine):
         self._clipper: PerSampleClipper | None = None  # built at the first DP-SGD chunk
         default = DEFAULT_CPU_BUDGET if self.device.type == "cpu" else DEFAULT_GPU_BUDGET
         self.memory_budget_bytes = memory_budget_bytes or default
+        # Chunks sized from the free device memory: on CUDA unless a budget is given, or wherever
+        # a free-memory function is passed (tests give one on CPU).
+        self._free_bytes: FreeBytesFn | None = free_bytes
+        if free_bytes is None and memory_budget_bytes is None and self.device.type == "cuda":
+            self._free_bytes = cuda_free_bytes
         self._sequential = SequentialEngine(model_fn=model_fn, dataset=dataset, spec=spec, device=device)
         self._sequential.client_states = self.client_states
         self._sequential.protocol_clients = self.protocol_clients
@@ -218,6 +293,26 @@ class VectorizedEngine(Engine):
         self._act_numel = 0
         if isinstance(self.program, LoweredProgram):
             self._act_numel = self.program.activation_numel(sample_shape, spec)
+        # Every client's training samples on the device, once (chunks index them).
+        self._data: ResidentData | None = None
+        if self.program is not None:
+            self._data = ResidentData.build(dataset, self.device)
+        self._graph_backend: Callable[[], GraphBackend] | None = graph_backend
+        if graph_backend is None and cuda_graphs:
+            if self.device.type == "cuda":
+                self._graph_backend = lambda: CudaGraphBackend(self.device)
+            else:
+                log.info("run.cuda_graphs applies on CUDA only; training on %s eagerly", self.device)
+        self._stats_lock = threading.Lock()
+        self.graph_replays = 0
+        """Lockstep steps replayed from CUDA graphs so far (all chunks, all threads)."""
+        self.graph_failure: str | None = None
+        """Why a CUDA-graph capture failed (the steps then ran eagerly), if one did."""
+
+    @property
+    def threads(self) -> int:
+        """How many chunks train at once."""
+        return self._pool.threads
 
     @property
     def mode(self) -> str:
@@ -236,6 +331,9 @@ class VectorizedEngine(Engine):
     def chunk_size_for(self, cfg: TrainConfig, transforms: Sequence[GradientTransform] = ()) -> int:
         """Clients per chunk for ``cfg``: ``chunk_size`` if set, else as many as fit the memory budget.
 
+        The budget: ``memory_budget_bytes``; on CUDA without one (or given ``free_bytes``),
+        :data:`~fedloom.engines._device.DEVICE_MEMORY_FRACTION` of the free device memory.
+
         A client's working set: its state row, its trainable parameters, gradients, optimizer
         state and per-client transform vectors (SCAFFOLD's correction), its batch and the
         activations (and their gradients); under DP-SGD also its per-sample gradients, for a
@@ -250,7 +348,10 @@ class VectorizedEngine(Engine):
         per_client = self.spec.numel + p * matrices + cfg.batch_size * (self._sample_numel + 3 * self._act_numel)
         if cfg.dpsgd:
             per_client += _dp_width(cfg.batch_size) * (p + self._sample_numel)
-        return max(1, self.memory_budget_bytes // (per_client * self.spec.dtype.itemsize))
+        per_client_bytes = per_client * self.spec.dtype.itemsize
+        if self._free_bytes is not None:
+            return chunk_size_from_free(self._free_bytes(self.device), per_client_bytes)
+        return max(1, self.memory_budget_bytes // per_client_bytes)
 
     # ----------------------------------------------------------------- training
     def run_cohort(
@@ -268,18 +369,40 @@ class VectorizedEngine(Engine):
         groups: dict[tuple, list[ClientInstruction]] = {}
         for ins in instructions:
             groups.setdefault((ins.train, ins.transforms, ins.stages, ins.personal), []).append(ins)
+        jobs: list[tuple[TrainConfig, list[ClientInstruction]]] = []
         for (cfg, _, _, _), group in groups.items():
-            size = self.chunk_size_for(cfg, active_transforms(group[0]))
-            for start in range(0, len(group), size):
-                chunk = group[start : start + size]
-                results, deltas = self._train_chunk(g, cfg, chunk)
-                states = [r.state for r in results]
-                if chunk[0].personal:  # Ditto: the personal run in lockstep too, from the states just made
-                    for ins, st in zip(chunk, states, strict=True):
-                        self.client_states.put(ins.client_id, st)
-                    personal = [personal_instruction(ins) for ins in chunk]
-                    states = [r.state for r in self._train_chunk(g, cfg, personal)[0]]  # type: ignore[arg-type]
-                yield from self.finish_clients(chunk, [r.update for r in results], states, deltas)
+            jobs += [(cfg, chunk) for chunk in even_chunks(group, self.chunk_size_for(cfg, active_transforms(group[0])))]
+        if self._pool.threads > 1 and not self._parallel_safe(jobs):
+            # The vmap program's dropout and DP-SGD's clipper use shared state: one chunk at a
+            # time, on the caller's thread with torch's own intra-op threads.
+            for cfg, chunk in jobs:
+                yield from self._finish_job(self._train_job(g, cfg, chunk))
+            return
+        for done in self._pool.ordered(lambda job: self._train_job(g, *job), jobs):
+            yield from self._finish_job(done)
+
+    def _parallel_safe(self, jobs: Sequence[tuple[TrainConfig, list[ClientInstruction]]]) -> bool:
+        """Whether chunks may train on several threads at once (the lowered program, no DP-SGD)."""
+        return isinstance(self.program, LoweredProgram) and not any(cfg.dpsgd for cfg, _ in jobs)
+
+    def _train_job(self, g: torch.Tensor, cfg: TrainConfig, chunk: list[ClientInstruction]) -> _ChunkDone:
+        """Train one chunk (a worker thread's job): its results, the states to keep and the deltas."""
+        results, deltas = self._train_chunk(g, cfg, chunk)
+        states = [r.state for r in results]
+        if chunk[0].personal:  # Ditto: the personal run in lockstep too, from the states just made
+            for ins, st in zip(chunk, states, strict=True):
+                self.client_states.put(ins.client_id, st)
+            personal = [personal_instruction(ins) for ins in chunk]
+            states = [r.state for r in self._train_chunk(g, cfg, personal)[0]]  # type: ignore[arg-type]
+        return _ChunkDone(chunk, results, states, deltas)
+
+    def _finish_job(self, done: _ChunkDone) -> list[ClientUpdate]:
+        """The client stages on a trained chunk (the caller's thread, in chunk order)."""
+        return self.finish_clients(done.chunk, [r.update for r in done.results], done.states, done.deltas)
+
+    def close(self) -> None:
+        self._pool.close()
+        self._sequential.close()
 
     def _train_chunk(
         self, g: torch.Tensor, cfg: TrainConfig, chunk: list[ClientInstruction]
@@ -295,7 +418,8 @@ class VectorizedEngine(Engine):
         orders = [draw(len(s), cfg, ins.seed) for ins, s in zip(chunk, splits, strict=True)]
         # Poisson batches vary in size (and may be empty): pad to the largest one.
         width = max(1, max(len(b) for o in orders for b in o)) if cfg.dpsgd else cfg.batch_size
-        plan = _BatchPlan.build(splits, orders, width, device, g.dtype)
+        data, offsets = self._chunk_data(chunk, splits)
+        plan = _BatchPlan.build(data, offsets, orders, width, device, g.dtype)
         rows, steps, k = plan.rows, plan.steps, len(chunk)
         dp = None
         if cfg.dpsgd:
@@ -349,23 +473,42 @@ class VectorizedEngine(Engine):
 
         seed = derive_seed("vectorized", *(ins.seed for ins in chunk))
         gen = torch.Generator(device=device).manual_seed(seed)
-        with torch.random.fork_rng(devices=[] if device.type == "cpu" else [device]):
-            torch.manual_seed(seed)  # the vmap program's dropout draws from the global RNG
+        program = self.program
+        # DP-SGD's per-sample clipping and noise stay float32 (its sensitivity bound is the point).
+        precision = self.precision if dp is None else "fp32"
+
+        def lockstep(ix: torch.Tensor, cnt: torch.Tensor, counts: list[int], ka: int) -> None:
+            """One lockstep step of the first ``ka`` rows: the eager step, and the one a CUDA graph captures."""
+            params, grads = stack.views(theta, ka), stack.views(grad, ka)
+            with autocast_scope(precision, device):
+                losses = program.step(
+                    params, grads, state[:ka], plan.x[ix], plan.y[ix], cnt, counts, cfg.loss, gen, sgd_lr
+                )
+            loss_sum[:ka] += losses.to(torch.float64) * cnt.to(torch.float64)
+
+        graphed: GraphedStep | None = None
+        if self._graph_backend is not None and dp is None and program.graph_safe and sum(plan.full) > 2:
+            full = [width] * k
+            graphed = GraphedStep(
+                lambda ix, cnt: lockstep(ix, cnt, full, k), plan.index[0], plan.counts[0], self._graph_backend()
+            )
+        with _vmap_rng(program, seed, device), precision_scope(precision, device):
             for t, ka in enumerate(plan.active):
-                params, grads = stack.views(theta, ka), stack.views(grad, ka)
                 cnt = plan.counts[t, :ka]
                 counts = plan.count_lists[t][:ka]
                 if dp is None:
-                    ix = plan.index[t, :ka]
-                    x, y = plan.x[ix], plan.y[ix]
-                    losses = self.program.step(params, grads, state[:ka], x, y, cnt, counts, cfg.loss, gen, sgd_lr)
-                    loss_sum[:ka] += losses.to(torch.float64) * cnt.to(torch.float64)
+                    if graphed is not None and plan.full[t]:
+                        graphed(plan.index[t], cnt)
+                    else:
+                        lockstep(plan.index[t, :ka], cnt, counts, ka)
                     if sgd_lr is not None:
                         continue
                 else:  # the privatized gradient; the loss is a sum over the real samples
+                    params, grads = stack.views(theta, ka), stack.views(grad, ka)
                     ix = plan.index[t, :ka, : max(counts)]
                     loss_sum[:ka] += dp.step(params, grads, state[:ka], plan.x[ix], plan.y[ix], cnt).to(torch.float64)
                 if transforms:
+                    params, grads = stack.views(theta, ka), stack.views(grad, ka)
                     plist, glist = list(params.values()), list(grads.values())
                     for j, t in enumerate(transforms):
                         t.apply(plist, glist, laid(j, ka))
@@ -373,6 +516,10 @@ class VectorizedEngine(Engine):
                 if transforms:
                     for j, t in enumerate(transforms):
                         t.after_step(list(stack.views(theta, ka).values()), laid(j, ka))
+        if graphed is not None and (graphed.replays or graphed.failed):
+            with self._stats_lock:
+                self.graph_replays += graphed.replays
+                self.graph_failure = graphed.failed or self.graph_failure
 
         trained = stack.unstack(theta)
         col = 0
@@ -399,6 +546,28 @@ class VectorizedEngine(Engine):
             )
         return results, deltas
 
+    def _chunk_data(self, chunk: list[ClientInstruction], splits: list[Split]) -> tuple[ResidentData, list[int]]:
+        """The samples a chunk indexes, and each chunk client's offset in them.
+
+        The engine's resident copy; for a chunk with a client it does not hold (one added to
+        the dataset later), the chunk's own splits concatenated on the device.
+        """
+        data = self._data
+        if data is not None and all(
+            data.sizes.get(ins.client_id) == len(s) for ins, s in zip(chunk, splits, strict=True)
+        ):
+            return data, [data.offsets[ins.client_id] for ins in chunk]
+        offsets = [0]
+        for s in splits[:-1]:
+            offsets.append(offsets[-1] + len(s))
+        own = ResidentData(
+            x=torch.cat([s.x for s in splits]).to(self.device),
+            y=torch.cat([s.y for s in splits]).to(self.device),
+            offsets={},
+            sizes={},
+        )
+        return own, offsets
+
     def _trainable(self, vec: torch.Tensor) -> torch.Tensor:
         """The trainable entries of a flat vector, in slot order."""
         return torch.cat([vec[c] for c in self._cols]) if self._cols else vec.new_zeros(0)
@@ -409,20 +578,68 @@ class VectorizedEngine(Engine):
         return self._sequential.evaluate_clients(global_vec, client_ids, personal=personal)
 
 
+@contextlib.contextmanager
+def _vmap_rng(program: LockstepProgram, seed: int, device: torch.device) -> Iterator[None]:
+    """The vmap program's dropout draws from the global RNG: seed a forked one for the chunk.
+
+    The lowered program draws from the chunk's own generator and leaves the global RNG alone,
+    so chunks on parallel threads never fork and restore it under each other.
+    """
+    if isinstance(program, LoweredProgram):
+        yield
+        return
+    with torch.random.fork_rng(devices=[] if device.type == "cpu" else [device]):
+        torch.manual_seed(seed)
+        yield
+
+
+@dataclass(frozen=True)
+class _ChunkDone:
+    """A trained chunk, in chunk order: its instructions, results, states to keep and deltas."""
+
+    chunk: list[ClientInstruction]
+    results: list[LocalResult]
+    states: list[Mapping[str, torch.Tensor]]
+    deltas: torch.Tensor
+
+
+def even_chunks(group: Sequence[ClientInstruction], size: int) -> list[list[ClientInstruction]]:
+    """``group`` in order, cut into the fewest chunks of at most ``size`` clients, sizes differing by at most one.
+
+    (10 clients at most 9 per chunk: 5 + 5, not 9 + 1, so parallel chunks finish together.)
+    The cut depends on the cohort and ``size`` only, never on the number of threads.
+    """
+    n = len(group)
+    if n == 0:
+        return []
+    count = -(-n // max(1, size))
+    base, extra = divmod(n, count)
+    out, start = [], 0
+    for i in range(count):
+        stop = start + base + (1 if i < extra else 0)
+        out.append(list(group[start:stop]))
+        start = stop
+    return out
+
+
 @dataclass(frozen=True)
 class _BatchPlan:
     """A chunk's batches, step by step, as padded index tensors into its concatenated data.
 
     ``rows[r]`` is the chunk position of row r; rows are sorted by number of steps, longest
     first, so the ``active[t]`` clients that still step at t are rows ``[0, active[t])``.
-    ``index[t, r]`` holds row r's sample indices at step t, padded to B by repeating its
-    first sample (the client's first example for an empty batch); ``counts[t, r]`` (also
-    ``count_lists``) its real batch size.
+    ``index[t, r]`` holds row r's sample indices at step t into ``x`` / ``y`` (the engine's
+    resident data: chunk position i's samples start at ``offsets[i]``), padded to B by
+    repeating its first sample (the client's first example for an empty batch);
+    ``counts[t, r]`` (also ``count_lists``, on the host) its real batch size. ``full[t]``:
+    every row steps at t with a full batch of B (the steps a CUDA graph may replay). Built
+    on the host and moved to the device once per chunk: the step loop reads no device value.
     """
 
     rows: list[int]
     steps: list[int]
     active: list[int]
+    full: list[bool]
     x: torch.Tensor
     y: torch.Tensor
     index: torch.Tensor
@@ -431,29 +648,50 @@ class _BatchPlan:
 
     @classmethod
     def build(
-        cls, splits: list[Split], orders: list[list[torch.Tensor]], b: int, device: torch.device, dtype: torch.dtype
+        cls,
+        data: ResidentData,
+        offsets: list[int],
+        orders: list[list[torch.Tensor]],
+        b: int,
+        device: torch.device,
+        dtype: torch.dtype,
     ) -> _BatchPlan:
-        rows = sorted(range(len(splits)), key=lambda i: -len(orders[i]))
+        rows = sorted(range(len(orders)), key=lambda i: -len(orders[i]))
         steps = [len(orders[i]) for i in rows]
         horizon = steps[0]
         index = torch.zeros(horizon, len(rows), b, dtype=torch.long)
         counts = torch.zeros(horizon, len(rows), dtype=torch.long)
-        offset = 0
+        pos = torch.arange(b)
         for r, i in enumerate(rows):
-            for t, batch in enumerate(orders[i]):
-                index[t, r, : len(batch)] = batch + offset
-                index[t, r, len(batch) :] = (batch[0] if len(batch) else 0) + offset
-                counts[t, r] = len(batch)
-            offset += len(splits[i])
+            batches = orders[i]
+            n = len(batches)
+            if n == 0:
+                continue
+            lens = torch.tensor([len(batch) for batch in batches], dtype=torch.long)
+            counts[:n, r] = lens
+            flat = torch.cat([batch.long() for batch in batches])
+            if flat.numel() == 0:  # only empty (Poisson) batches: the client's first example
+                index[:n, r] = offsets[i]
+                continue
+            starts = (lens.cumsum(0) - lens).unsqueeze(1)
+            # Real samples in place, then padding that repeats the batch's first sample.
+            src = torch.where(pos < lens.unsqueeze(1), starts + pos, starts).clamp_(max=flat.numel() - 1)
+            local = flat[src]
+            local[lens == 0] = 0
+            index[:n, r] = local + offsets[i]
+        count_lists = counts.tolist()
+        active = [sum(1 for s in steps if s > t) for t in range(horizon)]
+        k = len(rows)
         return cls(
             rows=rows,
             steps=steps,
-            active=[sum(1 for s in steps if s > t) for t in range(horizon)],
-            x=torch.cat([splits[i].x for i in rows]).to(device),
-            y=torch.cat([splits[i].y for i in rows]).to(device),
+            active=active,
+            full=[a == k and all(c == b for c in cl) for a, cl in zip(active, count_lists, strict=True)],
+            x=data.x,
+            y=data.y,
             index=index.to(device),
             counts=counts.to(device=device, dtype=dtype),
-            count_lists=counts.tolist(),
+            count_lists=count_lists,
         )
 
 
