@@ -228,7 +228,7 @@ def test_bf16_training_lands_within_tolerance_of_fp32() -> None:
 
 @pytest.mark.parametrize("program", ["lowered", "vmap"])
 def test_bf16_gradients_stay_float32_and_close(program: str) -> None:
-    """Under bf16 the stacked Linear layers' own backward (and the vmap program) keep float32 buffers."""
+    """Under bf16 the vmap program keeps float32 buffers; on CPU the lowered Linear layers stay float32."""
     from fedloom.engines._lockstep import VmapProgram
 
     data = _dataset()
@@ -242,9 +242,39 @@ def test_bf16_gradients_stay_float32_and_close(program: str) -> None:
         assert engine.mode == program
         out[precision] = _deltas(engine, g, ins)
     assert out["bf16"].dtype == torch.float32
+    if program == "lowered":  # an MLP is only Linear layers: float32 products on CPU (see _Linear)
+        assert torch.equal(out["bf16"], out["fp32"])
+        return
     assert not torch.equal(out["bf16"], out["fp32"])  # bf16 did run
     rel = float((out["bf16"] - out["fp32"]).norm() / out["fp32"].norm())
     assert rel < 0.1, rel
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_stacked_linear_bf16_products_write_float32_gradients(fused: bool) -> None:
+    """The CUDA path of the stacked Linear under bf16 (its own cast backward), run on CPU."""
+    from fedloom.engines._lockstep import _StackedLinear
+
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 5, 8, generator=gen, requires_grad=True)
+    w = torch.randn(3, 4, 8, generator=gen)
+    b = torch.randn(3, 4, generator=gen)
+    up = torch.randn(3, 5, 4, generator=gen)
+    ref_w = w.clone().requires_grad_(True)
+    ref_b = b.clone().requires_grad_(True)
+    ref_x = x.detach().clone().requires_grad_(True)
+    (torch.baddbmm(ref_b.unsqueeze(1), ref_x, ref_w.transpose(1, 2)) * up).sum().backward()
+    wl, bl = w.clone().requires_grad_(True), b.clone().requires_grad_(True)
+    target = w.clone() if fused else torch.empty_like(w)
+    out = _StackedLinear.apply(x, wl, bl, target, 0.5 if fused else None, torch.bfloat16)
+    assert out.dtype == torch.bfloat16
+    (out.float() * up).sum().backward()
+    assert x.grad is not None and x.grad.dtype == torch.float32 and bl.grad is not None and bl.grad.dtype == torch.float32
+    torch.testing.assert_close(x.grad, ref_x.grad, rtol=0.05, atol=0.05)
+    torch.testing.assert_close(bl.grad, ref_b.grad, rtol=0.05, atol=0.05)
+    expected = w - 0.5 * ref_w.grad if fused else ref_w.grad
+    assert target.dtype == torch.float32
+    torch.testing.assert_close(target, expected, rtol=0.05, atol=0.1)
 
 
 # ----------------------------------------------------------------- chunk sizing
