@@ -103,12 +103,23 @@ def test_threads_setting_is_restored() -> None:
 
 
 @pytest.mark.parametrize(
-    ("n", "size", "expected"),
-    [(10, 9, [5, 5]), (7, 3, [3, 2, 2]), (100, 25, [25] * 4), (1, 4, [1]), (9, 1, [1] * 9), (0, 3, [])],
+    ("n", "size", "least", "expected"),
+    [
+        (10, 9, 1, [5, 5]),
+        (7, 3, 1, [3, 2, 2]),
+        (100, 25, 1, [25] * 4),
+        (1, 4, 1, [1]),
+        (9, 1, 1, [1] * 9),
+        (0, 3, 1, []),
+        (10, 25, 2, [5, 5]),  # one chunk per core at least: both cores busy
+        (10, 25, 4, [3, 3, 2, 2]),
+        (3, 25, 8, [1, 1, 1]),  # never more chunks than clients
+        (100, 25, 2, [25] * 4),  # the budget already gives more
+    ],
 )
-def test_even_chunks(n: int, size: int, expected: list[int]) -> None:
+def test_even_chunks(n: int, size: int, least: int, expected: list[int]) -> None:
     group = [ClientInstruction(round=1, client_id=f"c{i}", train=TrainConfig(), seed=i) for i in range(n)]
-    chunks = even_chunks(group, size)
+    chunks = even_chunks(group, size, least)
     assert [len(c) for c in chunks] == expected
     assert [ins.client_id for c in chunks for ins in c] == [g.client_id for g in group]
 

@@ -29,7 +29,8 @@ operation (the fused SGD step rounds once instead of twice: a last-bit differenc
 Updates, SCAFFOLD extras and client states are built by
 :func:`fedloom.client.training.finish_local`, as in the sequential engine.
 
-Dropout masks are independent per client but drawn from a per-chunk generator, so they
+Dropout masks are independent per client but drawn from a per-chunk generator (seeded by the
+chunk's client ids and seeds), so they
 differ from the sequential engine's (the run is still reproducible for a given config).
 
 DP-SGD (``cfg.dp_clip_norm`` set; semantics in :mod:`fedloom.client.dpsgd`) replaces the
@@ -57,6 +58,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import os
 import threading
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -232,7 +234,8 @@ class VectorizedEngine(Engine):
     ``threads`` chunks train at once, each on its own worker thread with single-threaded
     kernels (:class:`~fedloom.engines._parallel.ChunkPool`; default: torch's intra-op thread
     count), and their updates are yielded in chunk order: the same updates, bit for bit,
-    whatever ``threads`` is. Chunks are cut evenly (:func:`even_chunks`). The vmap program
+    whatever ``threads`` is. Chunks are cut evenly (:func:`even_chunks`), on CPU into at least
+    as many chunks as the machine has cores (a cohort of 10 on 2 cores: 5 + 5). The vmap program
     and DP-SGD train one chunk at a time with torch's own intra-op threads.
     """
 
@@ -258,6 +261,9 @@ class VectorizedEngine(Engine):
         if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
             raise ConfigError(f"must be an integer >= 1 or unset, got {threads!r}", key="run.threads")
         self._pool = ChunkPool(threads if threads is not None else default_threads())
+        # Cut a cohort into at least one chunk per core (CPU; cores of this machine, not
+        # ``threads``, so the updates do not depend on the thread count): every core gets work.
+        self._min_chunks = len(os.sched_getaffinity(0)) if device == "cpu" or str(device).startswith("cpu") else 1
         self.precision = check_precision(precision)
         if not isinstance(cuda_graphs, bool):
             raise ConfigError(f"must be true or false, got {cuda_graphs!r}", key="run.cuda_graphs")
@@ -375,7 +381,8 @@ class VectorizedEngine(Engine):
             groups.setdefault((ins.train, ins.transforms, ins.stages, ins.personal), []).append(ins)
         jobs: list[tuple[TrainConfig, list[ClientInstruction]]] = []
         for (cfg, _, _, _), group in groups.items():
-            jobs += [(cfg, chunk) for chunk in even_chunks(group, self.chunk_size_for(cfg, active_transforms(group[0])))]
+            size = self.chunk_size_for(cfg, active_transforms(group[0]))
+            jobs += [(cfg, chunk) for chunk in even_chunks(group, size, self._min_chunks)]
         if self._pool.threads > 1 and not self._parallel_safe(jobs):
             # The vmap program's dropout and DP-SGD's clipper use shared state: one chunk at a
             # time, on the caller's thread with torch's own intra-op threads.
@@ -475,7 +482,7 @@ class VectorizedEngine(Engine):
         sgd_lr = cfg.lr if plain else None
         loss_sum = torch.zeros(k, dtype=torch.float64, device=device)
 
-        seed = derive_seed("vectorized", *(ins.seed for ins in chunk))
+        seed = derive_seed("vectorized", *(part for ins in chunk for part in (ins.client_id, ins.seed)))
         gen = torch.Generator(device=device).manual_seed(seed)
         program = self.program
         # DP-SGD's per-sample clipping and noise stay float32 (its sensitivity bound is the point).
@@ -607,16 +614,16 @@ class _ChunkDone:
     deltas: torch.Tensor
 
 
-def even_chunks(group: Sequence[ClientInstruction], size: int) -> list[list[ClientInstruction]]:
-    """``group`` in order, cut into the fewest chunks of at most ``size`` clients, sizes differing by at most one.
+def even_chunks(group: Sequence[ClientInstruction], size: int, min_chunks: int = 1) -> list[list[ClientInstruction]]:
+    """``group`` in order, cut into the fewest chunks of at most ``size`` clients (at least
+    ``min_chunks`` if there are that many clients), sizes differing by at most one.
 
     (10 clients at most 9 per chunk: 5 + 5, not 9 + 1, so parallel chunks finish together.)
-    The cut depends on the cohort and ``size`` only, never on the number of threads.
     """
     n = len(group)
     if n == 0:
         return []
-    count = -(-n // max(1, size))
+    count = min(n, max(-(-n // max(1, size)), min_chunks))
     base, extra = divmod(n, count)
     out, start = [], 0
     for i in range(count):
