@@ -23,6 +23,20 @@ FedAvg with every client in every round (fraction 1.0). Per N (default 10, 100, 
   the clients' receive windows do not grow (``grpc.http2.bdp_probe`` = 0 on their channels;
   ``--client-bdp`` lets them); and the load generators run with :data:`LOADGEN_ENV`.
 
+``--async-clients`` replaces the agent threads by asyncio load generators
+(:func:`aio_loadgen`): each client a ``grpc.aio`` coroutine with its own channel and TCP
+connection doing the same protocol (Register, heartbeats, long-poll PullTask read to the end
+and checked, ``--compute-s`` of sleep, PushResult of a wire-encoded update of the model's size
+in the agent's 256 KiB chunks, signed under ``--tls``), up to 2,500 per process, so 10,000
+connected clients fit one machine. ``--cohort K`` samples K of the N clients each round
+(``strategy.fraction`` = K / N); the rows then also report ``transfer_s`` (the spread of
+the cohort's model arrivals + the upload tail) and ``overhead_beyond_transfer_s``. The
+benchmark raises its open-file limit to the hard limit (the server and the load
+generators inherit it). For example (bench/results/deploy_aio_cpu.json)::
+
+    nice python bench/deploy.py --async-clients --clients 100,1000,10000 --cohort 100 \
+        --rounds 4 --flower-clients '' --json bench/results/deploy_aio_cpu.json
+
 Reported per N (round 1 includes waiting for all N clients to register, so it is reported
 apart; the rounds after it are "measured"):
 
@@ -55,6 +69,7 @@ PushResult calls by gRPC status; the agents reconnect, register again and redo t
 Usage:
     python bench/deploy.py --json bench/results/deploy.json [--clients 10,100,1000]
         [--rounds 3] [--compute-s 1.0] [--model cnn] [--loadgens K] [--tls]
+        [--async-clients] [--cohort K] [--ramp-s S] [--pull-wait S]
         [--client-decode lean|full] [--client-bdp] [--keep] [--profile]
 
 ``--keep`` keeps each configuration's work directory (server log, config, load-generator
@@ -486,7 +501,8 @@ def loadgen(args: argparse.Namespace) -> None:
             time.sleep(args.compute_s)
             self._current = {"client": self.index, "round": rnd, "t_recv": t_recv, "t_computed": time.time()}
             self.report.tasks += 1
-            meta = {"round": rnd, "num_examples": examples, "num_steps": 1, "metrics": {"loss": 0.0}}
+            # weight: what the client-side weight_examples stage declares (the delta is not scaled: a fixed random one)
+            meta = {"round": rnd, "num_examples": examples, "num_steps": 1, "metrics": {"loss": 0.0}, "weight": float(examples)}
             return "update", meta, body  # wire.encode takes an encoded Body as the tensors
 
         def serve(self) -> None:
@@ -533,6 +549,233 @@ def loadgen(args: argparse.Namespace) -> None:
     os._exit(0)  # daemon client threads may still be in gRPC calls
 
 
+def _raise_nofile() -> int:
+    """Raise this process's open-file limit to its hard limit (10,000 clients are 10,000 sockets); return it."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        soft = hard
+    return soft
+
+
+def aio_loadgen(args: argparse.Namespace) -> None:
+    """One asyncio load-generator process: clients ``--ids A:B`` of N as coroutines, until the server ends the run.
+
+    Each client is what a real agent does on the wire, without a thread: its own ``grpc.aio``
+    channel (its own TCP connection), Register, a heartbeat every ``heartbeat_interval`` the
+    server announced, long-poll PullTask (the model's stream read to the end and checked
+    for structure and size, as ``--client-decode lean``), ``--compute-s`` of sleep, then
+    PushResult of a wire-encoded update of the model's size (a fixed random delta, encoded
+    once per process, signed per client under ``--tls``) and Leave when told the run is
+    over. Clients start over ``--ramp-s`` seconds, so 10,000 connections do not arrive as
+    one burst of TCP handshakes. The results file has :func:`loadgen`'s schema.
+    """
+    import asyncio
+    import random
+
+    import grpc
+    import torch
+
+    from fedloom.core.params import ParamSpec
+    from fedloom.data.mnist_federated import MNIST_TASK, client_id
+    from fedloom.models.registry import build_model
+    from fedloom.server import certs as certs_mod
+    from fedloom.transport.proto import fedloom_pb2 as pb
+    from fedloom.transport.proto import fedloom_pb2_grpc as pb_grpc
+    from fedloom.transport.protocol import GRPC_OPTIONS
+    from fedloom.transport.wire import encode, encode_body
+
+    _raise_nofile()
+    torch.set_num_threads(1)
+    lo, hi = (int(x) for x in args.ids.split(":"))
+    n = args.num_clients
+    spec = ParamSpec.from_module(build_model(args.model, MNIST_TASK))
+    gen = torch.Generator().manual_seed(lo)
+    body = encode_body({"delta": torch.randn(spec.numel, generator=gen) * 1e-3}, chunk_bytes=256 << 10)  # the agent's upload chunks
+    examples = max(1, 60_000 // n)
+    max_bytes = 2 * spec.numel * 8 + (1 << 20)
+    records: list[dict[str, Any]] = []
+    traffic: dict[str, list[int]] = {}
+    failures: dict[str, int] = {}
+    errors: dict[str, str] = {}
+    refused: dict[str, list[str]] = {}
+    registered: dict[int, float] = {}
+    counters = {"reconnects": 0, "heartbeats": 0, "idle": 0}
+    extra = dict(_grpc_options(args))
+    opts = [*(kv for kv in GRPC_OPTIONS if kv[0] not in extra), *extra.items(), ("grpc.use_local_subchannel_pool", 1)]
+    if not args.client_bdp:
+        opts.append(("grpc.http2.bdp_probe", 0))
+
+    def count(direction: str, kind: str, rnd: Any, nbytes: int) -> None:
+        slot = traffic.setdefault(f"{direction}/{kind}/{rnd if rnd is not None else '-'}", [0, 0])
+        slot[0] += 1
+        slot[1] += nbytes
+
+    def failed(method: str, exc: Any) -> None:
+        code = exc.code().name if hasattr(exc, "code") else type(exc).__name__
+        details = exc.details() if hasattr(exc, "details") else str(exc)
+        key = f"{method}: {code}: {details}"
+        failures[key] = failures.get(key, 0) + 1
+
+    def channel_for(cid: str) -> Any:
+        if not args.certs:
+            return grpc.aio.insecure_channel(args.server, options=opts)
+        c = certs_mod.load_client_credentials(Path(args.certs) / "clients" / cid)
+        tls = grpc.ssl_channel_credentials(root_certificates=c.ca_pem, private_key=c.key_pem, certificate_chain=c.cert_pem)
+        return grpc.aio.secure_channel(args.server, tls, options=opts)
+
+    async def pull(stub: Any, session: str) -> tuple[str, dict[str, Any], int]:
+        """One PullTask read to the end: (kind, metadata, bytes), checked like ``_lean_decode``."""
+        call = stub.PullTask(pb.PullTaskRequest(session=session, wait_seconds=args.pull_wait), timeout=args.pull_wait + 120)
+        kind, meta, total, got, trailer, announced = "?", {}, 0, 0, False, 0
+        async for c in call:
+            total += c.ByteSize()
+            which = c.WhichOneof("body")
+            if which == "header":
+                kind, meta, announced = c.header.kind, json.loads(c.header.meta_json or "{}"), c.header.total_bytes
+                if announced > max_bytes:
+                    raise ValueError("oversized task")
+            elif which == "data":
+                got += len(c.data.payload)
+            else:
+                trailer = True
+        if not trailer or got != announced:
+            raise ValueError(f"truncated task: {got} of {announced} bytes")
+        count("down", kind, meta.get("round"), total)
+        return kind, meta, total
+
+    async def heartbeat(stub: Any, box: dict[str, Any], stop: asyncio.Event) -> None:
+        while not stop.is_set():
+            try:
+                await asyncio.wait_for(stop.wait(), box["hb"] * (0.9 + 0.2 * random.random()))
+                return
+            except TimeoutError:
+                pass
+            if box["session"] is None:
+                continue
+            try:
+                reply = await stub.Heartbeat(pb.HeartbeatRequest(session=box["session"]), timeout=30)
+                counters["heartbeats"] += 1
+                if not reply.known:
+                    box["session"] = None
+            except grpc.aio.AioRpcError as exc:
+                failed("Heartbeat", exc)
+
+    async def one(index: int, start_at: float) -> None:
+        await asyncio.sleep(max(0.0, start_at - time.monotonic()))
+        cid = client_id(index, n)
+        key = certs_mod.load_client_credentials(Path(args.certs) / "clients" / cid).key_pem if args.certs else None
+        sign = (lambda data: certs_mod.sign(key, data)) if key is not None else None
+        box: dict[str, Any] = {"session": None, "hb": 5.0}
+        stop = asyncio.Event()
+        channel = channel_for(cid)
+        stub = pb_grpc.FleetStub(channel)
+        hb = None
+        last_contact = time.monotonic()
+        delay = 0.5
+        try:
+            while True:
+                try:
+                    if box["session"] is None:
+                        reply = await stub.Register(pb.RegisterRequest(client_id=cid, num_examples=examples), timeout=60)
+                        box["session"], box["hb"] = reply.session, max(0.5, reply.heartbeat_interval)
+                        registered.setdefault(index, time.time())
+                        if hb is None:
+                            hb = asyncio.ensure_future(heartbeat(stub, box, stop))
+                    kind, meta, _ = await pull(stub, box["session"])
+                    last_contact, delay = time.monotonic(), 0.5
+                    if kind == "idle":
+                        counters["idle"] += 1
+                        retry = meta.get("retry_after")
+                        if isinstance(retry, (int, float)) and 0 < retry <= 60:
+                            await asyncio.sleep(float(retry) * (0.5 + random.random()))
+                        continue
+                    if kind == "shutdown":
+                        return
+                    rec = {"client": index, "round": int(meta.get("round", -1)), "t_recv": time.time()}
+                    await asyncio.sleep(args.compute_s)
+                    rec["t_computed"] = time.time()
+                    up = {"session": box["session"], "task_id": meta.get("task_id", ""), "round": rec["round"],
+                          "num_examples": examples, "num_steps": 1, "metrics": {"loss": 0.0},
+                          "weight": float(examples)}  # fmt: skip  # what the client-side weight_examples stage declares
+                    chunks = list(encode("update", up, body, sign=sign))
+                    result = await stub.PushResult(iter(chunks), timeout=600)
+                    count("up", "update", rec["round"], sum(c.ByteSize() for c in chunks))
+                    rec["t_pushed"], rec["accepted"] = time.time(), bool(result.accepted)
+                    if not result.accepted:
+                        refused.setdefault(cid, []).append(result.reason)
+                    records.append(rec)
+                except grpc.aio.AioRpcError as exc:
+                    failed("call", exc)
+                    code = exc.code()
+                    if code == grpc.StatusCode.NOT_FOUND:
+                        box["session"] = None
+                        continue
+                    if code in (grpc.StatusCode.PERMISSION_DENIED, grpc.StatusCode.INVALID_ARGUMENT,
+                                grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.UNAUTHENTICATED):  # fmt: skip
+                        errors[cid] = f"refused: {code.name}: {exc.details()}"
+                        return
+                    if time.monotonic() - last_contact > args.give_up:
+                        errors[cid] = f"gave up: {code.name}: {exc.details()}"
+                        return
+                    counters["reconnects"] += 1
+                    await asyncio.sleep(delay * (0.5 + random.random()))
+                    delay = min(2 * delay, 10.0)
+                except ValueError as exc:
+                    failed("decode", exc)
+        except Exception as exc:  # noqa: BLE001 - recorded in the results
+            errors[cid] = f"{type(exc).__name__}: {exc}"
+        finally:
+            stop.set()
+            if box["session"] is not None:
+                try:
+                    await stub.Leave(pb.LeaveRequest(session=box["session"]), timeout=5)
+                except grpc.aio.AioRpcError:
+                    pass
+            if hb is not None:
+                await asyncio.gather(hb, return_exceptions=True)
+            await channel.close()
+
+    t_start = time.time()
+    state = {"finished": False}
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        done = asyncio.Event()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, done.set)
+        t0 = time.monotonic()
+        per = args.ramp_s / max(1, hi - lo)
+        clients = asyncio.gather(*(one(i, t0 + (i - lo) * per) for i in range(lo, hi)))
+        stopper = asyncio.ensure_future(done.wait())
+        await asyncio.wait({clients, stopper}, return_when=asyncio.FIRST_COMPLETED)
+        state["finished"] = clients.done()
+
+    asyncio.run(main())
+    ru = resource.getrusage(resource.RUSAGE_SELF)
+    out = {
+        "ids": [lo, hi],
+        "t_start": t_start,
+        "t_end": time.time(),
+        "finished": state["finished"],
+        "registered": [registered.get(i) for i in range(lo, hi)],
+        "errors": errors,
+        "refused": refused,
+        "reconnects": counters["reconnects"],
+        "heartbeats": counters["heartbeats"],
+        "idle_pulls": counters["idle"],
+        "rpc_failures": failures,
+        "records": records,
+        "traffic": traffic,
+        "cpu_s": ru.ru_utime + ru.ru_stime,
+        "peak_rss_mb": ru.ru_maxrss / 1024,
+        "threads": threading.active_count(),
+    }
+    Path(args.result).write_text(json.dumps(out))
+    sys.stdout.flush()
+    os._exit(0)
+
+
 # --------------------------------------------------------------------------- one configuration
 CONFIG = """\
 [run]
@@ -552,8 +795,8 @@ name = "{model}"
 
 [strategy]
 name = "fedavg"
-fraction = 1.0
-min_clients = {n}
+fraction = {fraction}
+min_clients = {cohort}
 
 [client]
 epochs = 1
@@ -570,6 +813,7 @@ round_retries = 0
 heartbeat_interval = {heartbeat_interval}
 heartbeat_timeout = {heartbeat_timeout}
 max_workers = {max_workers}
+max_pull_wait = {pull_wait}
 """
 
 
@@ -673,7 +917,9 @@ def run_fedloom(n: int, args: argparse.Namespace) -> dict[str, Any]:
         _certs(tmp / "certs", n)
         t_certs = time.perf_counter() - t0
         security = f'credentials = "{tmp / "certs" / "server"}"'
-    loadgens = args.loadgens or max(1, min(4, math.ceil(n / 250)))
+    per_loadgen = 2500 if args.async_clients else 250
+    loadgens = args.loadgens or max(1, min(4, math.ceil(n / per_loadgen)))
+    cohort = min(n, args.cohort) if args.cohort else n
     cfg = tmp / "deploy.toml"
     cfg.write_text(
         CONFIG.format(
@@ -687,7 +933,10 @@ def run_fedloom(n: int, args: argparse.Namespace) -> dict[str, Any]:
             round_timeout=args.timeout,
             heartbeat_interval=args.heartbeat_interval,
             heartbeat_timeout=args.heartbeat_timeout,
-            max_workers=args.max_workers or n + 64,
+            max_workers=_max_workers(n, args),
+            fraction=repr(cohort / n),
+            cohort=cohort,
+            pull_wait=args.pull_wait,
         )
     )
     fedloom = shutil.which("fedloom", path=str(Path(sys.executable).parent)) or "fedloom"
@@ -700,6 +949,10 @@ def run_fedloom(n: int, args: argparse.Namespace) -> dict[str, Any]:
         "loadgens": loadgens,
         "client_decode": args.client_decode,
         "client_bdp_probe": bool(args.client_bdp),
+        "clients_kind": "asyncio (grpc.aio coroutines)" if args.async_clients else "ClientAgent threads",
+        "cohort": cohort,
+        "heartbeat_interval_s": args.heartbeat_interval,
+        "pull_wait_s": args.pull_wait,
     }
     try:
         t_spawn = time.time()
@@ -747,6 +1000,8 @@ def run_fedloom(n: int, args: argparse.Namespace) -> dict[str, Any]:
             cmd = [sys.executable, __file__, "--loadgen", "--server", f"127.0.0.1:{port}", "--ids", f"{lo}:{hi}"]
             cmd += ["--num-clients", str(n), "--compute-s", str(args.compute_s), "--model", args.model]
             cmd += ["--result", str(res), "--give-up", str(args.give_up), "--client-decode", args.client_decode]
+            if args.async_clients:
+                cmd += ["--async-clients", "--ramp-s", str(args.ramp_s), "--pull-wait", str(args.pull_wait)]
             if args.client_bdp:
                 cmd.append("--client-bdp")
             if args.tls:
@@ -823,7 +1078,7 @@ def run_fedloom(n: int, args: argparse.Namespace) -> dict[str, Any]:
     row["loadgen_cpu_s_total"] = round(sum(e["cpu_s"] for e in lg_exits), 2)
     row["server_warnings"] = [ln for ln in log_text.splitlines() if ln.startswith("WARNING") and "INSECURE" not in ln][:20]
     row["server_warning_count"] = sum(1 for ln in log_text.splitlines() if ln.startswith("WARNING"))
-    row["max_workers"] = args.max_workers or n + 64
+    row["max_workers"] = _max_workers(n, args)
     if t_certs is not None:
         row["certs_s"] = round(t_certs, 2)
     if not args.keep:
@@ -831,6 +1086,29 @@ def run_fedloom(n: int, args: argparse.Namespace) -> dict[str, Any]:
     else:
         row["workdir"] = str(tmp)
     return row
+
+
+def _transfer(round_s: float, compute_s: float, mine: list[dict[str, Any]]) -> dict[str, float]:
+    """The round's transfer time and its overhead beyond compute and transfer (``--cohort`` rows).
+
+    ``transfer_s`` = the spread of the clients' model arrivals (the server streaming the
+    model to the whole cohort: from the first client that has it to the last) + the upload
+    tail (from the last client's end of compute to its update pushed and acknowledged);
+    ``overhead_beyond_transfer_s`` = ``round_s`` − ``compute_s`` − ``transfer_s``: selection,
+    posting, the first client's download, decoding and aggregating what is not overlapped.
+    """
+    if not mine:
+        return {}
+    spread = max(x["t_recv"] for x in mine) - min(x["t_recv"] for x in mine)
+    tail = max(x["t_pushed"] for x in mine) - max(x["t_computed"] for x in mine)
+    return {"transfer_s": round(spread + tail, 3), "overhead_beyond_transfer_s": round(round_s - compute_s - spread - tail, 3)}
+
+
+def _max_workers(n: int, args: argparse.Namespace) -> int:
+    """``deploy.max_workers``: the value given, else clients + 64 (thread clients) or the config's default (asyncio)."""
+    if args.max_workers:
+        return int(args.max_workers)
+    return 256 if args.async_clients else n + 64
 
 
 def _analyse(
@@ -846,6 +1124,7 @@ def _analyse(
     t_loadgens: float,
 ) -> dict[str, Any]:
     records = [r for lg in lgs for r in lg["records"]]
+    cohort = min(n, args.cohort) if args.cohort else n
     registered = [t for lg in lgs for t in lg["registered"] if t is not None]
     t_all_registered = max(registered) if len(registered) == n else None
     traffic: dict[str, list[int]] = {}
@@ -892,6 +1171,7 @@ def _analyse(
                 "updates_accepted": sum(1 for x in mine if x.get("accepted")),
                 "dispatch_spread_s": round(max(x["t_recv"] for x in mine) - min(x["t_recv"] for x in mine), 3) if mine else None,
                 "last_push_after_last_compute_s": round(end - max(x["t_computed"] for x in mine), 3) if mine else None,
+                **_transfer(seconds, args.compute_s, mine),
                 **cyc,
             }
         )
@@ -917,8 +1197,11 @@ def _analyse(
         "overhead_s_mean": stat("overhead_s", mean),
         "overhead_s_max": stat("overhead_s", max),
         "first_round_s": per_round[0]["round_s"] if per_round else None,
-        "payload_mb_down_per_round": round(n * param_bytes / MB, 1),
-        "payload_mb_up_per_round": round(n * param_bytes / MB, 1),
+        "payload_mb_down_per_round": round(cohort * param_bytes / MB, 1),
+        "payload_mb_up_per_round": round(cohort * param_bytes / MB, 1),
+        "transfer_s_mean": stat("transfer_s", mean),
+        "overhead_beyond_transfer_s_mean": stat("overhead_beyond_transfer_s", mean),
+        "overhead_beyond_transfer_s_max": stat("overhead_beyond_transfer_s", max),
         "proto_mb_down_per_round": stat("proto_mb_down", mean),
         "proto_mb_up_per_round": stat("proto_mb_up", mean),
         "loopback_mb_per_round": stat("loopback_mb", mean),
@@ -1168,6 +1451,32 @@ def _table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def _aio_table(rows: list[dict[str, Any]]) -> str:
+    """The asyncio rows as a Markdown table (``--md``): memory, CPU and overhead per number of connected clients."""
+    lines = [
+        "| connected clients | cohort | heartbeat / long poll s | rounds timed | round s (mean) | overhead s (mean / max) | "
+        "transfer s | overhead beyond transfer s (mean / max) | server peak RSS MB (idle) | clients' cost MB (peak - idle) | "
+        "server CPU s/round | server threads | load-gen RSS MB | other CPU s/round |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        if "error" in r:
+            lines.append(f"| {r['clients']} | | {r['error'].splitlines()[0][:300]} |" + " |" * 11)
+            continue
+        lines.append(
+            f"| {r['clients']} | {r.get('cohort', r['clients'])} | "
+            f"{_fmt(r.get('heartbeat_interval_s'), 'g')} / {_fmt(r.get('pull_wait_s'), 'g')} | "
+            f"{len(r['rounds_measured'])} | {_fmt(r['round_s_mean'])} | "
+            f"{_fmt(r['overhead_s_mean'])} / {_fmt(r['overhead_s_max'])} | {_fmt(r.get('transfer_s_mean'))} | "
+            f"{_fmt(r.get('overhead_beyond_transfer_s_mean'))} / {_fmt(r.get('overhead_beyond_transfer_s_max'))} | "
+            f"{_fmt(r['server_peak_rss_mb'], '.0f')} ({_fmt(r['server_idle_rss_mb'], '.0f')}) | "
+            f"{_fmt(r['server_peak_rss_mb'] - r['server_idle_rss_mb'], '.0f')} | "
+            f"{_fmt(r['server_cpu_s_per_round'])} | {r['server_threads_max']} | "
+            f"{'+'.join(format(x, '.0f') for x in r['loadgen_peak_rss_mb'])} | {_fmt(r['other_cpu_s_per_round'])} |"
+        )
+    return "\n".join(lines)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--json", type=Path, help="write the results here")
@@ -1181,7 +1490,13 @@ def main() -> None:
     p.add_argument("--client-bdp", action="store_true",
                    help="let the simulated clients' receive windows grow (gRPC BDP probing; default off: memory)")
     p.add_argument("--tls", action="store_true", help="mutual TLS and signed results (default: deploy.insecure on loopback)")
-    p.add_argument("--max-workers", type=int, default=0, help="the server's gRPC worker threads (default: clients + 64)")
+    p.add_argument("--max-workers", type=int, default=0,
+                   help="deploy.max_workers, the server's decoding pool (default: clients + 64; 256 with --async-clients)")
+    p.add_argument("--async-clients", action="store_true",
+                   help="asyncio load generators (grpc.aio coroutines, up to 2500 clients per process) instead of ClientAgent threads")
+    p.add_argument("--cohort", type=int, default=0, help="clients sampled per round (default: all of them)")
+    p.add_argument("--ramp-s", type=float, default=10.0, help="asyncio clients start over this many seconds")
+    p.add_argument("--pull-wait", type=float, default=10.0, help="the clients' long-poll wait (and deploy.max_pull_wait)")
     p.add_argument("--heartbeat-interval", type=float, default=5.0)
     p.add_argument("--heartbeat-timeout", type=float, default=120.0)
     p.add_argument("--timeout", type=float, default=600.0, help="seconds to wait for registration and for each round")
@@ -1197,6 +1512,8 @@ def main() -> None:
                    help="set a gRPC channel argument for server and clients, replacing fedloom's value (diagnostics)")
     p.add_argument("--loadgen-env", action="append", default=[], metavar="KEY=VALUE",
                    help="environment for the load generators (besides LOADGEN_ENV); repeatable")
+    p.add_argument("--md", type=Path, help="also write the asyncio rows' table (Markdown) here")
+    p.add_argument("--table-from", type=Path, help="only print (and --md write) the table of an earlier --json")
     p.add_argument("--keep", action="store_true", help="keep each configuration's work directory (logs, config, samples)")
     p.add_argument("--profile", action="store_true", help="py-spy the server (folded stacks in the work directory; implies --keep)")
     # load-generator mode (internal)
@@ -1208,7 +1525,15 @@ def main() -> None:
     p.add_argument("--certs", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.loadgen:
-        loadgen(args)
+        aio_loadgen(args) if args.async_clients else loadgen(args)
+        return
+    nofile = _raise_nofile()  # the server and the load generators inherit it
+    if args.table_from is not None:
+        rows = json.loads(args.table_from.read_text())["rows"]
+        table = _aio_table(rows)
+        print(table)
+        if args.md is not None:
+            args.md.write_text(table + "\n")
         return
     if args.json is None:
         p.error("--json is required")
@@ -1222,13 +1547,19 @@ def main() -> None:
         "setting": {
             "model": args.model,
             "data": "mnist iid, one partition per client (num_examples = 60000 // clients)",
-            "strategy": "fedavg, fraction 1.0 (every client every round)",
+            "strategy": f"fedavg, {'a sampled cohort of ' + str(args.cohort) if args.cohort else 'every client'} each round",
             "compute_s": args.compute_s,
             "rounds": args.rounds,
             "transport": "gRPC on 127.0.0.1, " + ("mutual TLS + signed results" if args.tls else "TLS OFF (deploy.insecure)"),
             "heartbeat_interval_s": args.heartbeat_interval,
-            "clients": "fedloom.agent.ClientAgent threads in load-generator processes, one gRPC channel/TCP "
-            "connection each; training replaced by a fixed sleep of compute_s returning a fixed delta",
+            "clients": (
+                "asyncio load generators: grpc.aio coroutines (Register, heartbeat, long-poll PullTask, PushResult of "
+                "a wire-encoded update in 256 KiB chunks, Leave), one channel/TCP connection each"
+                if args.async_clients
+                else "fedloom.agent.ClientAgent threads in load-generator processes, one gRPC channel/TCP connection each"
+            )
+            + "; training replaced by a fixed sleep of compute_s returning a fixed delta",
+            "open_files_limit": nofile,
             "server_eval": "off between rounds (run.eval_every > rounds)",
         },
         "machine": {
@@ -1278,6 +1609,8 @@ def main() -> None:
             out["rows"].append(row)
             args.json.write_text(json.dumps(out, indent=2))
     print(_table(out["rows"]))
+    if args.md is not None:
+        args.md.write_text(_aio_table(out["rows"]) + "\n")
 
 
 if __name__ == "__main__":

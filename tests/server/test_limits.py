@@ -19,12 +19,11 @@ import torch
 from torch import nn
 
 from fedloom.core.config import DeploySection
-from fedloom.core.errors import ConfigError
 from fedloom.core.params import ParamSpec
 from fedloom.engines.coordinator import Collector, Coordinator
 from fedloom.server import certs
 from fedloom.server.deploy import limits as deploy_limits
-from fedloom.server.limits import Guard, LimitExceeded, Limits
+from fedloom.server.limits import DEFAULT_MAX_LONG_POLLS, Guard, LimitExceeded, Limits
 from fedloom.server.service import FleetService, ServiceSettings, start_server
 from fedloom.transport.proto import fedloom_pb2 as pb
 from fedloom.transport.proto import fedloom_pb2_grpc as pb_grpc
@@ -60,7 +59,7 @@ class Env(TLSEnv):
     def settled(self, who: str) -> bool:
         """Everything ``who`` held is given back: no open call, every decoder slot free."""
         g = self.service.guard
-        return g.open_streams(who) == 0 and self.service._decoding._value == self.service.settings.max_decoding
+        return g.open_streams(who) == 0 and self.service.decoders_free == self.service.settings.max_decoding
 
 
 @pytest.fixture(scope="module")
@@ -148,7 +147,7 @@ def test_six_stalled_uploads_for_one_task_do_not_block_the_honest_client(env: En
 
 
 def test_long_polls_cannot_starve_registration(env: Env) -> None:
-    """Twelve sites hammer long polls against 12 worker threads; a new site still registers at once."""
+    """Twelve sites hammer long polls (4 may wait at once); a new site still registers at once."""
     stop = threading.Event()
     retry_hints = []
 
@@ -188,7 +187,7 @@ def test_slowloris_before_the_header_is_cut_off_without_taking_a_decoder_slot(en
     futures = [stub.PushResult.future(iter(s), timeout=20) for s in stalls]
     try:
         assert _wait_until(lambda: env.service.guard.open_streams("eve") == 4)
-        assert env.service._decoding._value == env.service.settings.max_decoding
+        assert env.service.decoders_free == env.service.settings.max_decoding
         assert _honest_round(env) < 5
         for f in futures:
             assert f.exception(timeout=10).code() == grpc.StatusCode.CANCELLED
@@ -210,7 +209,7 @@ def test_header_claiming_the_maximum_size_then_nothing(env: Env) -> None:
     fut = stub.PushResult.future(iter(stall), timeout=20)
     try:
         time.sleep(IDLE_TIMEOUT / 2)
-        assert env.service._decoding._value == env.service.settings.max_decoding  # no slot, no buffer yet
+        assert env.service.decoders_free == env.service.settings.max_decoding  # no slot, no buffer yet
         assert fut.exception(timeout=10).code() == grpc.StatusCode.CANCELLED
         assert _wait_until(lambda: env.settled("eve"))
     finally:
@@ -387,6 +386,7 @@ def test_long_poll_slots_one_per_client() -> None:
 
 def test_deploy_limits_from_config() -> None:
     lim = deploy_limits(DeploySection(max_workers=64, stream_idle_timeout=5.0, register_burst=2))
-    assert (lim.max_long_polls, lim.stream_idle_timeout, lim.register_burst) == (32, 5.0, 2)
-    with pytest.raises(ConfigError, match="max_long_polls"):
-        deploy_limits(DeploySection(max_workers=8, max_long_polls=8))
+    assert (lim.max_long_polls, lim.stream_idle_timeout, lim.register_burst) == (DEFAULT_MAX_LONG_POLLS, 5.0, 2)
+    assert DEFAULT_MAX_LONG_POLLS == 16_384
+    # waiting pulls hold no thread any more: more of them than pool threads is a valid (old or new) config
+    assert deploy_limits(DeploySection(max_workers=8, max_long_polls=8)).max_long_polls == 8

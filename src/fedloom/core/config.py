@@ -314,12 +314,15 @@ class DeploySection(_Strict):
     heartbeat_timeout: float = Field(30.0, gt=0.0)  # a client silent this long is not live
     over_selection: float = Field(0.0, ge=0.0, le=10.0)  # extra fraction of clients asked each round
     round_retries: int = Field(2, ge=0)  # retries of a round with too few updates
-    max_workers: int = Field(256, ge=4)  # gRPC worker threads (long polls hold one each)
+    # Threads of the server's pool for the blocking work of calls (decoding, signature checks, validating and handing
+    # over results; at most max_decoding busy at once, started as needed). The calls themselves, long polls included,
+    # wait on one asyncio event loop and hold no thread: this no longer bounds the number of clients.
+    max_workers: int = Field(256, ge=4)
     max_pull_wait: float = Field(10.0, gt=0.0)
     # Per-participant limits (fedloom.server.limits): what one client may hold at once.
     max_streams_per_client: int = Field(4, ge=2)  # open task pulls + result pushes per identity
     stream_idle_timeout: float = Field(60.0, gt=0.0)  # a stream moving no data this long is cut off
-    max_long_polls: int | None = Field(None, ge=0)  # pulls waiting at once; default max_workers // 2
+    max_long_polls: int | None = Field(None, ge=0)  # pulls waiting at once (a few kB each, no thread); default 16384
     register_rate: float = Field(1.0, gt=0.0)  # registrations per second per identity (sustained)
     register_burst: int = Field(10, ge=1)
     pull_rate: float = Field(10.0, gt=0.0)  # task pulls per second per identity (sustained)

@@ -1,8 +1,9 @@
 """The server's view of its clients: registry, liveness, tasks and the results they return.
 
-Thread-safe; the gRPC service (:mod:`fedloom.server.service`) calls into it from its worker
-threads and the :class:`~fedloom.engines.remote.RemoteEngine` from the round loop. It holds
-no gRPC itself: tasks carry an already encoded tensor body, results arrive decoded.
+Thread-safe; the gRPC service (:mod:`fedloom.server.service`) calls into it from its event
+loop and its decoding threads, the :class:`~fedloom.engines.remote.RemoteEngine` from the
+round loop. It holds no gRPC itself (and no asyncio): tasks carry an already encoded tensor
+body, results arrive decoded.
 
 * A client **registers** (a new session; a re-registration after a crash replaces the old
   one), **heartbeats** (any call counts), and **leaves** at any time. It is *live* while it
@@ -11,10 +12,12 @@ no gRPC itself: tasks carry an already encoded tensor body, results arrive decod
   ``task_id``) and gets a :class:`Collector`. A client **pulls** its task (long poll; a
   client that reconnects pulls it again) and **delivers** the result, which must name an
   outstanding task of that very client: a result for an unknown, cancelled or already
-  answered task (late, replayed or forged) is refused with a reason.
+  answered task (late, replayed or forged) is refused with a reason. A long poll that must
+  not hold a thread (the asyncio service) watches its client instead (:meth:`~Coordinator.watch`):
+  a callback is told when a task is posted for it or the run ends, and it pulls again.
 * Results reach the round loop through the collector's bounded queue, so pushes wait
   (backpressure) instead of piling up decoded updates: server memory stays O(model x
-  workers), whatever the number of clients.
+  results decoded at once), whatever the number of clients.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ import secrets
 import threading
 import time
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -110,6 +114,7 @@ class Coordinator:
         self._shutdown = False
         self._told: set[str] = set()  # clients told that the run is over
         self._declared: dict[str, tuple[int, int]] = {}  # first (train, test) example counts per client
+        self._watchers: dict[str, list[Callable[[], None]]] = {}  # client id -> told when it may have a task
 
     # ------------------------------------------------------------ registry
     def register(self, client_id: str, *, num_examples: int, num_test_examples: int = 0, peer: str = "") -> str:
@@ -207,7 +212,37 @@ class Coordinator:
                 self._tasks[tid] = Task(tid, cid, kind, {**meta, "task_id": tid}, body, collector)
                 self._by_client[cid] = tid
             self._lock.notify_all()
+            told = [fn for cid, *_ in tasks for fn in self._watchers.get(cid, ())]
+        self._tell(told)
         return collector
+
+    def watch(self, client_id: str, callback: Callable[[], None]) -> Callable[[], None]:
+        """Call ``callback`` (from the posting thread) whenever a task is posted for ``client_id`` or the run ends.
+
+        Returns the function that stops watching. The callback must be quick and must not call
+        back into the coordinator (an event loop's ``call_soon_threadsafe`` is the intended
+        one); after it, :meth:`pull` with ``wait=0`` finds the task.
+        """
+        with self._lock:
+            self._watchers.setdefault(client_id, []).append(callback)
+
+        def unwatch() -> None:
+            with self._lock:
+                fns = self._watchers.get(client_id)
+                if fns is not None and callback in fns:
+                    fns.remove(callback)
+                    if not fns:
+                        del self._watchers[client_id]
+
+        return unwatch
+
+    @staticmethod
+    def _tell(callbacks: list[Callable[[], None]]) -> None:
+        for fn in callbacks:
+            try:
+                fn()
+            except Exception:  # noqa: BLE001 - a watcher whose event loop has closed: nothing to wake
+                log.debug("a task watcher could not be told", exc_info=True)
 
     def pull(self, client_id: str, wait: float) -> Task | None:
         """The client's outstanding task, waiting up to ``wait`` seconds for one."""
@@ -293,6 +328,8 @@ class Coordinator:
         with self._lock:
             self._shutdown = True
             self._lock.notify_all()
+            told = [fn for fns in self._watchers.values() for fn in fns]
+        self._tell(told)
 
     @property
     def is_shutdown(self) -> bool:

@@ -1,7 +1,11 @@
 """The server side of a deployment: the gRPC service, its startup, certificates.
 
 * :mod:`~fedloom.server.service` — ``fedloom.v1.Fleet`` over mutual TLS: who may connect,
-  which results are accepted;
+  which results are accepted; its handlers are ``grpc.aio`` coroutines;
+* :mod:`~fedloom.server.aio` — the event loop thread they run on, the pool that decodes
+  results, long polls that wait without a thread;
+* :mod:`~fedloom.server.results` — a decoded result checked against its task;
+* :mod:`~fedloom.server.limits` — what one participant may hold;
 * :mod:`~fedloom.server.deploy` — :func:`start_remote_engine` from a config's ``[deploy]``;
 * :mod:`~fedloom.server.certs` — the private CA, server and client certificates, revocation;
 * :mod:`~fedloom.server.protogen` — regenerates ``fedloom/transport/proto``.

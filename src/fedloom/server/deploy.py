@@ -8,8 +8,11 @@ the clients the run is over and stops the server.
 
 from __future__ import annotations
 
+import ctypes
 import dataclasses
 import logging
+import os
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -22,10 +25,10 @@ from fedloom.data.base import TaskSpec
 from fedloom.engines.coordinator import Coordinator
 from fedloom.engines.remote import RemoteEngine
 from fedloom.server import certs
-from fedloom.server.limits import Limits
+from fedloom.server.limits import DEFAULT_MAX_LONG_POLLS, Limits
 from fedloom.server.service import FleetService, RevocationList, ServiceSettings, start_server
 
-__all__ = ["limits", "run_info", "start_remote_engine"]
+__all__ = ["limits", "run_info", "start_remote_engine", "tune_allocator"]
 
 log = logging.getLogger("fedloom.server")
 
@@ -43,15 +46,44 @@ def run_info(model_name: str, model_options: dict[str, Any], task: TaskSpec, *, 
     return info
 
 
+M_MMAP_THRESHOLD, M_ARENA_MAX = -3, -8  # glibc's mallopt parameters (malloc.h)
+
+
+def tune_allocator() -> bool:
+    """Keep the server's heap from holding on to freed transfer buffers (glibc only; True if applied).
+
+    A round moves model-sized buffers and 256 KiB messages through a pool of threads: with
+    glibc's defaults each thread may get its own arena, and freeing one large buffer raises
+    the mmap threshold so later ones come from those arenas, where fragmentation keeps them
+    resident. A fixed 256 KiB threshold (large buffers mmapped, returned to the OS when
+    freed) and two arenas cut the server's peak RSS by about a fifth (1,389 -> 1,136 MB at
+    1,000 clients and a cohort of 100, bench/deploy.py). ``MALLOC_ARENA_MAX`` /
+    ``MALLOC_MMAP_THRESHOLD_`` set in the environment are respected. It changes the whole
+    process's allocator, which is why only :func:`start_remote_engine` (a server) calls it.
+    """
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):  # not glibc (musl, ...)
+        return False
+    applied = False
+    if "MALLOC_MMAP_THRESHOLD_" not in os.environ:
+        applied |= bool(mallopt(M_MMAP_THRESHOLD, 256 << 10))
+    if "MALLOC_ARENA_MAX" not in os.environ:
+        applied |= bool(mallopt(M_ARENA_MAX, 2))
+    return applied
+
+
 def limits(deploy: DeploySection) -> Limits:
-    """The service's per-participant limits from ``[deploy]``."""
-    polls = deploy.max_long_polls if deploy.max_long_polls is not None else deploy.max_workers // 2
-    if polls >= deploy.max_workers:
-        raise ConfigError(
-            f"max_long_polls ({polls}) must be below max_workers ({deploy.max_workers}): "
-            "waiting pulls would leave no thread for registrations and uploads",
-            key="deploy.max_long_polls",
-        )
+    """The service's per-participant limits from ``[deploy]``.
+
+    A waiting pull holds no thread of the server (it waits on its event loop), so
+    ``max_long_polls`` is independent of ``max_workers``: unset, it is
+    :data:`~fedloom.server.limits.DEFAULT_MAX_LONG_POLLS`.
+    """
+    polls = deploy.max_long_polls if deploy.max_long_polls is not None else DEFAULT_MAX_LONG_POLLS
     return Limits(
         max_streams_per_client=deploy.max_streams_per_client,
         stream_idle_timeout=deploy.stream_idle_timeout,
@@ -96,6 +128,7 @@ def start_remote_engine(
             credentials = certs.load_server_credentials(Path(deploy.credentials))
         except certs.CertError as exc:
             raise ConfigError(str(exc), key="deploy.credentials") from None
+    tune_allocator()
     coordinator = Coordinator(heartbeat_timeout=deploy.heartbeat_timeout)
     service = FleetService(
         coordinator,

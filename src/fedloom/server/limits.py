@@ -1,8 +1,10 @@
 """Per-participant resource limits of the Fleet service: no one client can stall a round or starve the server.
 
-The gRPC server runs each call on a worker thread, and a result is decoded into a buffer of
-the model's size, so threads, decoder slots and memory are what a hostile participant would
-exhaust. :class:`Guard` bounds each of them per participant:
+The gRPC server runs each call as a coroutine on one event loop (:mod:`fedloom.server.aio`);
+a call costs its HTTP/2 stream and a little memory, a result being decoded a buffer of the
+model's size and a decoder slot, and the blocking work a thread of a bounded pool. Streams,
+decoder slots and memory are what a hostile participant would exhaust. :class:`Guard`
+bounds each of them per participant:
 
 * **streams**: at most ``max_streams_per_client`` streaming calls (task pulls and result
   pushes) open at once per client identity (the certificate's CN under mutual TLS; the
@@ -10,7 +12,7 @@ exhaust. :class:`Guard` bounds each of them per participant:
 * **uploads**: at most one upload in flight per task; a second push for the same task is
   refused at its header, before any data is read.
 * **idle and trickling streams**: a push or a task download that moves no data for
-  ``stream_idle_timeout`` seconds is cancelled (its thread and decoder slot released), and
+  ``stream_idle_timeout`` seconds is cancelled (its call and decoder slot released), and
   so is an upload whose task was closed (deadline passed, superseded). Progress is counted
   per gRPC message, so a link must carry one chunk (the agent sends 256 KiB) per timeout.
   An upload holding a decoder slot must also average ``min_upload_rate`` bytes/s once it
@@ -19,7 +21,9 @@ exhaust. :class:`Guard` bounds each of them per participant:
   the client is dropped from that round instead of trickling again.
 * **long polls**: at most ``max_long_polls`` task pulls wait on the server at once and at
   most one per client; beyond that a pull without a task answers at once with ``idle`` and
-  a ``retry_after`` hint, so registrations, heartbeats and uploads always find a thread.
+  a ``retry_after`` hint. A waiting pull holds no thread (it waits on the event loop), only
+  a few kB, so the default (:data:`DEFAULT_MAX_LONG_POLLS`) lets every client of a
+  10,000-client deployment wait; the bound keeps a flood of identities from growing memory.
 * **registrations and pulls**: token buckets per identity (``register_rate`` and
   ``pull_rate`` per second, bursts of ``register_burst`` / ``pull_burst``); a call past its
   bucket is refused with the time to wait. A task may be downloaded at most
@@ -43,11 +47,14 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["Guard", "Limits", "LimitExceeded", "Stream"]
+__all__ = ["DEFAULT_MAX_LONG_POLLS", "Guard", "Limits", "LimitExceeded", "Stream"]
 
 log = logging.getLogger("fedloom.server")
 
 MAX_TRACKED_IDENTITIES = 100_000  # registration buckets kept (least recently used dropped first)
+
+DEFAULT_MAX_LONG_POLLS = 16_384
+"""Task pulls that may wait at once by default: one per client up to 16,384 clients (a few kB each)."""
 
 
 @dataclass(frozen=True)
@@ -56,7 +63,7 @@ class Limits:
 
     max_streams_per_client: int = 4
     stream_idle_timeout: float = 60.0
-    max_long_polls: int = 128
+    max_long_polls: int = DEFAULT_MAX_LONG_POLLS
     idle_retry_after: float = 2.0  # seconds a client told "no long poll for you" waits before pulling again
     register_rate: float = 1.0  # registrations per second per identity, sustained
     register_burst: int = 10

@@ -19,22 +19,31 @@ pipeline (the stage that made it). At most ``max_decoding``
 results are decoded at once, so memory stays O(model) per decoder; a decoder slot is taken
 only when a result's data starts to arrive.
 
+The handlers are coroutines of a ``grpc.aio`` server running its own event loop in a thread
+of its own (:mod:`fedloom.server.aio`), while the round loop stays synchronous in the
+caller's thread: a long poll waits on the loop, woken by the coordinator when its task is
+posted, and holds no thread; decoding, signature checks, validation and the hand-over to
+the round run on a bounded thread pool (``max_workers`` threads, of which at most
+``max_decoding`` hold a decoder), never on the loop.
+
 What one participant may hold (open calls, uploads per task, long polls, registrations per
 second) and how long a stream may sit idle are bounded by :mod:`fedloom.server.limits`.
 """
 
 from __future__ import annotations
 
+import asyncio
+import functools
 import json
 import logging
 import os
 import threading
 import time
-from collections.abc import Iterator, Mapping
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import AsyncIterator, Callable, Mapping
+from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import grpc
 import torch
@@ -43,35 +52,42 @@ from fedloom.core.errors import FedloomError, InvalidUpdateError
 from fedloom.core.params import ParamSpec
 from fedloom.engines.coordinator import Coordinator, RegistrationRefused
 from fedloom.server import certs
+from fedloom.server.aio import FleetServer, Slots, offload, thread_safe_cancel, wait_for_task
 from fedloom.server.limits import Guard, LimitExceeded, Limits, Stream
-from fedloom.transport import codec
+from fedloom.server.results import Refused as _Refused
+from fedloom.server.results import result_payload
 from fedloom.transport.proto import fedloom_pb2 as pb
 from fedloom.transport.proto import fedloom_pb2_grpc as pb_grpc
-from fedloom.transport.protocol import (
-    CLIENT_KINDS,
-    EVAL_RESULT,
-    EVALUATE,
-    FAILURE,
-    PROTOCOL,
-    PARTIAL,
-    PROTOCOL_REPLY,
-    GRPC_OPTIONS,
-    IDLE,
-    SHUTDOWN,
-    TASK,
-    UPDATE,
-    spec_digest,
-)
+from fedloom.transport.protocol import CLIENT_KINDS, GRPC_OPTIONS, IDLE, SHUTDOWN, spec_digest
 from fedloom.transport.wire import Decoder, Message, WireError, encode
 
-__all__ = ["GRPC_OPTIONS", "FleetService", "RevocationList", "ServiceSettings", "spec_digest", "start_server"]
+__all__ = [
+    "GRPC_OPTIONS",
+    "FleetServer",
+    "FleetService",
+    "RevocationList",
+    "ServiceSettings",
+    "spec_digest",
+    "start_server",
+]
 
 log = logging.getLogger("fedloom.server")
+
+T = TypeVar("T")
 
 # A fixed 1 MiB flow-control window per stream instead of BDP probing: otherwise each push
 # stream waiting for a decoder slot buffers megabytes in the transport (grpc/grpc#29836) and
 # server memory grows with the number of clients. 1 MiB per round trip still fills a WAN link.
-SERVER_OPTIONS = [("grpc.http2.bdp_probe", 0), ("grpc.http2.lookahead_bytes", 1 << 20)]
+# Clients send keepalive pings every 30 s (GRPC_OPTIONS), also while they only wait in a long
+# poll; gRPC's server default (one ping per 5 min without data) answers them with GOAWAY
+# "too_many_pings" and every idle client reconnects: accept one every 20 s.
+SERVER_OPTIONS = [
+    ("grpc.http2.bdp_probe", 0),
+    ("grpc.http2.lookahead_bytes", 1 << 20),
+    ("grpc.http2.min_ping_interval_without_data_ms", 20_000),
+]
+
+LOOP_HEADER_BYTES = 64 << 10  # a result header larger than this (its metadata) is parsed on the pool
 
 
 class RevocationList:
@@ -114,15 +130,8 @@ class ServiceSettings:
     roster_name: str = "this run"  # whose roster, for the refusal
 
 
-class _Refused(Exception):
-    def __init__(self, reason: str, client: str | None = None) -> None:
-        super().__init__(reason)
-        self.reason = reason
-        self.client = client
-
-
 class FleetService(pb_grpc.FleetServicer):
-    """Implements the Fleet RPCs on top of a :class:`Coordinator`."""
+    """Implements the Fleet RPCs (as ``grpc.aio`` coroutines) on top of a :class:`Coordinator`."""
 
     def __init__(
         self,
@@ -138,39 +147,53 @@ class FleetService(pb_grpc.FleetServicer):
         self.dtype = dtype
         self.settings = settings
         self.revoked = revoked or RevocationList(None)
-        self._decoding = threading.BoundedSemaphore(settings.max_decoding)
+        self._decoding = Slots(settings.max_decoding)
         self._param_bytes = spec.numel * torch.empty((), dtype=dtype).element_size()
+        self._pool: Executor | None = None  # set by start_server
         self.bytes_received = 0
         self.bytes_sent = 0
         self._count_lock = threading.Lock()
         self.guard = Guard(settings.limits)
         self.guard.start()
 
+    def bind(self, pool: Executor) -> None:
+        """The thread pool the handlers offload blocking work to (the server's)."""
+        self._pool = pool
+
+    @property
+    def decoders_free(self) -> int:
+        """Decoder slots free now (``max_decoding`` when no result is being decoded)."""
+        return self._decoding.free
+
     def close(self) -> None:
         """Stop the idle-stream watchdog (after the gRPC server has stopped)."""
         self.guard.stop()
 
+    async def _offload(self, fn: Callable[..., T], *args: Any) -> T:
+        assert self._pool is not None, "start the service with start_server"
+        return await offload(self._pool, fn, *args)
+
     # ----------------------------------------------------------- identity
-    def _identity(self, context: grpc.ServicerContext) -> tuple[certs.PeerIdentity | None, bytes | None]:
+    async def _identity(self, context: grpc.aio.ServicerContext) -> tuple[certs.PeerIdentity | None, bytes | None]:
         """(the peer certificate's identity, its PEM) under TLS; (None, None) in insecure mode."""
         if not self.settings.secure:
             return None, None
         pems = context.auth_context().get("x509_pem_cert")
         if not pems:
-            context.abort(grpc.StatusCode.UNAUTHENTICATED, "a client certificate is required")
+            await context.abort(grpc.StatusCode.UNAUTHENTICATED, "a client certificate is required")
         pem = pems[0]
         try:
             ident = certs.peer_identity(pem)
         except certs.CertError as exc:
-            context.abort(grpc.StatusCode.PERMISSION_DENIED, f"unusable certificate: {exc}")
+            await context.abort(grpc.StatusCode.PERMISSION_DENIED, f"unusable certificate: {exc}")
         if ident.serial in self.revoked:
             log.warning("refused revoked certificate %r (serial %x) from %s", ident.common_name, ident.serial, context.peer())
-            context.abort(grpc.StatusCode.PERMISSION_DENIED, "certificate revoked")
+            await context.abort(grpc.StatusCode.PERMISSION_DENIED, "certificate revoked")
         return ident, pem
 
-    def _peer(self, context: grpc.ServicerContext) -> tuple[str | None, bytes | None]:
+    async def _peer(self, context: grpc.aio.ServicerContext) -> tuple[str | None, bytes | None]:
         """(certificate CN, certificate PEM) under TLS; (None, None) in insecure mode."""
-        ident, pem = self._identity(context)
+        ident, pem = await self._identity(context)
         return (ident.common_name if ident is not None else None), pem
 
     def _example_cap(self, cid: str, ident: certs.PeerIdentity | None) -> tuple[int, str] | None:
@@ -183,89 +206,105 @@ class FleetService(pb_grpc.FleetServicer):
         given = [(n, where) for n, where in caps if n is not None]
         return min(given) if given else None
 
-    def _session_client(self, session: str, context: grpc.ServicerContext) -> tuple[str, bytes | None]:
-        cn, pem = self._peer(context)
+    async def _session_client(self, session: str, context: grpc.aio.ServicerContext) -> tuple[str, bytes | None]:
+        cn, pem = await self._peer(context)
         cid = self.coordinator.client_of(session)
         if cid is None:
-            context.abort(grpc.StatusCode.NOT_FOUND, "unknown session: register again")
+            await context.abort(grpc.StatusCode.NOT_FOUND, "unknown session: register again")
+        assert cid is not None
         if cn is not None and cn != cid:
             log.warning("certificate %r used the session of client %r: refused", cn, cid)
-            context.abort(grpc.StatusCode.PERMISSION_DENIED, "session belongs to another client")
+            await context.abort(grpc.StatusCode.PERMISSION_DENIED, "session belongs to another client")
         return cid, pem
 
     # ----------------------------------------------------------- RPCs
-    def Register(self, request: pb.RegisterRequest, context: grpc.ServicerContext) -> pb.RegisterReply:
-        ident, _ = self._identity(context)
+    async def Register(self, request: pb.RegisterRequest, context: grpc.aio.ServicerContext) -> pb.RegisterReply:
+        ident, _ = await self._identity(context)
         cn = ident.common_name if ident is not None else None
         cid = request.client_id
         if cn is not None:
             if cid and cid != cn:
-                context.abort(grpc.StatusCode.PERMISSION_DENIED, f"client id {cid!r} does not match the certificate ({cn!r})")
+                await context.abort(grpc.StatusCode.PERMISSION_DENIED, f"client id {cid!r} does not match the certificate ({cn!r})")
             cid = cn
         try:
             certs.validate_client_id(cid)
         except certs.CertError as exc:
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         roster = self.settings.roster
         if roster is not None and cid not in roster:
             reason = f"{cid!r} is not in the roster of {self.settings.roster_name}"
             self.guard.warn(cid, "register", "refused a registration of %r (%s): %s", cid, context.peer(), reason)
-            context.abort(grpc.StatusCode.PERMISSION_DENIED, reason)
+            await context.abort(grpc.StatusCode.PERMISSION_DENIED, reason)
         try:
             self.guard.admit_registration(cid)
         except LimitExceeded as exc:
             self.guard.warn(cid, "register", "refused a registration of %r (%s): %s", cid, context.peer(), exc.reason)
-            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, exc.reason)
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, exc.reason)
         cap = self._example_cap(cid, ident)
         if cap is not None and request.num_examples > cap[0]:
             reason = f"{cid!r} declares {request.num_examples} training examples, above its cap of {cap[0]} ({cap[1]})"
             self.guard.warn(cid, "register", "refused a registration of %r (%s): %s", cid, context.peer(), reason)
-            context.abort(grpc.StatusCode.FAILED_PRECONDITION, reason)
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, reason)
         try:
             session = self.coordinator.register(
                 cid, num_examples=request.num_examples, num_test_examples=request.num_test_examples, peer=context.peer()
             )
         except RegistrationRefused as exc:
             self.guard.warn(cid, "register", "refused a registration of %r (%s): %s", cid, context.peer(), exc)
-            context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(exc))
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(exc))
         return pb.RegisterReply(
             session=session,
             heartbeat_interval=self.settings.heartbeat_interval,
-            run_json=json.dumps(self.settings.run_info),
-            spec_digest=spec_digest(self.spec),
+            run_json=self._run_json,
+            spec_digest=self._spec_digest,
         )
 
-    def Heartbeat(self, request: pb.HeartbeatRequest, context: grpc.ServicerContext) -> pb.HeartbeatReply:
-        self._peer(context)
+    @functools.cached_property
+    def _run_json(self) -> str:
+        return json.dumps(self.settings.run_info)
+
+    @functools.cached_property
+    def _spec_digest(self) -> str:
+        return spec_digest(self.spec)
+
+    async def Heartbeat(self, request: pb.HeartbeatRequest, context: grpc.aio.ServicerContext) -> pb.HeartbeatReply:
+        await self._peer(context)
         return pb.HeartbeatReply(known=self.coordinator.client_of(request.session) is not None)
 
-    def Leave(self, request: pb.LeaveRequest, context: grpc.ServicerContext) -> pb.LeaveReply:
-        self._session_client(request.session, context)
-        self.coordinator.leave(request.session)
+    async def Leave(self, request: pb.LeaveRequest, context: grpc.aio.ServicerContext) -> pb.LeaveReply:
+        await self._session_client(request.session, context)
+        await self._offload(self.coordinator.leave, request.session)  # may wait on the round's queue
         return pb.LeaveReply()
 
-    def PullTask(self, request: pb.PullTaskRequest, context: grpc.ServicerContext) -> Iterator[pb.Chunk]:
-        cid, _ = self._session_client(request.session, context)
+    async def PullTask(self, request: pb.PullTaskRequest, context: grpc.aio.ServicerContext) -> None:
+        cid, _ = await self._session_client(request.session, context)
+        stream: Stream | None = None
         try:
             self.guard.admit_pull(cid)
-            with self.guard.stream("pull", context.cancel, cid) as stream:
-                yield from self._pull(cid, request, stream)
+            with self.guard.stream("pull", thread_safe_cancel(), cid) as stream:
+                await self._pull(cid, request, stream, context)
         except LimitExceeded as exc:
             self.guard.warn(cid, "pull", "refused a task pull from %r (%s): %s", cid, context.peer(), exc.reason)
-            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, exc.reason)
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, exc.reason)
+        except asyncio.CancelledError:
+            if stream is None or stream.aborted is None:
+                raise  # the client went away, or the server is stopping
+            await context.abort(grpc.StatusCode.CANCELLED, f"cancelled: {stream.aborted}")
 
-    def _pull(self, cid: str, request: pb.PullTaskRequest, stream: Stream) -> Iterator[pb.Chunk]:
+    async def _pull(self, cid: str, request: pb.PullTaskRequest, stream: Stream, context: grpc.aio.ServicerContext) -> None:
         wait = min(max(request.wait_seconds, 0.0), self.settings.max_pull_wait)
         with self.guard.long_poll(cid) as may_wait:
-            task = self.coordinator.pull(cid, wait if may_wait else 0.0)
+            task = await wait_for_task(self.coordinator, cid, wait if may_wait else 0.0)
         if task is None:
             if self.coordinator.is_shutdown:
                 self.coordinator.told_shutdown(cid)
-                yield from encode(SHUTDOWN, {})
+                reply = encode(SHUTDOWN, {})
             elif may_wait or wait == 0.0:
-                yield from encode(IDLE, {})
-            else:  # too many long polls waiting: come back later rather than hold a thread
-                yield from encode(IDLE, {"retry_after": self.settings.limits.idle_retry_after})
+                reply = encode(IDLE, {})
+            else:  # too many long polls waiting: come back later
+                reply = encode(IDLE, {"retry_after": self.settings.limits.idle_retry_after})
+            for chunk in reply:
+                await context.write(chunk)
             return
         if task.pulled > self.settings.limits.max_task_downloads:
             raise LimitExceeded(
@@ -276,27 +315,40 @@ class FleetService(pb_grpc.FleetServicer):
         stream.watch()  # a client that stops reading its task is cut off after the idle timeout
         for chunk in encode(task.kind, task.meta, task.body):
             sent += len(chunk.data.payload)
-            yield chunk
+            await context.write(chunk)  # waits while the client's flow-control window is full
             stream.progress()
         stream.watch(False)
         with self._count_lock:
             self.bytes_sent += sent
 
-    def PushResult(self, request_iterator: Iterator[pb.Chunk], context: grpc.ServicerContext) -> pb.PushReply:
-        cn, pem = self._peer(context)
+    async def PushResult(self, request_iterator: AsyncIterator[pb.Chunk], context: grpc.aio.ServicerContext) -> pb.PushReply:
+        cn, pem = await self._peer(context)
+        stream: Stream | None = None
         try:
-            with self.guard.stream("push", context.cancel, cn) as stream:  # under TLS counted from the first byte
-                return self._push(request_iterator, cn, pem, stream, context)
+            with self.guard.stream("push", thread_safe_cancel(), cn) as stream:  # under TLS counted from the first byte
+                return await self._push(request_iterator, cn, pem, stream, context)
         except LimitExceeded as exc:
             self.guard.warn(cn or "?", "push", "refused a result from %r (%s): %s", cn or "?", context.peer(), exc.reason)
             return pb.PushReply(accepted=False, reason=exc.reason)
+        except asyncio.CancelledError:
+            if stream is None or stream.aborted is None:  # the stream ended under us: the client went away
+                client = (stream.who if stream is not None else None) or cn or "?"
+                self.guard.warn(client, "push", "a result upload from %r (%s) broke off", client, context.peer())
+                raise
+            await context.abort(grpc.StatusCode.CANCELLED, f"cancelled: {stream.aborted}")
+        raise AssertionError("unreachable")  # context.abort raises
 
-    def _push(
-        self, chunks: Iterator[pb.Chunk], cn: str | None, pem: bytes | None, stream: Stream, context: grpc.ServicerContext
+    async def _push(
+        self,
+        chunks: AsyncIterator[pb.Chunk],
+        cn: str | None,
+        pem: bytes | None,
+        stream: Stream,
+        context: grpc.aio.ServicerContext,
     ) -> pb.PushReply:
         who = cn or "?"
         try:
-            cid, task_id, msg = self._receive(chunks, cn, pem, stream)
+            cid, task_id, msg = await self._receive(chunks, cn, pem, stream)
             who = cid
         except (_Refused, LimitExceeded) as exc:
             client = getattr(exc, "client", None) or stream.who or who
@@ -306,20 +358,19 @@ class FleetService(pb_grpc.FleetServicer):
             client = stream.who or who
             self.guard.warn(client, "push", "refused a malformed result from %r (%s): %s", client, context.peer(), exc)
             return pb.PushReply(accepted=False, reason=f"malformed: {exc}")
-        except grpc.RpcError:  # the stream ended under us: the client went away, or the watchdog cut it
-            if stream.aborted is None:
-                client = stream.who or who
-                self.guard.warn(client, "push", "a result upload from %r (%s) broke off", client, context.peer())
-            return pb.PushReply(accepted=False, reason=f"cancelled: {stream.aborted or 'stream broke off'}")
         try:
-            return self._hand_over(cid, task_id, msg)
+            return await self._offload(self._hand_over, cid, task_id, msg)
         finally:
             self._decoding.release()
             self.guard.release_upload(task_id, stream)
 
     def _hand_over(self, cid: str, task_id: str, msg: Message) -> pb.PushReply:
+        """Check a decoded result and give it to its round (on the pool: it may wait for the round loop)."""
         try:
-            payload = self._payload(cid, task_id, msg)
+            payload = result_payload(self, cid, task_id, msg)
+        except _Refused as exc:  # its task closed while it was decoded: nothing to tell the round
+            log.warning("discarded result from %r for task %s: %s", cid, task_id[:8], exc.reason)
+            return pb.PushReply(accepted=False, reason=exc.reason)
         except (InvalidUpdateError, FedloomError) as exc:
             reason = getattr(exc, "reason", str(exc))
             log.warning("rejected result from %r: %s", cid, reason)
@@ -335,22 +386,26 @@ class FleetService(pb_grpc.FleetServicer):
         return pb.PushReply(accepted=True)
 
     # ----------------------------------------------------------- results
-    def _receive(
-        self, chunks: Iterator[pb.Chunk], cn: str | None, pem: bytes | None, stream: Stream
+    async def _receive(
+        self, chunks: AsyncIterator[pb.Chunk], cn: str | None, pem: bytes | None, stream: Stream
     ) -> tuple[str, str, Message]:
         """Decode a pushed result, checking who sends it before reading the data.
 
         The stream is watched from its first byte (a slowloris before the header is cut off),
         counted against its client, and must be the only upload of its task; the decoder slot
-        is taken when the first data chunk arrives and released on any failure here.
+        is taken when the first data chunk arrives and released on any failure here. Data
+        chunks are checked (CRC-32, SHA-256) and copied on the pool, not on the event loop.
         """
         dec = Decoder(max_bytes=max(3 * self._param_bytes + (1 << 20), self.settings.max_message_bytes), kinds=CLIENT_KINDS)
-        it = iter(chunks)
+        it = aiter(chunks)
         stream.watch()
-        first = next(it, None)
+        first = await anext(it, None)
         if first is None:
             raise WireError("empty stream: no header")
-        dec.feed(first)
+        if first.ByteSize() > LOOP_HEADER_BYTES:  # a large metadata document is parsed off the loop
+            await self._offload(dec.feed, first)
+        else:
+            dec.feed(first)
         header = dec.header
         assert header is not None
         meta = json.loads(header.meta_json or "{}")
@@ -372,18 +427,25 @@ class FleetService(pb_grpc.FleetServicer):
         received = 0
         slot = False
         last_touch = time.monotonic()
+
+        def waiting() -> None:  # waiting for a slot is our doing, not the client's
+            self.coordinator.touch(cid)
+            stream.progress()
+
         try:
-            for chunk in it:
+            async for chunk in it:
                 stream.progress(len(chunk.data.payload))
-                if not slot and chunk.WhichOneof("body") == "data":
-                    while not self._decoding.acquire(timeout=0.5):  # waiting for a slot is our doing, not the client's
-                        self.coordinator.touch(cid)
-                        stream.progress()
+                is_data = chunk.WhichOneof("body") == "data"
+                if not slot and is_data:
+                    await self._decoding.acquire(waiting=waiting)
                     slot = True
                     stream.took_slot()
                     stream.progress(len(chunk.data.payload))
                 received += len(chunk.data.payload)
-                dec.feed(chunk)
+                if is_data:
+                    await self._offload(dec.feed, chunk)
+                else:
+                    dec.feed(chunk)
                 now = time.monotonic()
                 if now - last_touch > 0.5:  # an upload in progress is a sign of life (slow links)
                     self.coordinator.touch(cid)
@@ -392,11 +454,10 @@ class FleetService(pb_grpc.FleetServicer):
             msg = dec.finish()
             with self._count_lock:
                 self.bytes_received += received
-            if pem is not None and not certs.verify(pem, msg.signature, msg.signed):
+            if pem is not None and not await self._offload(certs.verify, pem, msg.signature, msg.signed):
                 raise _Refused("bad signature (forged or tampered result)", cid)
             if not slot:  # a message without data (a failure report) still holds a slot while handed over
-                while not self._decoding.acquire(timeout=0.5):
-                    self.coordinator.touch(cid)
+                await self._decoding.acquire(waiting=lambda: self.coordinator.touch(cid))
                 slot = True
         except BaseException:
             if slot:
@@ -405,38 +466,6 @@ class FleetService(pb_grpc.FleetServicer):
             raise
         return cid, task_id, msg  # the decoder slot stays held until the result is delivered
 
-    def _payload(self, cid: str, task_id: str, msg: Message) -> Any:
-        meta = msg.meta
-        if msg.kind == FAILURE:
-            return codec.decode_failure(meta)
-        task = self.coordinator.task(task_id)
-        if task is None:
-            raise _Refused("task closed")
-        expected = {TASK: UPDATE, EVALUATE: EVAL_RESULT, PROTOCOL: PROTOCOL_REPLY}[task.kind]
-        if msg.kind == PARTIAL and task.kind == TASK:  # an edge aggregator's answer (hierarchical FL)
-            part = codec.decode_partial(meta, msg.tensors, client_id=cid, round=task.meta["round"])
-            part.validate(numel=self.spec.numel)
-            return part
-        if msg.kind != expected:
-            raise InvalidUpdateError(f"a {task.kind} task needs a {expected!r} message, got {msg.kind!r}", client_id=cid)
-        registered = self.coordinator.info(cid)
-        if msg.kind == PROTOCOL_REPLY:  # the sender is the session's client; the protocol's server checks the rest
-            return codec.decode_protocol(meta, msg.tensors, client_id=cid)
-        if msg.kind == EVAL_RESULT:
-            n, metrics = codec.decode_eval_result(
-                meta, client_id=cid, max_examples=registered.num_test_examples if registered is not None else None
-            )
-            return cid, n, metrics
-        limit = registered.num_examples if registered else None
-        update = codec.decode_update(meta, msg.tensors, client_id=cid, round=task.meta["round"])
-        if update.payload is not None:
-            # An encoded update: the header is checked here; the round loop's pipeline (the
-            # stage that names the codec) checks every payload tensor and decodes it.
-            update.validate_header(max_examples=limit)
-        else:
-            update.validate(numel=self.spec.numel, dtype=self.dtype, max_examples=limit)
-        return update
-
 
 def start_server(
     service: FleetService,
@@ -444,29 +473,35 @@ def start_server(
     *,
     credentials: certs.ServerCredentials | None,
     max_workers: int = 256,
-) -> tuple[grpc.Server, int]:
-    """Start a gRPC server for ``service`` on ``address`` (``host:port``, port 0 = any); return it and its port.
+) -> tuple[FleetServer, int]:
+    """Start a ``grpc.aio`` server for ``service`` on ``address`` (``host:port``, port 0 = any); return it and its port.
 
-    ``credentials`` None means plaintext (insecure mode). Long polls hold a worker thread
-    each, so ``max_workers`` should exceed the number of clients.
+    ``credentials`` None means plaintext (insecure mode). The server's event loop runs in a
+    thread of its own; ``max_workers`` is the size of the thread pool that decodes, checks
+    and hands over results (threads are started as needed: at most ``max_decoding`` of
+    them hold a decoder at once). Waiting calls hold no thread, so it does not bound the
+    number of clients. ``stop(grace)`` on the returned server returns an event set once
+    it has stopped, like ``grpc.Server.stop``.
     """
-    server = grpc.server(
-        ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="fleet"), options=GRPC_OPTIONS + SERVER_OPTIONS
+    pool = ThreadPoolExecutor(max_workers=max(1, max_workers), thread_name_prefix="fleet")
+    service.bind(pool)
+    creds = None
+    if credentials is not None:
+        creds = grpc.ssl_server_credentials(
+            [(credentials.key_pem, credentials.cert_pem)],
+            root_certificates=credentials.ca_pem,
+            require_client_auth=True,
+        )
+    server = FleetServer(
+        lambda s: pb_grpc.add_FleetServicer_to_server(service, s),
+        address,
+        credentials=creds,
+        options=GRPC_OPTIONS + SERVER_OPTIONS,
+        pool=pool,
     )
-    pb_grpc.add_FleetServicer_to_server(service, server)
     try:
-        if credentials is None:
-            port = server.add_insecure_port(address)
-        else:
-            creds = grpc.ssl_server_credentials(
-                [(credentials.key_pem, credentials.cert_pem)],
-                root_certificates=credentials.ca_pem,
-                require_client_auth=True,
-            )
-            port = server.add_secure_port(address, creds)
-    except RuntimeError as exc:
-        raise FedloomError(f"cannot listen on {address}: {exc}") from None
-    if port == 0:
-        raise FedloomError(f"cannot listen on {address} (address in use or invalid)")
-    server.start()
-    return server, port
+        server.start()
+    except BaseException:
+        pool.shutdown(wait=False)
+        raise
+    return server, server.port
