@@ -263,7 +263,7 @@ class VectorizedEngine(Engine):
         self._pool = ChunkPool(threads if threads is not None else default_threads())
         # Cut a cohort into at least one chunk per core (CPU; cores of this machine, not
         # ``threads``, so the updates do not depend on the thread count): every core gets work.
-        self._min_chunks = len(os.sched_getaffinity(0)) if device == "cpu" or str(device).startswith("cpu") else 1
+        self._min_chunks = len(os.sched_getaffinity(0)) if torch.device(device).type == "cpu" else 1
         self.precision = check_precision(precision)
         if not isinstance(cuda_graphs, bool):
             raise ConfigError(f"must be true or false, got {cuda_graphs!r}", key="run.cuda_graphs")
