@@ -390,7 +390,10 @@ class ClientUpdate:
                 raise InvalidUpdateError(f"{name} has shape {tuple(t.shape)}, expected ({numel},)", client_id=cid)
             if not t.dtype.is_floating_point or (dtype is not None and t.dtype != dtype):
                 raise InvalidUpdateError(f"{name} has dtype {t.dtype}, expected {dtype or 'a float dtype'}", client_id=cid)
-            if not bool(torch.isfinite(t).all()):
+            # A NaN or Inf makes the sum NaN or Inf; a finite sum (the common case, ~20x cheaper
+            # than an elementwise test) proves every entry finite. Only a non-finite sum (or an
+            # overflow of finite entries) needs the elementwise test.
+            if not bool(torch.isfinite(t.sum())) and not bool(torch.isfinite(t).all()):
                 raise InvalidUpdateError(f"{name} contains NaN or Inf", client_id=cid)
 
         check_vec("delta", self.delta)

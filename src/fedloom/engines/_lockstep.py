@@ -110,13 +110,13 @@ class SlotStack:
         return [buf[k * s.col : k * s.col + ka * s.numel] for s in self.slots.values()]
 
     def stack(self, rows: torch.Tensor) -> torch.Tensor:
-        """A buffer from per-client trainable vectors ``rows`` (K, P) in slot order."""
-        return torch.cat([rows[:, s.col : s.col + s.numel].reshape(-1) for s in self.slots.values()])
-
-    def unstack(self, buf: torch.Tensor) -> torch.Tensor:
-        """Inverse of :meth:`stack`: (K, P) per-client rows."""
+        """A buffer from per-client trainable vectors ``rows`` (K, P) in slot order (one copy; ``rows``
+        may be a broadcast view, e.g. the global vector expanded to K rows)."""
         k = self.k
-        return torch.cat([buf[k * s.col : k * (s.col + s.numel)].view(k, s.numel) for s in self.slots.values()], dim=1)
+        buf = rows.new_empty(self.numel)
+        for s in self.slots.values():
+            buf[k * s.col : k * (s.col + s.numel)].view(k, s.numel).copy_(rows[:, s.col : s.col + s.numel])
+        return buf
 
 
 class LockstepProgram(ABC):

@@ -37,10 +37,11 @@ from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
 import torch
 
-from fedloom.core.errors import ConfigError, EngineError, FedloomError, InvalidUpdateError, StrategyError
+from fedloom.core.errors import ConfigError, EngineError, FedloomError
 from fedloom.core.params import ParamSpec
 from fedloom.core.types import ClientInstruction, ClientUpdate, Partial, Payload, PersonalEval, tensor_bytes
 from fedloom.data.base import FederatedDataset
+from fedloom.engines._partials import sum_checked
 from fedloom.engines.base import Engine, ModelFn
 from fedloom.engines.vectorized import VectorizedEngine, local_engine
 from fedloom.pipeline import Pipeline, StageContext
@@ -186,29 +187,23 @@ class ShardWorker:
         store.load_tensors({})
         for cid, state in states.items():
             store.put(cid, state)
-        expected = {ins.client_id for ins in instructions}
-        version = instructions[0].model_version if instructions else 0
-        rejected: dict[str, str] = {}
-        nbytes = 0
         try:
-            for update in self.engine.run_cohort(global_vec, instructions):
-                cid = update.client_id
-                nbytes += update.nbytes
-                try:
-                    if cid not in expected:
-                        raise InvalidUpdateError("client not in this shard (or already answered)", client_id=cid)
-                    if update.round != ctx.round:
-                        raise InvalidUpdateError(f"update is for round {update.round}, not {ctx.round}", client_id=cid)
-                    aggregator.add(pipe.check(_cpu_update(update), ctx, max_examples=max_examples))
-                except (InvalidUpdateError, StrategyError) as exc:
-                    rejected[cid] = getattr(exc, "reason", str(exc))
-                    continue
-                expected.discard(cid)
+            shard_sum = sum_checked(
+                self.engine.run_cohort(global_vec, instructions),
+                expected={ins.client_id for ins in instructions},
+                aggregator=aggregator,
+                pipe=pipe,
+                ctx=ctx,
+                max_examples=max_examples,
+                source=f"worker-{os.getpid()}",
+                model_version=(instructions[0].model_version if instructions else 0) or 0,
+                prepare=_cpu_update,
+            )
             out_states = {ins.client_id: {k: v.cpu() for k, v in store.get(ins.client_id).items()} for ins in instructions}
         finally:
             store.load_tensors({})
+        partial, rejected, nbytes = shard_sum.partial, shard_sum.rejected, shard_sum.nbytes
         pid = os.getpid()
-        partial = aggregator.partial(f"worker-{pid}", ctx.round, version or 0) if aggregator.client_ids else None
         return partial, rejected, {k: v for k, v in out_states.items() if v}, pid, nbytes
 
     def evaluate_shard(

@@ -56,11 +56,12 @@ full chunks from a CUDA graph; the captured function is the one the eager loop r
 from __future__ import annotations
 
 import contextlib
+import copy
 import logging
 import math
 import os
 import threading
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -72,7 +73,7 @@ from fedloom.client.transforms import GradientTransform, start_vector
 from fedloom.core.errors import ConfigError, EngineError
 from fedloom.core.params import ParamSpec
 from fedloom.core.seeding import derive_seed
-from fedloom.core.types import ClientInstruction, ClientUpdate, Payload, PersonalEval, TrainConfig
+from fedloom.core.types import ClientInstruction, ClientUpdate, Partial, Payload, PersonalEval, TrainConfig
 from fedloom.data.base import FederatedDataset, Split
 from fedloom.engines._device import (
     CudaGraphBackend,
@@ -88,6 +89,7 @@ from fedloom.engines._device import (
 )
 from fedloom.engines._dpsgd import ChunkPrivatizer, PerSampleClipper
 from fedloom.engines._parallel import ChunkPool, default_threads
+from fedloom.engines._partials import ShardSum, sum_checked
 from fedloom.engines._lockstep import (
     LockstepProgram,
     LoweredProgram,
@@ -97,6 +99,8 @@ from fedloom.engines._lockstep import (
 )
 from fedloom.engines.base import Engine, ModelFn
 from fedloom.engines.sequential import SequentialEngine
+from fedloom.pipeline import Pipeline, StageContext
+from fedloom.strategies.base import Aggregator
 
 __all__ = [
     "DEFAULT_CPU_BUDGET",
@@ -240,6 +244,7 @@ class VectorizedEngine(Engine):
     """
 
     name = "vectorized"
+    partials = True
 
     def __init__(
         self,
@@ -298,6 +303,8 @@ class VectorizedEngine(Engine):
             log.warning("the model cannot be vectorized; training clients sequentially: %s", reason)
         self._slots = slots_of(spec)
         self._cols = spec.trainable_slices()
+        offsets = {e.name: e.offset for e in spec.entries}
+        self._slot_offsets = [(slot, offsets[name]) for name, slot in self._slots.items()]
         sample_shape = tuple(next(iter(dataset.clients.values())).train.x.shape[1:])
         self._sample_numel = math.prod(sample_shape)
         self._act_numel = 0
@@ -314,6 +321,7 @@ class VectorizedEngine(Engine):
             else:
                 log.info("run.cuda_graphs applies on CUDA only; training on %s eagerly", self.device)
         self._stats_lock = threading.Lock()
+        self._rejections: dict[str, str] = {}
         self.graph_replays = 0
         """Lockstep steps replayed from CUDA graphs so far (all chunks, all threads)."""
         self.graph_failure: str | None = None
@@ -376,13 +384,7 @@ class VectorizedEngine(Engine):
             yield from self._sequential.run_cohort(global_vec, instructions)
             return
         g = global_vec.to(self.device)
-        groups: dict[tuple, list[ClientInstruction]] = {}
-        for ins in instructions:
-            groups.setdefault((ins.train, ins.transforms, ins.stages, ins.personal), []).append(ins)
-        jobs: list[tuple[TrainConfig, list[ClientInstruction]]] = []
-        for (cfg, _, _, _), group in groups.items():
-            size = self.chunk_size_for(cfg, active_transforms(group[0]))
-            jobs += [(cfg, chunk) for chunk in even_chunks(group, size, self._min_chunks)]
+        jobs = self._jobs(instructions)
         if self._pool.threads > 1 and not self._parallel_safe(jobs):
             # The vmap program's dropout and DP-SGD's clipper use shared state: one chunk at a
             # time, on the caller's thread with torch's own intra-op threads.
@@ -391,6 +393,72 @@ class VectorizedEngine(Engine):
             return
         for done in self._pool.ordered(lambda job: self._train_job(g, *job), jobs):
             yield from self._finish_job(done)
+
+    def run_partials(
+        self,
+        global_vec: torch.Tensor,
+        instructions: Sequence[ClientInstruction],
+        *,
+        aggregator: Aggregator,
+        pipe: Pipeline,
+        ctx: StageContext,
+        max_examples: int | None = None,
+    ) -> Iterator[tuple[Partial, int]]:
+        """Each chunk's updates checked and summed on the thread that trained it: one partial per chunk.
+
+        A chunk's job trains it, runs its client stages and adds its checked updates to a copy
+        of the empty ``aggregator`` (:func:`~fedloom.engines._partials.sum_checked`), so the
+        round loop's thread merges one float64 sum per chunk instead of checking and adding
+        every update. Partials come in chunk order, so the aggregate is the same bits for any
+        ``threads``. Refused updates are in :meth:`take_rejections`.
+        """
+        version = (instructions[0].model_version if instructions else 0) or 0
+
+        def summed(updates: Iterable[ClientUpdate], clients: Sequence[ClientInstruction], source: str) -> ShardSum:
+            return sum_checked(
+                updates,
+                expected={ins.client_id for ins in clients},
+                aggregator=copy.deepcopy(aggregator),
+                pipe=pipe,
+                ctx=ctx,
+                max_examples=max_examples,
+                source=source,
+                model_version=version,
+            )
+
+        if self.program is None:
+            results: Iterable[ShardSum] = [summed(self._sequential.run_cohort(global_vec, instructions), instructions, "chunk-0")]
+        else:
+            g = global_vec.to(self.device)
+            jobs = list(enumerate(self._jobs(instructions)))
+
+            def job(item: tuple[int, tuple[TrainConfig, list[ClientInstruction]]]) -> ShardSum:
+                i, (cfg, chunk) = item
+                return summed(self._finish_job(self._train_job(g, cfg, chunk)), chunk, f"chunk-{i}")
+
+            if self._pool.threads > 1 and not self._parallel_safe([j for _, j in jobs]):
+                results = (job(item) for item in jobs)  # one chunk at a time (see run_cohort)
+            else:
+                results = self._pool.ordered(job, jobs)
+        for done in results:
+            self._rejections.update(done.rejected)
+            if done.partial is not None:
+                yield done.partial, done.nbytes
+
+    def take_rejections(self) -> dict[str, str]:
+        out, self._rejections = self._rejections, {}
+        return out
+
+    def _jobs(self, instructions: Sequence[ClientInstruction]) -> list[tuple[TrainConfig, list[ClientInstruction]]]:
+        """The cohort as chunks: clients grouped by training config, transforms, stages and personal run."""
+        groups: dict[tuple, list[ClientInstruction]] = {}
+        for ins in instructions:
+            groups.setdefault((ins.train, ins.transforms, ins.stages, ins.personal), []).append(ins)
+        jobs: list[tuple[TrainConfig, list[ClientInstruction]]] = []
+        for (cfg, _, _, _), group in groups.items():
+            size = self.chunk_size_for(cfg, active_transforms(group[0]))
+            jobs += [(cfg, chunk) for chunk in even_chunks(group, size, self._min_chunks)]
+        return jobs
 
     def _parallel_safe(self, jobs: Sequence[tuple[TrainConfig, list[ClientInstruction]]]) -> bool:
         """Whether chunks may train on several threads at once (the lowered program, no DP-SGD)."""
@@ -451,7 +519,7 @@ class VectorizedEngine(Engine):
         else:
             theta_g = torch.cat([g[c] for c in self._cols]) if self._cols else g.new_zeros(0)
             theta = stack.stack(theta_g.unsqueeze(0).expand(k, -1))
-            state = g.unsqueeze(0).repeat(k, 1)
+            state = g.new_empty(k, g.numel()).copy_(g.expand(k, -1))
         grad = torch.empty_like(theta)
         prepared = [
             [t.prepare(spec, g, chunk[i], self.client_states.get(chunk[i].client_id)) for t in transforms] for i in rows
@@ -532,18 +600,19 @@ class VectorizedEngine(Engine):
                 self.graph_replays += graphed.replays
                 self.graph_failure = graphed.failed or self.graph_failure
 
-        trained = stack.unstack(theta)
-        col = 0
-        for c in self._cols:
-            state[:, c] = trained[:, col : col + c.stop - c.start]
-            col += c.stop - c.start
+        for slot, offset in self._slot_offsets:  # the trained entries into the state rows (one copy each)
+            state[:, offset : offset + slot.numel] = theta[k * slot.col : k * (slot.col + slot.numel)].view(k, slot.numel)
         loss_sums = loss_sum.tolist()
         seen = [sum(c[r] for c in plan.count_lists) for r in range(k)]
-        deltas = torch.empty_like(state)
+        deltas = state.sub_(g)  # row r is chunk position rows[r]: put the rows in chunk order
+        if rows != list(range(k)):
+            order = [0] * k
+            for r, i in enumerate(rows):
+                order[i] = r
+            deltas = deltas.index_select(0, torch.tensor(order, device=deltas.device))
         results: list[LocalResult] = [None] * k  # type: ignore[list-item]
         for r, i in enumerate(rows):
             ins = chunk[i]
-            deltas[i] = state[r] - g
             results[i] = finish_local(
                 spec,
                 ins,
