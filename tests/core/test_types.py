@@ -43,6 +43,8 @@ def test_update_validation() -> None:
         (_update(torch.zeros(4, dtype=torch.int64)), "dtype"),
         (_update(torch.tensor([0.0, float("nan"), 0.0, 0.0])), "NaN"),
         (_update(torch.tensor([0.0, float("inf"), 0.0, 0.0])), "NaN or Inf"),
+        (_update(torch.tensor([float("inf"), float("-inf"), 0.0, 0.0])), "NaN or Inf"),  # the sum is NaN
+        (_update(torch.tensor([3e38, 3e38, float("nan"), 0.0])), "NaN or Inf"),  # the sum overflows, the NaN is found
         (_update(torch.zeros(4), n=0), "num_examples"),
         (_update(torch.zeros(4), n=10**9), "exceeds"),
         (_update(torch.zeros(4), extras={"c": torch.zeros(3)}), "extras"),
@@ -52,6 +54,14 @@ def test_update_validation() -> None:
         with pytest.raises(InvalidUpdateError, match=match) as info:
             upd.validate(numel=4, dtype=torch.float32, max_examples=1000)
         assert info.value.client_id == "c1"
+
+
+def test_finite_entries_whose_sum_overflows_are_accepted() -> None:
+    """The finiteness check sums first; an overflowing sum of finite entries falls back to the exact test."""
+    big = torch.tensor([3e38, 3e38, -1.0, 0.0])
+    assert torch.isinf(big.sum())
+    _update(big).validate(numel=4, dtype=torch.float32)
+    _update(torch.zeros(4), extras={"c": big}).validate(numel=4, dtype=torch.float32)
 
 
 def test_messages_are_frozen() -> None:
