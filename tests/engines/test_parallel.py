@@ -71,7 +71,8 @@ def _run(threads: int, cfg: TrainConfig, chunk_size: int = 2) -> tuple[list[Clie
 def test_updates_are_bit_identical_for_any_thread_count(cfg: TrainConfig) -> None:
     runs = {t: _run(t, cfg)[0] for t in (1, 2, 3)}
     ref = runs[1]
-    assert [u.client_id for u in ref] == [f"c{i}" for i in range(len(SIZES))]  # chunk order, not finishing order
+    # chunk order (clients by size, most examples first), not finishing order
+    assert [u.client_id for u in ref] == [f"c{i}" for i in sorted(range(len(SIZES)), key=lambda i: -SIZES[i])]
     for t in (2, 3):
         assert [u.client_id for u in runs[t]] == [u.client_id for u in ref]
         for a, b in zip(runs[t], ref, strict=True):

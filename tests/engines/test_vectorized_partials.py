@@ -106,11 +106,12 @@ def test_one_partial_per_chunk_in_chunk_order() -> None:
         rejected = engine.take_rejections()
     finally:
         engine.close()
-    # 8 clients of one config at most 3 per chunk (and one chunk per core at least); c0's second
-    # instruction (another config) is a chunk of its own.
-    chunks = [tuple(i.client_id for i in c) for c in even_chunks(ins[:-1], 3, len(os.sched_getaffinity(0)))]
+    # 8 clients of one config, by size (most examples first), at most 3 per chunk (and one chunk
+    # per core at least); c0's second instruction (another config) is a chunk of its own.
+    by_size = sorted(ins[:-1], key=lambda i: -SIZES[int(i.client_id[1:])])
+    chunks = [tuple(i.client_id for i in c) for c in even_chunks(by_size, 3, len(os.sched_getaffinity(0)))]
     if len(os.sched_getaffinity(0)) <= 3:
-        assert chunks == [("c0", "c1", "c2"), ("c3", "c4", "c5"), ("c6", "c7")]
+        assert chunks == [("c3", "c6", "c0"), ("c4", "c5", "c1"), ("c7", "c2")]
     parts = [p for p, _ in items]
     assert [p.client_ids for p in parts] == [*chunks, ("c0",)]
     assert [n for _, n in items] == [len(p.client_ids) * fed.spec.numel * 4 for p in parts]  # float32 deltas

@@ -21,7 +21,7 @@ def test_scenario_runs_two_rounds(scenario: str) -> None:
     start = run.federation.state.params.clone()
     history = run.federation.run(2)
     assert [r.round for r in history] == [1, 2]
-    assert all(r.clients == sorted(run.dataset.clients) for r in history)  # fraction 1.0: all 3 sites
+    assert all(sorted(r.clients) == sorted(run.dataset.clients) for r in history)  # fraction 1.0: all 3 sites
     assert len(run.dataset.clients) == 3
     last = history[-1].metrics
     headline = run.dataset.task.metrics[0]

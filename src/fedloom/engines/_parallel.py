@@ -42,9 +42,9 @@ def default_threads() -> int:
 class ChunkPool:
     """Runs jobs on ``threads`` worker threads (single-threaded kernels each), yielding results in order.
 
-    At most ``threads`` jobs run at once and at most ``threads`` finished results wait to
-    be taken, so memory is bounded by about ``2 * threads`` jobs' results whatever the
-    number of jobs. With ``threads == 1`` jobs run in the caller's thread (still with one
+    At most ``threads`` jobs run at once and at most ``2 * threads`` are outstanding
+    (running, queued or finished and waiting to be taken), so memory is bounded by about
+    ``2 * threads`` jobs' results whatever the number of jobs. With ``threads == 1`` jobs run in the caller's thread (still with one
     intra-op thread). The pool's threads start on first use and live until :meth:`close`.
     """
 
@@ -64,8 +64,10 @@ class ChunkPool:
     def ordered(self, fn: Callable[[J], R], jobs: Iterable[J]) -> Iterator[R]:
         """``fn(job)`` for each job, yielded in job order; an exception is raised at its job's turn.
 
-        Jobs are submitted ahead of the consumer (up to ``threads`` running), so the caller
-        can work on one result while the next ones are computed. Closing the iterator early
+        Jobs are submitted ahead of the consumer (``2 * threads`` outstanding: up to ``threads``
+        running, the others queued or done), so the caller can work on one result while the
+        next ones are computed, and a worker whose job finished early is not left idle while
+        the job at the head of the order is still running. Closing the iterator early
         cancels the jobs not started and waits for the running ones.
         """
         caller_threads = torch.get_num_threads()
@@ -96,7 +98,7 @@ class ChunkPool:
                 return
 
         try:
-            for _ in range(self.threads):
+            for _ in range(2 * self.threads):  # a worker that finishes early starts the next job at once
                 submit()
             while pending:
                 result = pending.popleft().result()

@@ -450,12 +450,20 @@ class VectorizedEngine(Engine):
         return out
 
     def _jobs(self, instructions: Sequence[ClientInstruction]) -> list[tuple[TrainConfig, list[ClientInstruction]]]:
-        """The cohort as chunks: clients grouped by training config, transforms, stages and personal run."""
+        """The cohort as chunks: clients grouped by training config, transforms, stages and personal run.
+
+        Within a group, clients are ordered by their number of training examples, most first
+        (a stable sort: ties keep the cohort's order), so a chunk holds clients of about the same
+        number of local steps: with unequal clients (a power law of sizes) no chunk steps on
+        for one large client while its small ones are done, and each chunk's rows are already
+        in the longest-first order its batch plan needs.
+        """
         groups: dict[tuple, list[ClientInstruction]] = {}
         for ins in instructions:
             groups.setdefault((ins.train, ins.transforms, ins.stages, ins.personal), []).append(ins)
         jobs: list[tuple[TrainConfig, list[ClientInstruction]]] = []
         for (cfg, _, _, _), group in groups.items():
+            group = sorted(group, key=lambda ins: -len(self._split(ins.client_id)))
             size = self.chunk_size_for(cfg, active_transforms(group[0]))
             jobs += [(cfg, chunk) for chunk in even_chunks(group, size, self._min_chunks)]
         return jobs
