@@ -39,12 +39,34 @@ def _mlp() -> nn.Module:
     return nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 3))
 
 
-def _federation(strategy, *, threads: int, partials: bool, limit: int | None = None):  # noqa: ANN001, ANN202
+class _Residual(nn.Module):
+    """A skip connection: the torch.func (vmap) program, one chunk at a time."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b, self.c = nn.Linear(6, 8), nn.Linear(8, 8), nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.a(x))
+        return self.c(h + torch.tanh(self.b(h)))
+
+
+class _Branchy(_Residual):
+    """Data-dependent control flow: no lockstep program, the sequential fallback."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.a(x))
+        if h.sum() > 0:
+            h = self.b(h)
+        return self.c(h)
+
+
+def _federation(strategy, *, threads: int, partials: bool, limit: int | None = None, model_fn=_mlp):  # noqa: ANN001, ANN202
     data = _data()
     torch.manual_seed(0)
-    model = _mlp()
+    model = model_fn()
     spec = ParamSpec.from_module(model)
-    engine = VectorizedEngine(model_fn=_mlp, dataset=data, spec=spec, chunk_size=3, threads=threads)
+    engine = VectorizedEngine(model_fn=model_fn, dataset=data, spec=spec, chunk_size=3, threads=threads)
     if not partials:
         engine.partials = False  # type: ignore[misc]  # the per-update path
     fed = Federation(strategy=strategy, engine=engine, spec=spec, initial=spec.module_vector(model), max_examples=limit)
@@ -58,12 +80,22 @@ STRATEGIES = {
 }
 
 
-@pytest.mark.parametrize("name", sorted(STRATEGIES))
-def test_partial_run_is_the_per_update_run(name: str) -> None:
+@pytest.mark.parametrize(
+    ("name", "model_fn", "mode"),
+    [
+        ("fedavg", _mlp, "lowered"),
+        ("fedprox", _mlp, "lowered"),
+        ("scaffold", _mlp, "lowered"),
+        ("fedavg", _Residual, "vmap"),
+        ("fedavg", _Branchy, "sequential"),
+    ],
+)
+def test_partial_run_is_the_per_update_run(name: str, model_fn, mode: str) -> None:  # noqa: ANN001
     limit = max(SIZES) - 1  # the largest client declares more examples than allowed: refused in both paths
     runs = {}
     for partials in (True, False):
-        fed, engine = _federation(STRATEGIES[name](), threads=2, partials=partials, limit=limit)
+        fed, engine = _federation(STRATEGIES[name](), threads=2, partials=partials, limit=limit, model_fn=model_fn)
+        assert engine.mode == mode
         try:
             history = fed.run(3)
         finally:

@@ -61,7 +61,8 @@ class Engine(ABC):
 
     name: str = "engine"
     partials: ClassVar[bool] = False
-    """Whether :meth:`run_partials` sums the cohort where it is trained (the Ray engine's workers)."""
+    """Whether :meth:`run_partials` sums the cohort where it is trained (the Ray engine's workers,
+    the vectorized engine's chunk threads: :func:`~fedloom.engines._partials.sum_checked`)."""
     live: ClassVar[bool] = False
     """Whether the clients are real processes working in real time (the remote engine): buffered
     rounds then take updates as they come instead of running a simulated clock, and

@@ -480,7 +480,7 @@ class Federation(BufferedRounds, HierarchicalRounds):
         bytes_down: int,
         available: int,
     ) -> Attempt:
-        """A synchronous round whose updates are checked and summed where they were trained (one partial per worker)."""
+        """A synchronous round whose updates are checked and summed where they were trained (one partial per Ray worker or vectorized chunk)."""
         expected = {ins.client_id for ins in instructions}
         accepted: list[str] = []
         bytes_up = 0
