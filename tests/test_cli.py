@@ -24,7 +24,7 @@ def test_run_writes_history_model_and_plot(tmp_path: Path) -> None:
     assert [h["round"] for h in history] == [1, 2]
     for h in history:
         assert set(h) >= {"round", "metrics", "clients", "bytes"}
-        assert h["clients"] == ["line-A", "line-B", "line-C"]
+        assert sorted(h["clients"]) == ["line-A", "line-B", "line-C"]  # arrival order: by size in the vectorized engine
         assert h["bytes"]["down"] > 0 and h["bytes"]["up"] > 0
         assert "test_f1" in h["metrics"] and "test_auprc" in h["metrics"]
     state = load_file(str(out / "model.safetensors"))
