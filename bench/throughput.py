@@ -25,7 +25,12 @@ The markdown table is printed, stored in the JSON (``table_md``) and, with ``--m
 written to that file. ``--setup-peers`` alone only sets up the other frameworks' venvs.
 
 ``--quick`` caps local training at 10 steps per client (``--max-steps 10``): the same
-per-step work, a fraction of the time. Timings on a shared machine are noisy.
+per-step work, a fraction of the time. Timings on a shared machine are noisy. On Linux with
+autogroup scheduling (``/proc/sys/kernel/sched_autogroup_enabled`` = 1, the default on many
+distributions) ``nice`` only orders processes of one session: a benchmark at ``nice -n -15``
+still shares the cores equally with another session's jobs. Measure on an idle machine, or
+(as root) ``echo 0 > /proc/sys/kernel/sched_autogroup_enabled`` so that nice values apply
+across sessions.
 
 Other frameworks plug in through :data:`EXTERNAL`: a runner takes ``(model, cohort,
 settings)`` and returns a row like :func:`run_fedloom`'s (or one with ``"status": "not
