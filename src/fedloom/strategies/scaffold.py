@@ -30,6 +30,13 @@ leaving) without keeping anything on the object; pass ``num_clients`` to fix N i
 ``apply`` raises :class:`~fedloom.core.errors.StrategyError` when N is unknown (no
 ``num_clients`` and an aggregate without ``num_available``) or smaller than the number of
 updates.
+
+Local step size: c_i⁺ is the mean gradient along the client's local path, and the next visit
+corrects by c − c_i, so a local run that overshoots (plain SGD on a client with one or two
+labels at a large lr) leaves a large c_i that pushes the client's next run further the same
+way; the paper tunes η_l per algorithm (η_g = 1). On the MNIST 2NN with label-skewed clients
+SCAFFOLD at lr 0.1 swings (shards) or diverges (Dirichlet 0.1) where FedAvg does not, and is
+stable at 0.02-0.05 (bench/results/strategies_cpu.md).
 """
 
 from __future__ import annotations
