@@ -216,3 +216,33 @@ def test_mcmahan_cnn_updates_do_not_depend_on_the_thread_count() -> None:
         finally:
             engine.close()
     assert torch.equal(deltas[1], deltas[2])
+
+
+def test_chunks_per_core_only_where_a_chunk_step_pays() -> None:
+    """At least one chunk per core, unless a chunk's step would then fall below PARALLEL_MIN_MACS."""
+    from fedloom.engines.vectorized import PARALLEL_MIN_MACS
+    from fedloom.models import McMahanCNN
+    from fedloom.models.mnist import McMahan2NN
+
+    task = TaskSpec(kind="classification", input_shape=(1, 28, 28), num_outputs=10, loss="cross_entropy", metrics=("accuracy",))
+    g = torch.Generator().manual_seed(2)
+    data = FederatedDataset(
+        "mnist-like", task, {f"c{i}": ClientData(Split(torch.rand(12, 1, 28, 28, generator=g), torch.randint(0, 10, (12,), generator=g))) for i in range(3)}
+    )
+    cfg = TrainConfig(epochs=1, batch_size=10, lr=0.1)
+    assert PARALLEL_MIN_MACS == 24_000_000
+    for model_fn, macs in ((McMahan2NN, 784 * 200 + 200 * 200 + 200 * 10), (McMahanCNN, 12_273_152)):
+        spec = ParamSpec.from_module(model_fn())
+        engine = VectorizedEngine(model_fn=model_fn, dataset=data, spec=spec)
+        try:
+            assert engine._macs == macs  # forward multiply-accumulates per sample, by hand
+            engine._min_chunks = 4  # as on a 4-core machine
+            step = 10 * macs
+            got = [engine._least_chunks(n, cfg) for n in (1, 10, 20, 100)]
+            assert got == [max(1, min(4, n * step // PARALLEL_MIN_MACS)) for n in (1, 10, 20, 100)]
+        finally:
+            engine.close()
+        if model_fn is McMahan2NN:  # 10 clients: 19.9M MACs a step -> one chunk; 20: 39.8M -> still one; 100 -> 4
+            assert got == [1, 1, 1, 4]
+        else:  # 123M MACs a client-step: one chunk per core (even_chunks never cuts more chunks than clients)
+            assert got == [4, 4, 4, 4]

@@ -621,17 +621,33 @@ class LoweredProgram(LockstepProgram):
 
     def activation_numel(self, sample_shape: tuple[int, ...], spec: ParamSpec) -> int:
         """Elements of all layer outputs for ONE sample (for the chunk-size estimate)."""
+        return self._walk(sample_shape, spec)[0]
+
+    def macs_per_sample(self, sample_shape: tuple[int, ...], spec: ParamSpec) -> int:
+        """Multiply-accumulates of ONE sample's forward pass through the Linear and Conv2d layers.
+
+        A layer's weight meets each output position once: (weight elements) x (output elements
+        per sample / output channels). A training step costs about three times this per sample.
+        """
+        return self._walk(sample_shape, spec)[1]
+
+    def _walk(self, sample_shape: tuple[int, ...], spec: ParamSpec) -> tuple[int, int]:
+        """One sample (of 2 clients x 2 samples) through the ops: (activation elements, MACs)."""
         state = spec.empty().unsqueeze(0).repeat(2, 1)
         params = {n: torch.zeros(2, *s.shape, dtype=spec.dtype) for n, s in self.slots.items()}
         counts = torch.full((2,), 2.0, dtype=spec.dtype)
         ctx = _Ctx(2, 2, self._param_fn(params, state), lambda _: None, None, state, None, counts, 2, torch.Generator())
         a = _Act(torch.zeros(2, 2, *sample_shape, dtype=spec.dtype), grouped=False)
-        total = 0
+        total = macs = 0
         with torch.no_grad():
             for op in self.ops:
                 a = op(a, ctx)
-                total += a.t.numel() // 4
-        return total
+                out = a.t.numel() // 4
+                total += out
+                if isinstance(op, (_Linear, _Conv2d)):
+                    w = self.slots[op.prefix + "weight"]
+                    macs += w.numel * (out // w.shape[0])
+        return total, macs
 
 
 # ------------------------------------------------------------------- vmap program

@@ -105,6 +105,7 @@ from fedloom.strategies.base import Aggregator
 __all__ = [
     "DEFAULT_CPU_BUDGET",
     "DEFAULT_GPU_BUDGET",
+    "PARALLEL_MIN_MACS",
     "LocalEngineName",
     "VectorizedEngine",
     "even_chunks",
@@ -122,6 +123,12 @@ clients 1.8k / 2.1k / 2.0k (it gives 2; bf16: 2.4k / 3.1k at 1 / 2). Smaller chu
 larger ones run out of cache."""
 DEFAULT_GPU_BUDGET = 2 * 2**30
 """Default working-set budget of a chunk on an accelerator (bytes)."""
+PARALLEL_MIN_MACS = 24_000_000
+"""Forward multiply-accumulates a chunk's lockstep step must reach for another chunk thread to
+pay (see :meth:`VectorizedEngine._least_chunks`). Measured on a 2-core Xeon, one step = B = 10
+samples: the 2NN at 5 clients per chunk (9.9M) ran slower on 2 threads than one chunk of 10 on
+one (34-35k vs 39-40k samples/s); at 13 (26M) and 25 (50M) 2 threads won (55-58k, 72-75k vs
+46k for one thread); the CNN at 2 clients (245M) 1.9k vs 1.1k."""
 
 
 def lockstep_program(
@@ -239,8 +246,10 @@ class VectorizedEngine(Engine):
     kernels (:class:`~fedloom.engines._parallel.ChunkPool`; default: torch's intra-op thread
     count), and their updates are yielded in chunk order: the same updates, bit for bit,
     whatever ``threads`` is. Chunks are cut evenly (:func:`even_chunks`), on CPU into at least
-    as many chunks as the machine has cores (a cohort of 10 on 2 cores: 5 + 5). The vmap program
-    and DP-SGD train one chunk at a time with torch's own intra-op threads.
+    as many chunks as the machine has cores where each chunk's step still does
+    :data:`PARALLEL_MIN_MACS` (the 2NN at a cohort of 10 on 2 cores: one chunk of 10, its steps
+    being too small for two threads; at 100: four chunks of 25 from the memory budget). The
+    vmap program and DP-SGD train one chunk at a time with torch's own intra-op threads.
     """
 
     name = "vectorized"
@@ -308,8 +317,10 @@ class VectorizedEngine(Engine):
         sample_shape = tuple(next(iter(dataset.clients.values())).train.x.shape[1:])
         self._sample_numel = math.prod(sample_shape)
         self._act_numel = 0
+        self._macs: int | None = None  # forward multiply-accumulates per sample (lowered programs)
         if isinstance(self.program, LoweredProgram):
             self._act_numel = self.program.activation_numel(sample_shape, spec)
+            self._macs = self.program.macs_per_sample(sample_shape, spec)
         # Every client's training samples on the device, once (chunks index them).
         self._data: ResidentData | None = None
         if self.program is not None:
@@ -465,8 +476,22 @@ class VectorizedEngine(Engine):
         for (cfg, _, _, _), group in groups.items():
             group = sorted(group, key=lambda ins: -len(self._split(ins.client_id)))
             size = self.chunk_size_for(cfg, active_transforms(group[0]))
-            jobs += [(cfg, chunk) for chunk in even_chunks(group, size, self._min_chunks)]
+            jobs += [(cfg, chunk) for chunk in even_chunks(group, size, self._least_chunks(len(group), cfg))]
         return jobs
+
+    def _least_chunks(self, n: int, cfg: TrainConfig) -> int:
+        """How many chunks ``n`` clients are cut into at least: one per core where each still pays.
+
+        A chunk's lockstep step holds the GIL for its Python work (~0.5 ms) and releases it in
+        the kernels, so a chunk thread pays only when its step's products are large: at least
+        :data:`PARALLEL_MIN_MACS` multiply-accumulates. Fewer chunks than cores then (the 2NN at
+        a cohort of 10: one chunk of 10, not 5 + 5). From the model, batch size and core count
+        only, never from timing or ``threads``.
+        """
+        if self._macs is None or self._min_chunks == 1:
+            return self._min_chunks
+        step = cfg.batch_size * self._macs  # a client's step (forward MACs)
+        return max(1, min(self._min_chunks, n * step // PARALLEL_MIN_MACS))
 
     def _parallel_safe(self, jobs: Sequence[tuple[TrainConfig, list[ClientInstruction]]]) -> bool:
         """Whether chunks may train on several threads at once (the lowered program, no DP-SGD)."""
