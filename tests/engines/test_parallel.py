@@ -246,3 +246,41 @@ def test_chunks_per_core_only_where_a_chunk_step_pays() -> None:
             assert got == [1, 1, 1, 4]
         else:  # 123M MACs a client-step: one chunk per core (even_chunks never cuts more chunks than clients)
             assert got == [4, 4, 4, 4]
+
+
+def test_a_lone_linear_chunk_borrows_the_idle_threads_and_keeps_its_bits() -> None:
+    """Fewer chunks than threads: a Linear chain's chunk runs with the idle threads as intra-op
+    threads (its batched products give the same bits with any thread count); a convolution's does not."""
+    from fedloom.models import McMahanCNN
+    from fedloom.models.mnist import McMahan2NN
+
+    task = TaskSpec(kind="classification", input_shape=(1, 28, 28), num_outputs=10, loss="cross_entropy", metrics=("accuracy",))
+    g = torch.Generator().manual_seed(4)
+    data = FederatedDataset(
+        "mnist-like", task, {f"c{i}": ClientData(Split(torch.rand(40, 1, 28, 28, generator=g), torch.randint(0, 10, (40,), generator=g))) for i in range(3)}
+    )
+    cfg = TrainConfig(epochs=2, batch_size=10, lr=0.1)
+    ins = [ClientInstruction(round=1, client_id=c, train=cfg, seed=i) for i, c in enumerate(data.client_ids)]
+    torch.manual_seed(0)
+    spec = ParamSpec.from_module(McMahan2NN())
+    start = spec.module_vector(McMahan2NN())
+    runs, seen = {}, {}
+    for threads in (1, 2, 3):
+        engine = VectorizedEngine(model_fn=McMahan2NN, dataset=data, spec=spec, threads=threads)
+        real = engine._train_job
+        engine._train_job = lambda *a, real=real, t=threads: (seen.setdefault(t, torch.get_num_threads()), real(*a))[1]  # type: ignore[method-assign]
+        try:
+            assert engine.program.thread_invariant and len(engine._jobs(ins)) == 1  # 3 clients x 2M MACs: one chunk
+            runs[threads] = list(engine.run_cohort(start, ins))
+        finally:
+            engine.close()
+    assert seen == {1: 1, 2: 2, 3: 3}  # the one chunk ran with every chunk thread as an intra-op thread
+    for t in (2, 3):
+        for a, b in zip(runs[t], runs[1], strict=True):
+            assert a.client_id == b.client_id and torch.equal(a.delta, b.delta), (t, a.client_id)
+    cnn_spec = ParamSpec.from_module(McMahanCNN())
+    cnn = VectorizedEngine(model_fn=McMahanCNN, dataset=data, spec=cnn_spec, threads=2)
+    try:
+        assert not cnn.program.thread_invariant and cnn._intra(1) == 1
+    finally:
+        cnn.close()

@@ -126,6 +126,11 @@ class LockstepProgram(ABC):
     graph_safe: bool = False
     """Whether :meth:`step` may be captured in a CUDA graph: no host synchronization, no host
     data read on the device, no random draws from a generator the graph does not own."""
+    thread_invariant: bool = False
+    """Whether a step gives the same bits with any number of intra-op threads: only batched
+    products over clients (each client's product computed whole by one thread) and elementwise
+    operations; convolutions (whose weight gradient a thread split sums in another order),
+    pooling, normalization and random draws are not."""
 
     @abstractmethod
     def step(
@@ -545,6 +550,9 @@ class LoweredProgram(LockstepProgram):
         self.ops = ops
         # Dropout draws from the chunk's own generator, which a CUDA graph would not advance.
         self.graph_safe = not any(isinstance(op, _Dropout) and op.p > 0.0 for op in ops)
+        self.thread_invariant = all(
+            isinstance(op, (_Linear, _ReLU, _Identity, _Reshape)) or (isinstance(op, _Dropout) and op.p == 0.0) for op in ops
+        )
         # A layer may write a weight's gradient straight into the gradient buffer (or fuse the
         # SGD step) only when that weight is used once; else autograd sums the contributions.
         self._direct = {n for n, c in uses.items() if c == 1 and n in self.slots}

@@ -61,8 +61,13 @@ class ChunkPool:
                 self._executor = ThreadPoolExecutor(self.threads, thread_name_prefix="fedloom-chunk")
             return self._executor
 
-    def ordered(self, fn: Callable[[J], R], jobs: Iterable[J]) -> Iterator[R]:
+    def ordered(self, fn: Callable[[J], R], jobs: Iterable[J], *, intra_threads: int = 1) -> Iterator[R]:
         """``fn(job)`` for each job, yielded in job order; an exception is raised at its job's turn.
+
+        Each job runs with ``intra_threads`` intra-op threads (default 1; a caller lends more
+        to fewer jobs than workers only where its kernels give the same bits either way). Jobs
+        that take all the threads run one after another in the caller's thread (whose intra-op
+        thread team exists already: a second team on a worker thread would compete with it).
 
         Jobs are submitted ahead of the consumer (``2 * threads`` outstanding: up to ``threads``
         running, the others queued or done), so the caller can work on one result while the
@@ -71,10 +76,10 @@ class ChunkPool:
         cancels the jobs not started and waits for the running ones.
         """
         caller_threads = torch.get_num_threads()
-        if self.threads == 1:
+        if self.threads == 1 or intra_threads >= self.threads:
             try:
                 for job in jobs:
-                    torch.set_num_threads(1)
+                    torch.set_num_threads(intra_threads)
                     try:
                         result = fn(job)
                     finally:
@@ -85,7 +90,7 @@ class ChunkPool:
             return
 
         def single_threaded(job: J) -> R:
-            torch.set_num_threads(1)
+            torch.set_num_threads(intra_threads)
             return fn(job)
 
         pool = self._pool()

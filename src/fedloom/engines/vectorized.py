@@ -402,7 +402,7 @@ class VectorizedEngine(Engine):
             for cfg, chunk in jobs:
                 yield from self._finish_job(self._train_job(g, cfg, chunk))
             return
-        for done in self._pool.ordered(lambda job: self._train_job(g, *job), jobs):
+        for done in self._pool.ordered(lambda job: self._train_job(g, *job), jobs, intra_threads=self._intra(len(jobs))):
             yield from self._finish_job(done)
 
     def run_partials(
@@ -450,7 +450,7 @@ class VectorizedEngine(Engine):
             if self._pool.threads > 1 and not self._parallel_safe([j for _, j in jobs]):
                 results = (job(item) for item in jobs)  # one chunk at a time (see run_cohort)
             else:
-                results = self._pool.ordered(job, jobs)
+                results = self._pool.ordered(job, jobs, intra_threads=self._intra(len(jobs)))
         for done in results:
             self._rejections.update(done.rejected)
             if done.partial is not None:
@@ -478,6 +478,13 @@ class VectorizedEngine(Engine):
             size = self.chunk_size_for(cfg, active_transforms(group[0]))
             jobs += [(cfg, chunk) for chunk in even_chunks(group, size, self._least_chunks(len(group), cfg))]
         return jobs
+
+    def _intra(self, jobs: int) -> int:
+        """Intra-op threads per chunk: the chunk threads left idle lent to fewer chunks than threads,
+        where the program's steps give the same bits with any thread count (Linear chains)."""
+        if jobs == 0 or jobs >= self._pool.threads or self.program is None or not self.program.thread_invariant:
+            return 1
+        return self._pool.threads // jobs
 
     def _least_chunks(self, n: int, cfg: TrainConfig) -> int:
         """How many chunks ``n`` clients are cut into at least: one per core where each still pays.
