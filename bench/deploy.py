@@ -30,7 +30,13 @@ and checked, ``--compute-s`` of sleep, PushResult of a wire-encoded update of th
 in the agent's 256 KiB chunks, signed under ``--tls``), up to 2,500 per process, so 10,000
 connected clients fit one machine. ``--cohort K`` samples K of the N clients each round
 (``strategy.fraction`` = K / N); the rows then also report ``transfer_s`` (the spread of
-the cohort's model arrivals + the upload tail) and ``overhead_beyond_transfer_s``. The
+the cohort's model arrivals + the upload tail) and ``overhead_beyond_transfer_s``, and, as the
+download itself is transfer too, ``download_s``, ``transfer_with_download_s`` and
+``overhead_outside_transfer_s`` (see :func:`_transfer`). The clients heartbeat and long-poll
+at the intervals the server advertises (``advertised_heartbeat_s``, ``advertised_pull_wait_s``:
+the longest seen; :mod:`fedloom.server.control`), pausing heartbeats while a long poll waits,
+as the agent does; ``--heartbeat-interval`` and ``--pull-wait`` set the server's shortest
+intervals (``deploy.heartbeat_interval``, ``deploy.max_pull_wait``). The
 benchmark raises its open-file limit to the hard limit (the server and the load
 generators inherit it). For example (bench/results/deploy_aio_cpu.json)::
 
@@ -601,6 +607,7 @@ def aio_loadgen(args: argparse.Namespace) -> None:
     refused: dict[str, list[str]] = {}
     registered: dict[int, float] = {}
     counters = {"reconnects": 0, "heartbeats": 0, "idle": 0}
+    advertised = {"heartbeat_interval": 0.0, "pull_wait": 0.0}  # the longest the server advertised
     extra = dict(_grpc_options(args))
     opts = [*(kv for kv in GRPC_OPTIONS if kv[0] not in extra), *extra.items(), ("grpc.use_local_subchannel_pool", 1)]
     if not args.client_bdp:
@@ -624,21 +631,31 @@ def aio_loadgen(args: argparse.Namespace) -> None:
         tls = grpc.ssl_channel_credentials(root_certificates=c.ca_pem, private_key=c.key_pem, certificate_chain=c.cert_pem)
         return grpc.aio.secure_channel(args.server, tls, options=opts)
 
-    async def pull(stub: Any, session: str) -> tuple[str, dict[str, Any], int]:
-        """One PullTask read to the end: (kind, metadata, bytes), checked like ``_lean_decode``."""
-        call = stub.PullTask(pb.PullTaskRequest(session=session, wait_seconds=args.pull_wait), timeout=args.pull_wait + 120)
+    async def pull(stub: Any, box: dict[str, Any]) -> tuple[str, dict[str, Any], int]:
+        """One PullTask read to the end: (kind, metadata, bytes), checked like ``_lean_decode``.
+
+        It asks for the long-poll wait the server advertised (``--pull-wait`` if none), and no
+        heartbeat is sent while it waits if the server advertised one, as the agent does."""
+        wait = box["pull_wait"] or args.pull_wait
+        call = stub.PullTask(pb.PullTaskRequest(session=box["session"], wait_seconds=wait), timeout=wait + 120)
         kind, meta, total, got, trailer, announced = "?", {}, 0, 0, False, 0
-        async for c in call:
-            total += c.ByteSize()
-            which = c.WhichOneof("body")
-            if which == "header":
-                kind, meta, announced = c.header.kind, json.loads(c.header.meta_json or "{}"), c.header.total_bytes
-                if announced > max_bytes:
-                    raise ValueError("oversized task")
-            elif which == "data":
-                got += len(c.data.payload)
-            else:
-                trailer = True
+        box["polling"] = True
+        try:
+            async for c in call:
+                if box["polling"]:
+                    box["polling"], box["t_first"] = False, time.time()
+                total += c.ByteSize()
+                which = c.WhichOneof("body")
+                if which == "header":
+                    kind, meta, announced = c.header.kind, json.loads(c.header.meta_json or "{}"), c.header.total_bytes
+                    if announced > max_bytes:
+                        raise ValueError("oversized task")
+                elif which == "data":
+                    got += len(c.data.payload)
+                else:
+                    trailer = True
+        finally:
+            box["polling"] = False
         if not trailer or got != announced:
             raise ValueError(f"truncated task: {got} of {announced} bytes")
         count("down", kind, meta.get("round"), total)
@@ -651,13 +668,18 @@ def aio_loadgen(args: argparse.Namespace) -> None:
                 return
             except TimeoutError:
                 pass
-            if box["session"] is None:
-                continue
+            if box["session"] is None or (box["polling"] and box["pull_wait"] > 0):
+                continue  # the server keeps a client live while its long poll waits
             try:
                 reply = await stub.Heartbeat(pb.HeartbeatRequest(session=box["session"]), timeout=30)
                 counters["heartbeats"] += 1
                 if not reply.known:
                     box["session"] = None
+                else:
+                    box["hb"] = max(0.5, reply.heartbeat_interval or box["hb"])
+                    box["pull_wait"] = reply.pull_wait or box["pull_wait"]
+                    advertised["heartbeat_interval"] = max(advertised["heartbeat_interval"], reply.heartbeat_interval)
+                    advertised["pull_wait"] = max(advertised["pull_wait"], reply.pull_wait)
             except grpc.aio.AioRpcError as exc:
                 failed("Heartbeat", exc)
 
@@ -666,7 +688,7 @@ def aio_loadgen(args: argparse.Namespace) -> None:
         cid = client_id(index, n)
         key = certs_mod.load_client_credentials(Path(args.certs) / "clients" / cid).key_pem if args.certs else None
         sign = (lambda data: certs_mod.sign(key, data)) if key is not None else None
-        box: dict[str, Any] = {"session": None, "hb": 5.0}
+        box: dict[str, Any] = {"session": None, "hb": 5.0, "pull_wait": 0.0, "polling": False, "t_first": None}
         stop = asyncio.Event()
         channel = channel_for(cid)
         stub = pb_grpc.FleetStub(channel)
@@ -679,10 +701,13 @@ def aio_loadgen(args: argparse.Namespace) -> None:
                     if box["session"] is None:
                         reply = await stub.Register(pb.RegisterRequest(client_id=cid, num_examples=examples), timeout=60)
                         box["session"], box["hb"] = reply.session, max(0.5, reply.heartbeat_interval)
+                        box["pull_wait"] = max(0.0, reply.pull_wait)
+                        advertised["heartbeat_interval"] = max(advertised["heartbeat_interval"], reply.heartbeat_interval)
+                        advertised["pull_wait"] = max(advertised["pull_wait"], reply.pull_wait)
                         registered.setdefault(index, time.time())
                         if hb is None:
                             hb = asyncio.ensure_future(heartbeat(stub, box, stop))
-                    kind, meta, _ = await pull(stub, box["session"])
+                    kind, meta, _ = await pull(stub, box)
                     last_contact, delay = time.monotonic(), 0.5
                     if kind == "idle":
                         counters["idle"] += 1
@@ -692,7 +717,7 @@ def aio_loadgen(args: argparse.Namespace) -> None:
                         continue
                     if kind == "shutdown":
                         return
-                    rec = {"client": index, "round": int(meta.get("round", -1)), "t_recv": time.time()}
+                    rec = {"client": index, "round": int(meta.get("round", -1)), "t_first": box["t_first"], "t_recv": time.time()}
                     await asyncio.sleep(args.compute_s)
                     rec["t_computed"] = time.time()
                     up = {"session": box["session"], "task_id": meta.get("task_id", ""), "round": rec["round"],
@@ -764,6 +789,7 @@ def aio_loadgen(args: argparse.Namespace) -> None:
         "reconnects": counters["reconnects"],
         "heartbeats": counters["heartbeats"],
         "idle_pulls": counters["idle"],
+        "advertised": advertised,
         "rpc_failures": failures,
         "records": records,
         "traffic": traffic,
@@ -1096,12 +1122,32 @@ def _transfer(round_s: float, compute_s: float, mine: list[dict[str, Any]]) -> d
     tail (from the last client's end of compute to its update pushed and acknowledged);
     ``overhead_beyond_transfer_s`` = ``round_s`` − ``compute_s`` − ``transfer_s``: selection,
     posting, the first client's download, decoding and aggregating what is not overlapped.
+
+    The server streams the model to the whole cohort at once, interleaved, so every client
+    has it at about the same time and the arrival spread hides the download itself. With the
+    asyncio clients (which record when the model's first byte reached them, ``t_first``) the
+    download is counted as transfer too: ``download_s`` = from the first byte of the model at
+    any client to the last client having all of it; ``transfer_with_download_s`` =
+    ``download_s`` + ``upload_tail_s``; ``overhead_outside_transfer_s`` = ``round_s`` −
+    ``compute_s`` − that: selection, encoding and posting the model, waking the long polls,
+    and what the round loop does after the last update is acknowledged (the aggregation it
+    has not yet caught up on, the server step, the round record).
     """
     if not mine:
         return {}
     spread = max(x["t_recv"] for x in mine) - min(x["t_recv"] for x in mine)
     tail = max(x["t_pushed"] for x in mine) - max(x["t_computed"] for x in mine)
-    return {"transfer_s": round(spread + tail, 3), "overhead_beyond_transfer_s": round(round_s - compute_s - spread - tail, 3)}
+    out = {"transfer_s": round(spread + tail, 3), "overhead_beyond_transfer_s": round(round_s - compute_s - spread - tail, 3)}
+    firsts = [x["t_first"] for x in mine if x.get("t_first") is not None]
+    if len(firsts) == len(mine):  # asyncio clients: when the model's first byte reached each
+        download = max(x["t_recv"] for x in mine) - min(firsts)
+        out.update(
+            download_s=round(download, 3),
+            upload_tail_s=round(tail, 3),
+            transfer_with_download_s=round(download + tail, 3),
+            overhead_outside_transfer_s=round(round_s - compute_s - download - tail, 3),
+        )
+    return out
 
 
 def _max_workers(n: int, args: argparse.Namespace) -> int:
@@ -1202,6 +1248,15 @@ def _analyse(
         "transfer_s_mean": stat("transfer_s", mean),
         "overhead_beyond_transfer_s_mean": stat("overhead_beyond_transfer_s", mean),
         "overhead_beyond_transfer_s_max": stat("overhead_beyond_transfer_s", max),
+        "download_s_mean": stat("download_s", mean),
+        "upload_tail_s_mean": stat("upload_tail_s", mean),
+        "transfer_with_download_s_mean": stat("transfer_with_download_s", mean),
+        "overhead_outside_transfer_s_mean": stat("overhead_outside_transfer_s", mean),
+        "overhead_outside_transfer_s_max": stat("overhead_outside_transfer_s", max),
+        "advertised_heartbeat_s": max((lg.get("advertised", {}).get("heartbeat_interval", 0.0) for lg in lgs), default=None),
+        "advertised_pull_wait_s": max((lg.get("advertised", {}).get("pull_wait", 0.0) for lg in lgs), default=None),
+        "client_heartbeats": sum(lg.get("heartbeats", 0) for lg in lgs),
+        "client_idle_pulls": sum(lg.get("idle_pulls", 0) for lg in lgs),
         "proto_mb_down_per_round": stat("proto_mb_down", mean),
         "proto_mb_up_per_round": stat("proto_mb_up", mean),
         "loopback_mb_per_round": stat("loopback_mb", mean),
@@ -1454,25 +1509,30 @@ def _table(rows: list[dict[str, Any]]) -> str:
 def _aio_table(rows: list[dict[str, Any]]) -> str:
     """The asyncio rows as a Markdown table (``--md``): memory, CPU and overhead per number of connected clients."""
     lines = [
-        "| connected clients | cohort | heartbeat / long poll s | rounds timed | round s (mean) | overhead s (mean / max) | "
-        "transfer s | overhead beyond transfer s (mean / max) | server peak RSS MB (idle) | clients' cost MB (peak - idle) | "
-        "server CPU s/round | server threads | load-gen RSS MB | other CPU s/round |",
-        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| connected clients | cohort | heartbeat / long poll s (configured; advertised) | rounds timed | round s (mean) | "
+        "overhead s (mean / max) | transfer s | overhead beyond transfer s (mean / max) | download + upload tail s | "
+        "overhead outside transfer s (mean / max) | server peak RSS MB (idle) | clients' cost MB (peak - idle) | "
+        "server CPU s/round | server threads | load-gen RSS MB | other CPU s/round | client reconnects |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         if "error" in r:
-            lines.append(f"| {r['clients']} | | {r['error'].splitlines()[0][:300]} |" + " |" * 11)
+            lines.append(f"| {r['clients']} | | {r['error'].splitlines()[0][:300]} |" + " |" * 14)
             continue
         lines.append(
             f"| {r['clients']} | {r.get('cohort', r['clients'])} | "
-            f"{_fmt(r.get('heartbeat_interval_s'), 'g')} / {_fmt(r.get('pull_wait_s'), 'g')} | "
+            f"{_fmt(r.get('heartbeat_interval_s'), 'g')} / {_fmt(r.get('pull_wait_s'), 'g')}"
+            f"{'; ' + _fmt(r['advertised_heartbeat_s'], 'g') + ' / ' + _fmt(r['advertised_pull_wait_s'], 'g') if r.get('advertised_pull_wait_s') else ''} | "
             f"{len(r['rounds_measured'])} | {_fmt(r['round_s_mean'])} | "
             f"{_fmt(r['overhead_s_mean'])} / {_fmt(r['overhead_s_max'])} | {_fmt(r.get('transfer_s_mean'))} | "
             f"{_fmt(r.get('overhead_beyond_transfer_s_mean'))} / {_fmt(r.get('overhead_beyond_transfer_s_max'))} | "
+            f"{_fmt(r.get('download_s_mean'))} + {_fmt(r.get('upload_tail_s_mean'))} | "
+            f"{_fmt(r.get('overhead_outside_transfer_s_mean'))} / {_fmt(r.get('overhead_outside_transfer_s_max'))} | "
             f"{_fmt(r['server_peak_rss_mb'], '.0f')} ({_fmt(r['server_idle_rss_mb'], '.0f')}) | "
             f"{_fmt(r['server_peak_rss_mb'] - r['server_idle_rss_mb'], '.0f')} | "
             f"{_fmt(r['server_cpu_s_per_round'])} | {r['server_threads_max']} | "
-            f"{'+'.join(format(x, '.0f') for x in r['loadgen_peak_rss_mb'])} | {_fmt(r['other_cpu_s_per_round'])} |"
+            f"{'+'.join(format(x, '.0f') for x in r['loadgen_peak_rss_mb'])} | {_fmt(r['other_cpu_s_per_round'])} | "
+            f"{r.get('client_reconnects', '')} |"
         )
     return "\n".join(lines)
 

@@ -227,15 +227,18 @@ def build_run(cfg: RunConfig, *, engine: str | None = None, fresh: bool = False,
     """Build dataset, model, strategy, engine and the :class:`Federation` for ``cfg``.
 
     Engine ``remote`` starts the gRPC server of ``[deploy]`` and trains on the clients that
-    connect to it (``fedloom server``); the dataset then only provides the task and the
-    server's test split. With ``run.store`` set, the run is opened in that :class:`Store` and resumes from its
+    connect to it (``fedloom server``); the dataset is then the server's view
+    (``load_dataset(..., server_only=True)``: the task, the server's test split and the client
+    ids; the clients' data is loaded only if something reads it, which the server never does). With ``run.store`` set, the run is opened in that :class:`Store` and resumes from its
     latest checkpoint if the store holds it with the same config; ``fresh`` starts it over.
     ``edge`` (with ``engine="remote"``): build edge ``edge``'s side of a hierarchical deployment
     (``fedloom edge``): its server admits only its roster, and its federation only runs
     :meth:`~fedloom.federation.loop.Federation.edge_round`.
     """
-    try:
-        dataset = load_dataset(cfg.data.name, seed=cfg.run.seed, **cfg.data.options())
+    engine_name = engine or cfg.run.engine
+    remote = engine_name == "remote"
+    try:  # a deployed server trains on its clients' data, not on a copy of its own
+        dataset = load_dataset(cfg.data.name, seed=cfg.run.seed, server_only=remote, **cfg.data.options())
     except DataError as exc:
         raise ConfigError(str(exc), key="data") from None
     task = dataset.task
@@ -257,8 +260,6 @@ def build_run(cfg: RunConfig, *, engine: str | None = None, fresh: bool = False,
         sampling=cfg.strategy.sampling,
         **cfg.strategy.options(),
     )
-    engine_name = engine or cfg.run.engine
-    remote = engine_name == "remote"
     pipeline = build_pipeline(cfg)
     privacy: PrivacyPlan | None = None
     if cfg.privacy is not None:

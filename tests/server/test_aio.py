@@ -227,3 +227,23 @@ def test_wait_for_task_is_woken_by_a_post_from_another_thread_and_by_shutdown() 
     assert task is not None and task.client_id == "a" and task.pulled == 1  # type: ignore[attr-defined]
     assert took < WAIT_S / 3
     assert coord._watchers == {}  # every wait stopped watching
+
+
+def test_a_cancelled_or_timed_out_wait_stops_watching_and_leaves_no_timer() -> None:
+    coord = Coordinator()
+    coord.register("a", num_examples=1)
+
+    async def main() -> tuple[object, int]:
+        loop = asyncio.get_running_loop()
+        waiting = asyncio.ensure_future(wait_for_task(coord, "a", WAIT_S))
+        await asyncio.sleep(0.05)
+        assert set(coord._watchers) == {"a"}  # the waiting poll watches its client
+        waiting.cancel()  # the client went away
+        with pytest.raises(asyncio.CancelledError):
+            await waiting
+        timed_out = await wait_for_task(coord, "a", 0.01)
+        return timed_out, len(loop._scheduled)  # type: ignore[attr-defined]
+
+    timed_out, timers = asyncio.run(main())
+    assert timed_out is None and coord._watchers == {}
+    assert timers == 0  # neither wait left its timer behind

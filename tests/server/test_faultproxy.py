@@ -206,8 +206,11 @@ def test_unreachable_target_is_refused() -> None:
     target = free.getsockname()
     free.close()  # nothing listens there now
     with FaultProxy(("127.0.0.1", 0), target) as proxy:
-        with _dial(proxy.address) as s:
-            assert _cut_by_peer(s)
+        try:
+            with _dial(proxy.address) as s:
+                assert _cut_by_peer(s)
+        except ConnectionResetError:
+            pass  # the proxy's reset arrived before connect() returned (a race on loopback): refused all the same
         assert proxy.wait_for(lambda st: st.refused == 1)
         assert proxy.stats().connections == 0
 

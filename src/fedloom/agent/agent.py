@@ -3,7 +3,10 @@
 :class:`ClientAgent` dials the server (so a site behind a firewall only needs outbound
 access), registers, and loops: long-poll for a task, run the same
 :func:`~fedloom.client.training.train_local` the simulation engines run, sign and stream
-the update back. A background thread heartbeats. If the server goes away (crash, restart,
+the update back. A background thread heartbeats at the interval the server advertises (it
+grows with the server's number of clients, :mod:`fedloom.server.control`), and pauses while
+a long poll waits if the server says an open poll keeps the client live; the long poll asks
+for the wait the server advertises. If the server goes away (crash, restart,
 network cut) the agent reconnects with exponential backoff and registers again, up to
 ``give_up_after`` seconds without contact; it stops when the server says the run is over.
 Client state that must survive rounds (SCAFFOLD's c_i) stays in the agent.
@@ -98,7 +101,7 @@ class AgentOptions:
     credentials: Path | None = None
     client_id: str | None = None
     device: str = "cpu"
-    pull_wait: float = 10.0
+    pull_wait: float = 10.0  # long-poll wait when the server advertises none (an older server)
     retry_initial: float = 0.2
     retry_max: float = 5.0
     give_up_after: float = 300.0
@@ -156,6 +159,8 @@ class ClientAgent:
         self._channel: grpc.Channel | None = None
         self._stub: pb_grpc.FleetStub | None = None
         self._hb_interval = 0.5  # until the server says otherwise at registration
+        self._pull_wait = 0.0  # the server's advertised long-poll wait (0: none, use options.pull_wait)
+        self._polling = False  # a long poll is waiting (the server keeps the client live meanwhile)
         self._max_message_bytes = 0
         self._protocols = ProtocolClients()  # this client's side of secure aggregation (one round at a time)
 
@@ -197,6 +202,7 @@ class ClientAgent:
             raise AgentError("the server's model layout differs from the one this client built (version mismatch?)")
         self._session = reply.session
         self._hb_interval = max(0.5, reply.heartbeat_interval)
+        self._pull_wait = max(0.0, reply.pull_wait)
         log.info("client %r registered with %s", self.client_id, self.options.server)
 
     def _registration_counts(self) -> tuple[int, int]:
@@ -211,12 +217,18 @@ class ClientAgent:
         try:
             while not self._stop.wait(self._hb_interval):
                 session = self._session
-                if session is None:
-                    continue
+                if session is None or (self._polling and self._pull_wait > 0):
+                    continue  # an open long poll keeps this client live on a server that advertises its wait
                 try:
-                    if not stub.Heartbeat(pb.HeartbeatRequest(session=session), timeout=10).known:
+                    reply = stub.Heartbeat(pb.HeartbeatRequest(session=session), timeout=10)
+                    if not reply.known:
                         if self._session == session:
                             self._session = None  # the main loop registers again
+                    else:
+                        if reply.heartbeat_interval > 0:
+                            self._hb_interval = max(0.5, reply.heartbeat_interval)
+                        if reply.pull_wait > 0:
+                            self._pull_wait = reply.pull_wait
                 except grpc.RpcError:
                     pass  # the main loop handles reconnection
         finally:
@@ -286,21 +298,25 @@ class ClientAgent:
         """Pull one message and act on it; False when the run is over."""
         stub = self._connect()
         assert self._spec is not None and self._session is not None
-        wait = self.options.pull_wait
+        wait = self._pull_wait or self.options.pull_wait
         max_bytes = max(2 * self._spec.numel * 8 + (1 << 20), self._max_message_bytes)
         chunks = stub.PullTask(pb.PullTaskRequest(session=self._session, wait_seconds=wait), timeout=wait + 120)
         seen = [0]
 
         def counted(it: Iterator[pb.Chunk]) -> Iterator[pb.Chunk]:
             for c in it:
+                self._polling = False  # the wait is over: heartbeats resume during the download and the work
                 seen[0] += c.ByteSize()
                 yield c
 
+        self._polling = True
         try:
             msg = decode(counted(chunks), max_bytes=max_bytes, kinds=SERVER_KINDS)
         except WireError as exc:
             log.warning("malformed message from the server (%s); pulling again", exc)
             return True
+        finally:
+            self._polling = False
         if msg.kind == IDLE:
             retry = msg.meta.get("retry_after")
             if isinstance(retry, (int, float)) and 0 < retry <= 60:  # the server has too many waiting pulls

@@ -319,6 +319,10 @@ class DeploySection(_Strict):
     # wait on one asyncio event loop and hold no thread: this no longer bounds the number of clients.
     max_workers: int = Field(256, ge=4)
     max_pull_wait: float = Field(10.0, gt=0.0)
+    # Control calls per second (heartbeats + idle long polls) of all clients together: heartbeat_interval and
+    # max_pull_wait are the shortest intervals advertised, scaled up with the connected clients to stay within
+    # this rate (fedloom.server.control); 0 = never scaled.
+    max_control_rate: float = Field(500.0, ge=0.0)
     # Per-participant limits (fedloom.server.limits): what one client may hold at once.
     max_streams_per_client: int = Field(4, ge=2)  # open task pulls + result pushes per identity
     stream_idle_timeout: float = Field(60.0, gt=0.0)  # a stream moving no data this long is cut off

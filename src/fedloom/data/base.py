@@ -4,11 +4,17 @@ A :class:`FederatedDataset` maps client ids to :class:`ClientData` (a train spli
 optional local test split), holds the server's held-out test split, and a :class:`TaskSpec`
 that says what is learned (classification, binary detection, regression), which loss trains
 it and which metrics judge it. Splits are plain tensors so engines can batch them freely.
+
+A deployed server trains on remote clients' data, never on its own copy: its dataset is a
+*server view* (``server_only``; ``load_dataset(..., server_only=True)``): the task, the
+server's test split, the info and the client ids, while ``clients`` is a :class:`LazyClients`
+that loads the simulated clients' data only if something reads it (a test or a demo starting
+agents from the same config); a deployed server never does, so it never holds that data.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -16,7 +22,7 @@ import torch
 
 from fedloom.core.errors import DataError
 
-__all__ = ["ClientData", "FederatedDataset", "Split", "TaskKind", "TaskSpec"]
+__all__ = ["ClientData", "FederatedDataset", "LazyClients", "Split", "TaskKind", "TaskSpec"]
 
 TaskKind = Literal["classification", "binary", "regression"]
 
@@ -78,17 +84,67 @@ class ClientData:
         return len(self.train)
 
 
+class LazyClients(Mapping[str, ClientData]):
+    """Client ids known up front; every client's data loaded by ``load`` on the first read of any of it.
+
+    Iterating, ``len`` and ``in`` only use the ids. ``loaded`` says whether the data was read.
+    """
+
+    def __init__(self, ids: Sequence[str], load: Callable[[], Mapping[str, ClientData]]) -> None:
+        self._ids = tuple(ids)
+        self._known = frozenset(self._ids)
+        self._load: Callable[[], Mapping[str, ClientData]] | None = load
+        self._data: Mapping[str, ClientData] | None = None
+
+    @property
+    def loaded(self) -> bool:
+        return self._data is not None
+
+    def __getitem__(self, cid: str) -> ClientData:
+        if cid not in self._known:
+            raise KeyError(cid)
+        if self._data is None:
+            assert self._load is not None
+            data = self._load()
+            if list(data) != list(self._ids):
+                raise DataError("the reloaded clients differ from the server view's client ids")
+            self._data, self._load = data, None
+        return self._data[cid]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._ids)
+
+    def __len__(self) -> int:
+        return len(self._ids)
+
+    def __contains__(self, cid: object) -> bool:
+        return cid in self._known
+
+    def __repr__(self) -> str:
+        return f"LazyClients({len(self._ids)} clients, {'loaded' if self.loaded else 'not loaded'})"
+
+
 @dataclass(frozen=True)
 class FederatedDataset:
-    """Clients' data keyed by client id, plus the server's held-out test split."""
+    """Clients' data keyed by client id, plus the server's held-out test split.
+
+    ``server_only``: a deployed server's view: ``clients`` knows the ids but holds no data
+    (a :class:`LazyClients`, or empty); build it with :meth:`server_view` or
+    ``load_dataset(..., server_only=True)``.
+    """
 
     name: str
     task: TaskSpec
     clients: Mapping[str, ClientData]
     server_test: Split | None = None
     info: Mapping[str, object] = field(default_factory=dict)
+    server_only: bool = False
 
     def __post_init__(self) -> None:
+        if self.server_only:
+            if self.clients and not (isinstance(self.clients, LazyClients) and not self.clients.loaded):
+                raise DataError(f"the server view of dataset {self.name!r} holds no client data")
+            return
         if not self.clients:
             raise DataError(f"dataset {self.name!r} has no clients")
         for cid, cd in self.clients.items():
@@ -99,7 +155,18 @@ class FederatedDataset:
     def client_ids(self) -> list[str]:
         return list(self.clients)
 
+    def server_view(self, reload: Callable[[], Mapping[str, ClientData]] | None = None) -> FederatedDataset:
+        """This dataset as a deployed server holds it: task, server test split, info, no client data.
+
+        ``reload`` (e.g. loading the dataset again) makes the clients' data readable on demand
+        (:class:`LazyClients`); without it the view has no clients.
+        """
+        clients: Mapping[str, ClientData] = LazyClients(list(self.clients), reload) if reload is not None else {}
+        return FederatedDataset(self.name, self.task, clients, self.server_test, self.info, server_only=True)
+
     def pooled_train(self) -> Split:
         """All clients' training data concatenated (the centralized upper bound)."""
+        if self.server_only:
+            raise DataError(f"the server view of dataset {self.name!r} holds no client data")
         parts = list(self.clients.values())
         return Split(torch.cat([p.train.x for p in parts]), torch.cat([p.train.y for p in parts]))

@@ -3,6 +3,8 @@
 :func:`mnist_federated` partitions the 60k training set with one of the partitioners of
 :mod:`fedloom.data.partition` (IID 600 each; pathological non-IID shards; Dirichlet label
 skew; power-law quantity skew) and keeps the 10k test set as the server's test split.
+With ``server_only`` it builds a deployed server's view (:meth:`FederatedDataset.server_view`)
+from the test set alone, without reading the training set.
 
 McMahan, Moore, Ramage, Hampson, Agüera y Arcas. "Communication-Efficient Learning of Deep
 Networks from Decentralized Data." AISTATS 2017.
@@ -10,6 +12,7 @@ Networks from Decentralized Data." AISTATS 2017.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Literal
 
 import numpy as np
@@ -18,8 +21,8 @@ import torch
 from fedloom.core.errors import DataError
 from fedloom.core.seeding import derive_seed
 from fedloom.data import partition as parts
-from fedloom.data.base import ClientData, FederatedDataset, Split, TaskSpec
-from fedloom.data.mnist import load_mnist
+from fedloom.data.base import ClientData, FederatedDataset, LazyClients, Split, TaskSpec
+from fedloom.data.mnist import load_mnist, load_mnist_test
 
 __all__ = ["MNIST_TASK", "MnistPartition", "client_id", "mnist_federated"]
 
@@ -56,6 +59,7 @@ def mnist_federated(
     seed: int = 0,
     local_test_fraction: float = 0.0,
     normalize: bool = True,
+    server_only: bool = False,
 ) -> FederatedDataset:
     """MNIST over ``num_clients`` clients; the server keeps the 10k test set.
 
@@ -65,7 +69,10 @@ def mnist_federated(
     client >= ``min_size``). ``local_test_fraction`` > 0 holds out that fraction of each
     client's examples (at least one, at random) as its local test split. ``normalize``
     standardizes pixels with the usual MNIST statistics, ``(x - 0.1307) / 0.3081``
-    (``False`` keeps raw [0, 1) intensities, as McMahan et al. used).
+    (``False`` keeps raw [0, 1) intensities, as McMahan et al. used). ``server_only``: the
+    server's view (task, test set, info without ``train_sizes``, the client ids); the options
+    are checked the same way, but the training set is neither read nor partitioned unless a
+    client's data is read (:class:`~fedloom.data.base.LazyClients`).
     """
     if partition not in ("iid", "shards", "dirichlet", "power_law"):
         raise DataError(f"unknown MNIST partition {partition!r}; known: iid, shards, dirichlet, power_law")
@@ -73,6 +80,28 @@ def mnist_federated(
         raise DataError(f"local_test_fraction must be in [0, 1), got {local_test_fraction!r}")
     if not isinstance(normalize, bool):
         raise DataError(f"normalize must be true or false, got {normalize!r}")
+    if server_only:
+        if not isinstance(num_clients, int) or num_clients < 1:
+            raise DataError(f"num_clients must be a positive integer, got {num_clients!r}")
+        test = load_mnist_test()  # our own tensors: normalized in place, no second copy
+        if normalize:
+            test.x.sub_(MNIST_MEAN).div_(MNIST_STD)
+        view_info: dict[str, object] = {
+            "partition": partition,
+            "seed": seed,
+            "num_clients": num_clients,
+            "local_test_fraction": local_test_fraction,
+            "normalize": normalize,
+            "server_test_size": len(test),
+        }
+        def load_clients() -> Mapping[str, ClientData]:  # the same partition, if a client's data is ever read
+            return mnist_federated(
+                num_clients=num_clients, partition=partition, alpha=alpha, shards_per_client=shards_per_client, sigma=sigma,
+                min_size=min_size, seed=seed, local_test_fraction=local_test_fraction, normalize=normalize,
+            ).clients  # fmt: skip
+
+        clients = LazyClients([client_id(i, num_clients) for i in range(num_clients)], load_clients)
+        return FederatedDataset(name="mnist", task=MNIST_TASK, clients=clients, server_test=test, info=view_info, server_only=True)
     train, test = load_mnist()
     if normalize:  # new tensors: the cached loader output is never modified
         train = Split((train.x - MNIST_MEAN) / MNIST_STD, train.y)

@@ -4,6 +4,12 @@
 names (``hospital``, ``fraud``, ``equipment``) to
 :func:`fedloom.data.scenarios.load_scenario`. Unknown names and options raise
 :class:`~fedloom.core.errors.DataError` naming them.
+
+``load_dataset(..., server_only=True)`` is what a deployed server loads: the task, its test
+split, the info and the client ids, no client data (``clients`` loads it only if read:
+:class:`~fedloom.data.base.LazyClients`). A loader that can build that view without loading
+the clients' data takes a ``server_only`` keyword (MNIST: the test set alone); any other is
+loaded whole once and reduced with :meth:`~fedloom.data.base.FederatedDataset.server_view`.
 """
 
 from __future__ import annotations
@@ -33,18 +39,30 @@ def list_datasets() -> list[str]:
     return ["mnist", *SCENARIOS]
 
 
+SERVER_ONLY = "server_only"  # the loaders' keyword for the server's view: not a dataset option
+
+
 def dataset_options(name: str) -> dict[str, Any]:
     """The options dataset ``name`` accepts, with their defaults."""
     params = inspect.signature(_loader(name)).parameters.values()
-    return {p.name: p.default for p in params if p.kind is inspect.Parameter.KEYWORD_ONLY}
+    return {p.name: p.default for p in params if p.kind is inspect.Parameter.KEYWORD_ONLY and p.name != SERVER_ONLY}
 
 
-def load_dataset(name: str, **options: Any) -> FederatedDataset:
-    """Build dataset ``name`` with ``options`` (e.g. ``num_clients``, ``partition``, ``seed``)."""
+def load_dataset(name: str, *, server_only: bool = False, **options: Any) -> FederatedDataset:
+    """Build dataset ``name`` with ``options`` (e.g. ``num_clients``, ``partition``, ``seed``).
+
+    ``server_only``: only what a deployed server holds (:meth:`FederatedDataset.server_view`):
+    the clients' data is not kept, and not even loaded where the loader can avoid it.
+    """
     accepted = dataset_options(name)
     for key in options:
         if key not in accepted:
             raise DataError(
                 f"unknown option {key!r} for dataset {name!r}; it accepts {', '.join(accepted)}"
             )
-    return _loader(name)(**options)
+    loader = _loader(name)
+    if not server_only:
+        return loader(**options)
+    if SERVER_ONLY in inspect.signature(loader).parameters:
+        return loader(**options, server_only=True)
+    return loader(**options).server_view(reload=lambda: loader(**options).clients)

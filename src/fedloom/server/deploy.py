@@ -138,6 +138,8 @@ def start_remote_engine(
             run_info=info,
             heartbeat_interval=deploy.heartbeat_interval,
             max_pull_wait=deploy.max_pull_wait,
+            heartbeat_timeout=deploy.heartbeat_timeout,
+            max_control_rate=deploy.max_control_rate,
             secure=credentials is not None,
             limits=limits(deploy),
             max_decoding=deploy.max_decoding,

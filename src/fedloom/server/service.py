@@ -27,7 +27,11 @@ the round run on a bounded thread pool (``max_workers`` threads, of which at mos
 ``max_decoding`` hold a decoder), never on the loop.
 
 What one participant may hold (open calls, uploads per task, long polls, registrations per
-second) and how long a stream may sit idle are bounded by :mod:`fedloom.server.limits`.
+second) and how long a stream may sit idle are bounded by :mod:`fedloom.server.limits`; what
+all of them may spend on control calls (heartbeats, idle long polls) by
+:mod:`fedloom.server.control`: the heartbeat interval and long-poll wait the service
+advertises grow with the number of connected clients, and a client's open long poll keeps
+it live (the service touches the clients waiting in one every ``heartbeat_timeout / 3`` s).
 """
 
 from __future__ import annotations
@@ -50,10 +54,11 @@ import torch
 
 from fedloom.core.errors import FedloomError, InvalidUpdateError
 from fedloom.core.params import ParamSpec
-from fedloom.engines.coordinator import Coordinator, RegistrationRefused
+from fedloom.engines.coordinator import Coordinator, RegistrationRefused, Task
 from fedloom.server import certs
 from fedloom.server.aio import FleetServer, Slots, offload, thread_safe_cancel, wait_for_task
-from fedloom.server.limits import Guard, LimitExceeded, Limits, Stream
+from fedloom.server.control import DEFAULT_MAX_CONTROL_RATE, ControlPlan
+from fedloom.server.limits import DEFAULT_MAX_LONG_POLLS, Guard, LimitExceeded, Limits, Stream
 from fedloom.server.results import Refused as _Refused
 from fedloom.server.results import result_payload
 from fedloom.transport.proto import fedloom_pb2 as pb
@@ -81,10 +86,17 @@ T = TypeVar("T")
 # Clients send keepalive pings every 30 s (GRPC_OPTIONS), also while they only wait in a long
 # poll; gRPC's server default (one ping per 5 min without data) answers them with GOAWAY
 # "too_many_pings" and every idle client reconnects: accept one every 20 s.
+# Calls the event loop has not yet picked up wait in gRPC core's pending queue, which by default
+# cancels new calls past 1,000 (some) and 3,000 (all) waiting: a burst of registrations or polls
+# from thousands of clients on a busy loop then came back CANCELLED, and every cancelled client
+# reconnected and registered again (tens of thousands of reconnects at 10,000 clients). Let the
+# queue hold what DEFAULT_MAX_LONG_POLLS lets wait (a few hundred bytes per pending call).
 SERVER_OPTIONS = [
     ("grpc.http2.bdp_probe", 0),
     ("grpc.http2.lookahead_bytes", 1 << 20),
     ("grpc.http2.min_ping_interval_without_data_ms", 20_000),
+    ("grpc.server.max_pending_requests", DEFAULT_MAX_LONG_POLLS),
+    ("grpc.server.max_pending_requests_hard_limit", 2 * DEFAULT_MAX_LONG_POLLS),
 ]
 
 LOOP_HEADER_BYTES = 64 << 10  # a result header larger than this (its metadata) is parsed on the pool
@@ -118,8 +130,10 @@ class ServiceSettings:
     """What the service tells clients and how much it accepts."""
 
     run_info: dict[str, Any]  # model + task description sent at registration
-    heartbeat_interval: float = 5.0
-    max_pull_wait: float = 10.0
+    heartbeat_interval: float = 5.0  # the shortest interval advertised (fedloom.server.control)
+    max_pull_wait: float = 10.0  # the shortest long-poll wait advertised
+    heartbeat_timeout: float = 30.0  # a client silent this long is not live (the coordinator's)
+    max_control_rate: float = DEFAULT_MAX_CONTROL_RATE  # control calls/s of all clients together (0: unscaled)
     max_decoding: int = 4
     secure: bool = True
     limits: Limits = Limits()
@@ -155,6 +169,14 @@ class FleetService(pb_grpc.FleetServicer):
         self._count_lock = threading.Lock()
         self.guard = Guard(settings.limits)
         self.guard.start()
+        self.control = ControlPlan(
+            settings.heartbeat_interval, settings.max_pull_wait, settings.heartbeat_timeout, settings.max_control_rate
+        )
+        self._intervals = self.control.intervals(0)
+        self._counted_at = -float("inf")
+        self._polling: dict[str, int] = {}  # clients waiting in a long poll (event loop only)
+        self._keeper: asyncio.Task[None] | None = None
+        self._keeper_loop: asyncio.AbstractEventLoop | None = None
 
     def bind(self, pool: Executor) -> None:
         """The thread pool the handlers offload blocking work to (the server's)."""
@@ -166,8 +188,29 @@ class FleetService(pb_grpc.FleetServicer):
         return self._decoding.free
 
     def close(self) -> None:
-        """Stop the idle-stream watchdog (after the gRPC server has stopped)."""
+        """Stop the idle-stream watchdog and the long polls' keeper (after the gRPC server has stopped)."""
         self.guard.stop()
+        keeper, loop = self._keeper, self._keeper_loop
+        if keeper is not None and loop is not None and not loop.is_closed():
+            loop.call_soon_threadsafe(keeper.cancel)
+
+    COUNT_EVERY = 2.0  # seconds between two counts of the connected clients
+
+    def intervals(self) -> tuple[float, float]:
+        """``(heartbeat_interval, pull_wait)`` advertised now (the clients are counted every :attr:`COUNT_EVERY` s)."""
+        now = time.monotonic()
+        if now - self._counted_at >= self.COUNT_EVERY:
+            self._counted_at = now
+            self._intervals = self.control.intervals(len(self.coordinator.clients()))
+        return self._intervals
+
+    async def _keep_polls_alive(self) -> None:
+        """Touch the clients waiting in a long poll every ``heartbeat_timeout / 3`` s: an open poll is a sign of life."""
+        every = self.settings.heartbeat_timeout / 3.0
+        while True:
+            await asyncio.sleep(every)
+            for cid in list(self._polling):
+                self.coordinator.touch(cid)
 
     async def _offload(self, fn: Callable[..., T], *args: Any) -> T:
         assert self._pool is not None, "start the service with start_server"
@@ -252,11 +295,13 @@ class FleetService(pb_grpc.FleetServicer):
         except RegistrationRefused as exc:
             self.guard.warn(cid, "register", "refused a registration of %r (%s): %s", cid, context.peer(), exc)
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(exc))
+        heartbeat, pull_wait = self.intervals()
         return pb.RegisterReply(
             session=session,
-            heartbeat_interval=self.settings.heartbeat_interval,
+            heartbeat_interval=heartbeat,
             run_json=self._run_json,
             spec_digest=self._spec_digest,
+            pull_wait=pull_wait,
         )
 
     @functools.cached_property
@@ -269,7 +314,9 @@ class FleetService(pb_grpc.FleetServicer):
 
     async def Heartbeat(self, request: pb.HeartbeatRequest, context: grpc.aio.ServicerContext) -> pb.HeartbeatReply:
         await self._peer(context)
-        return pb.HeartbeatReply(known=self.coordinator.client_of(request.session) is not None)
+        heartbeat, pull_wait = self.intervals()
+        known = self.coordinator.client_of(request.session) is not None
+        return pb.HeartbeatReply(known=known, heartbeat_interval=heartbeat, pull_wait=pull_wait)
 
     async def Leave(self, request: pb.LeaveRequest, context: grpc.aio.ServicerContext) -> pb.LeaveReply:
         await self._session_client(request.session, context)
@@ -291,10 +338,26 @@ class FleetService(pb_grpc.FleetServicer):
                 raise  # the client went away, or the server is stopping
             await context.abort(grpc.StatusCode.CANCELLED, f"cancelled: {stream.aborted}")
 
+    async def _long_poll(self, cid: str, wait: float) -> Task | None:
+        """:func:`wait_for_task`, with ``cid`` kept live while it waits."""
+        if self._keeper is None:
+            self._keeper_loop = asyncio.get_running_loop()
+            self._keeper = asyncio.ensure_future(self._keep_polls_alive())
+        self._polling[cid] = self._polling.get(cid, 0) + 1
+        try:
+            return await wait_for_task(self.coordinator, cid, wait)
+        finally:
+            left = self._polling.pop(cid) - 1
+            if left:
+                self._polling[cid] = left
+
     async def _pull(self, cid: str, request: pb.PullTaskRequest, stream: Stream, context: grpc.aio.ServicerContext) -> None:
-        wait = min(max(request.wait_seconds, 0.0), self.settings.max_pull_wait)
+        wait = min(max(request.wait_seconds, 0.0), self.intervals()[1])
         with self.guard.long_poll(cid) as may_wait:
-            task = await wait_for_task(self.coordinator, cid, wait if may_wait else 0.0)
+            if may_wait and wait > 0:
+                task = await self._long_poll(cid, wait)
+            else:
+                task = await wait_for_task(self.coordinator, cid, 0.0)
         if task is None:
             if self.coordinator.is_shutdown:
                 self.coordinator.told_shutdown(cid)

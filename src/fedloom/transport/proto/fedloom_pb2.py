@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\rfedloom.proto\x12\nfedloom.v1\"f\n\x0fRegisterRequest\x12\x11\n\tclient_id\x18\x01 \x01(\t\x12\x14\n\x0cnum_examples\x18\x02 \x01(\x04\x12\x19\n\x11num_test_examples\x18\x03 \x01(\x04\x12\x0f\n\x07version\x18\x04 \x01(\t\"c\n\rRegisterReply\x12\x0f\n\x07session\x18\x01 \x01(\t\x12\x1a\n\x12heartbeat_interval\x18\x02 \x01(\x01\x12\x10\n\x08run_json\x18\x03 \x01(\t\x12\x13\n\x0bspec_digest\x18\x04 \x01(\t\"#\n\x10HeartbeatRequest\x12\x0f\n\x07session\x18\x01 \x01(\t\"\x1f\n\x0eHeartbeatReply\x12\r\n\x05known\x18\x01 \x01(\x08\"8\n\x0fPullTaskRequest\x12\x0f\n\x07session\x18\x01 \x01(\t\x12\x14\n\x0cwait_seconds\x18\x02 \x01(\x01\"8\n\nTensorMeta\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05\x64type\x18\x02 \x01(\t\x12\r\n\x05shape\x18\x03 \x03(\x03\"g\n\x06Header\x12\x0c\n\x04kind\x18\x01 \x01(\t\x12\x11\n\tmeta_json\x18\x02 \x01(\t\x12\'\n\x07tensors\x18\x03 \x03(\x0b\x32\x16.fedloom.v1.TensorMeta\x12\x13\n\x0btotal_bytes\x18\x04 \x01(\x04\"&\n\x04\x44\x61ta\x12\x0f\n\x07payload\x18\x01 \x01(\x0c\x12\r\n\x05\x63rc32\x18\x02 \x01(\r\",\n\x07Trailer\x12\x0e\n\x06sha256\x18\x01 \x01(\x0c\x12\x11\n\tsignature\x18\x02 \x01(\x0c\"\x7f\n\x05\x43hunk\x12$\n\x06header\x18\x01 \x01(\x0b\x32\x12.fedloom.v1.HeaderH\x00\x12 \n\x04\x64\x61ta\x18\x02 \x01(\x0b\x32\x10.fedloom.v1.DataH\x00\x12&\n\x07trailer\x18\x03 \x01(\x0b\x32\x13.fedloom.v1.TrailerH\x00\x42\x06\n\x04\x62ody\"-\n\tPushReply\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\x08\x12\x0e\n\x06reason\x18\x02 \x01(\t\"\x1f\n\x0cLeaveRequest\x12\x0f\n\x07session\x18\x01 \x01(\t\"\x0c\n\nLeaveReply2\xc5\x02\n\x05\x46leet\x12\x42\n\x08Register\x12\x1b.fedloom.v1.RegisterRequest\x1a\x19.fedloom.v1.RegisterReply\x12\x45\n\tHeartbeat\x12\x1c.fedloom.v1.HeartbeatRequest\x1a\x1a.fedloom.v1.HeartbeatReply\x12<\n\x08PullTask\x12\x1b.fedloom.v1.PullTaskRequest\x1a\x11.fedloom.v1.Chunk0\x01\x12\x38\n\nPushResult\x12\x11.fedloom.v1.Chunk\x1a\x15.fedloom.v1.PushReply(\x01\x12\x39\n\x05Leave\x12\x18.fedloom.v1.LeaveRequest\x1a\x16.fedloom.v1.LeaveReplyb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\rfedloom.proto\x12\nfedloom.v1\"f\n\x0fRegisterRequest\x12\x11\n\tclient_id\x18\x01 \x01(\t\x12\x14\n\x0cnum_examples\x18\x02 \x01(\x04\x12\x19\n\x11num_test_examples\x18\x03 \x01(\x04\x12\x0f\n\x07version\x18\x04 \x01(\t\"v\n\rRegisterReply\x12\x0f\n\x07session\x18\x01 \x01(\t\x12\x1a\n\x12heartbeat_interval\x18\x02 \x01(\x01\x12\x10\n\x08run_json\x18\x03 \x01(\t\x12\x13\n\x0bspec_digest\x18\x04 \x01(\t\x12\x11\n\tpull_wait\x18\x05 \x01(\x01\"#\n\x10HeartbeatRequest\x12\x0f\n\x07session\x18\x01 \x01(\t\"N\n\x0eHeartbeatReply\x12\r\n\x05known\x18\x01 \x01(\x08\x12\x1a\n\x12heartbeat_interval\x18\x02 \x01(\x01\x12\x11\n\tpull_wait\x18\x03 \x01(\x01\"8\n\x0fPullTaskRequest\x12\x0f\n\x07session\x18\x01 \x01(\t\x12\x14\n\x0cwait_seconds\x18\x02 \x01(\x01\"8\n\nTensorMeta\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05\x64type\x18\x02 \x01(\t\x12\r\n\x05shape\x18\x03 \x03(\x03\"g\n\x06Header\x12\x0c\n\x04kind\x18\x01 \x01(\t\x12\x11\n\tmeta_json\x18\x02 \x01(\t\x12\'\n\x07tensors\x18\x03 \x03(\x0b\x32\x16.fedloom.v1.TensorMeta\x12\x13\n\x0btotal_bytes\x18\x04 \x01(\x04\"&\n\x04\x44\x61ta\x12\x0f\n\x07payload\x18\x01 \x01(\x0c\x12\r\n\x05\x63rc32\x18\x02 \x01(\r\",\n\x07Trailer\x12\x0e\n\x06sha256\x18\x01 \x01(\x0c\x12\x11\n\tsignature\x18\x02 \x01(\x0c\"\x7f\n\x05\x43hunk\x12$\n\x06header\x18\x01 \x01(\x0b\x32\x12.fedloom.v1.HeaderH\x00\x12 \n\x04\x64\x61ta\x18\x02 \x01(\x0b\x32\x10.fedloom.v1.DataH\x00\x12&\n\x07trailer\x18\x03 \x01(\x0b\x32\x13.fedloom.v1.TrailerH\x00\x42\x06\n\x04\x62ody\"-\n\tPushReply\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\x08\x12\x0e\n\x06reason\x18\x02 \x01(\t\"\x1f\n\x0cLeaveRequest\x12\x0f\n\x07session\x18\x01 \x01(\t\"\x0c\n\nLeaveReply2\xc5\x02\n\x05\x46leet\x12\x42\n\x08Register\x12\x1b.fedloom.v1.RegisterRequest\x1a\x19.fedloom.v1.RegisterReply\x12\x45\n\tHeartbeat\x12\x1c.fedloom.v1.HeartbeatRequest\x1a\x1a.fedloom.v1.HeartbeatReply\x12<\n\x08PullTask\x12\x1b.fedloom.v1.PullTaskRequest\x1a\x11.fedloom.v1.Chunk0\x01\x12\x38\n\nPushResult\x12\x11.fedloom.v1.Chunk\x1a\x15.fedloom.v1.PushReply(\x01\x12\x39\n\x05Leave\x12\x18.fedloom.v1.LeaveRequest\x1a\x16.fedloom.v1.LeaveReplyb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,29 +34,29 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_REGISTERREQUEST']._serialized_start=29
   _globals['_REGISTERREQUEST']._serialized_end=131
   _globals['_REGISTERREPLY']._serialized_start=133
-  _globals['_REGISTERREPLY']._serialized_end=232
-  _globals['_HEARTBEATREQUEST']._serialized_start=234
-  _globals['_HEARTBEATREQUEST']._serialized_end=269
-  _globals['_HEARTBEATREPLY']._serialized_start=271
-  _globals['_HEARTBEATREPLY']._serialized_end=302
-  _globals['_PULLTASKREQUEST']._serialized_start=304
-  _globals['_PULLTASKREQUEST']._serialized_end=360
-  _globals['_TENSORMETA']._serialized_start=362
-  _globals['_TENSORMETA']._serialized_end=418
-  _globals['_HEADER']._serialized_start=420
-  _globals['_HEADER']._serialized_end=523
-  _globals['_DATA']._serialized_start=525
-  _globals['_DATA']._serialized_end=563
-  _globals['_TRAILER']._serialized_start=565
-  _globals['_TRAILER']._serialized_end=609
-  _globals['_CHUNK']._serialized_start=611
-  _globals['_CHUNK']._serialized_end=738
-  _globals['_PUSHREPLY']._serialized_start=740
-  _globals['_PUSHREPLY']._serialized_end=785
-  _globals['_LEAVEREQUEST']._serialized_start=787
-  _globals['_LEAVEREQUEST']._serialized_end=818
-  _globals['_LEAVEREPLY']._serialized_start=820
-  _globals['_LEAVEREPLY']._serialized_end=832
-  _globals['_FLEET']._serialized_start=835
-  _globals['_FLEET']._serialized_end=1160
+  _globals['_REGISTERREPLY']._serialized_end=251
+  _globals['_HEARTBEATREQUEST']._serialized_start=253
+  _globals['_HEARTBEATREQUEST']._serialized_end=288
+  _globals['_HEARTBEATREPLY']._serialized_start=290
+  _globals['_HEARTBEATREPLY']._serialized_end=368
+  _globals['_PULLTASKREQUEST']._serialized_start=370
+  _globals['_PULLTASKREQUEST']._serialized_end=426
+  _globals['_TENSORMETA']._serialized_start=428
+  _globals['_TENSORMETA']._serialized_end=484
+  _globals['_HEADER']._serialized_start=486
+  _globals['_HEADER']._serialized_end=589
+  _globals['_DATA']._serialized_start=591
+  _globals['_DATA']._serialized_end=629
+  _globals['_TRAILER']._serialized_start=631
+  _globals['_TRAILER']._serialized_end=675
+  _globals['_CHUNK']._serialized_start=677
+  _globals['_CHUNK']._serialized_end=804
+  _globals['_PUSHREPLY']._serialized_start=806
+  _globals['_PUSHREPLY']._serialized_end=851
+  _globals['_LEAVEREQUEST']._serialized_start=853
+  _globals['_LEAVEREQUEST']._serialized_end=884
+  _globals['_LEAVEREPLY']._serialized_start=886
+  _globals['_LEAVEREPLY']._serialized_end=898
+  _globals['_FLEET']._serialized_start=901
+  _globals['_FLEET']._serialized_end=1226
 # @@protoc_insertion_point(module_scope)
