@@ -256,7 +256,7 @@ class SumAggregator(Aggregator):
         if self._sum is None:
             self._sum = d.to(torch.float64, copy=True)
         else:
-            self._sum.add_(d.to(torch.float64))
+            self._sum.add_(d)  # float64 += d: each entry widened exactly inside the kernel, no model-sized temporary
         self.total_weight += w
 
     def _result(self) -> torch.Tensor:
