@@ -19,6 +19,7 @@ from fedloom.federation import Federation
 from fedloom.models import MLP, McMahanCNN
 from fedloom.run import build_engine
 from fedloom.strategies import FedAvg
+from _models import Branchy, Residual
 
 SIZES = (23, 7, 3, 40)  # unequal; client 2 is smaller than one batch of 5
 CLASSIFY = TaskSpec(kind="classification", input_shape=(6,), num_outputs=3, loss="cross_entropy", metrics=("accuracy",))
@@ -193,29 +194,7 @@ def test_scaffold_two_rounds_with_client_state() -> None:
     assert len(vec.client_states) == len(data.client_ids)
 
 
-class _Residual(nn.Module):
-    """Not a chain (a skip connection): no lowering, but torch.func handles it."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.a, self.b, self.c = nn.Linear(6, 8), nn.Linear(8, 8), nn.Linear(8, 3)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = torch.relu(self.a(x))
-        return self.c(h + torch.tanh(self.b(h)))
-
-
-class _Branchy(_Residual):
-    """Data-dependent Python control flow: neither fx nor vmap can take it."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = torch.relu(self.a(x))
-        if h.sum() > 0:
-            h = self.b(h)
-        return self.c(h)
-
-
-class _Tied(_Residual):
+class _Tied(Residual):
     """A chain that applies ``b`` twice: its weight gradient sums two uses (no fused update)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -230,14 +209,14 @@ def test_weight_used_twice_matches_sequential(momentum: float) -> None:
 
 @pytest.mark.parametrize("momentum", [0.0, 0.9], ids=["plain-sgd", "momentum"])
 def test_generic_torch_func_path_matches_sequential(momentum: float) -> None:
-    vec = _compare(_Residual, TrainConfig(epochs=2, batch_size=5, lr=0.05, momentum=momentum))
+    vec = _compare(Residual, TrainConfig(epochs=2, batch_size=5, lr=0.05, momentum=momentum))
     assert vec.mode == "vmap"
 
 
 def test_unvectorizable_model_falls_back_with_one_warning(caplog: pytest.LogCaptureFixture) -> None:
     data = _dataset()
     with caplog.at_level(logging.WARNING, logger="fedloom.engines.vectorized"):
-        seq, vec, g = _engines(_Branchy, data)
+        seq, vec, g = _engines(Branchy, data)
         ins = _instructions(data, TrainConfig(epochs=1, batch_size=5, lr=0.05))
         v_up, s_up = list(vec.run_cohort(g, ins)), list(seq.run_cohort(g, ins))
         list(vec.run_cohort(g, ins))
@@ -282,8 +261,8 @@ def test_builder_registers_vectorized_and_auto() -> None:
     named = build_engine("vectorized", model_fn=_mlp(), dataset=data, spec=spec, device="cpu")
     assert isinstance(named, VectorizedEngine)
     assert isinstance(build_engine("auto", model_fn=_mlp(), dataset=data, spec=spec, device="cpu"), VectorizedEngine)
-    branchy = ParamSpec.from_module(_Branchy())
-    auto = build_engine("auto", model_fn=_Branchy, dataset=data, spec=branchy, device="cpu")
+    branchy = ParamSpec.from_module(Branchy())
+    auto = build_engine("auto", model_fn=Branchy, dataset=data, spec=branchy, device="cpu")
     assert isinstance(auto, SequentialEngine)
 
 

@@ -16,6 +16,7 @@ from fedloom.data.base import ClientData, FederatedDataset, Split, TaskSpec
 from fedloom.engines import SequentialEngine, VectorizedEngine
 from fedloom.models import MLP
 from fedloom.models.registry import build_model
+from _models import Residual
 
 SIZES = (23, 7, 3, 40)  # different n: different q, different numbers of steps
 
@@ -119,21 +120,9 @@ def test_empty_batches_and_a_torch_func_model_match_sequential() -> None:
     assert any(all(len(bs[t]) == 0 for bs in batches if len(bs) > t) for t in range(8))
     seq, vec, engine = _run(_mlp, data, cfg)
     _assert_same(seq, vec)
-    seq, vec, engine = _run(_Residual, _dataset(), TrainConfig(epochs=1, batch_size=5, lr=0.1, dp_clip_norm=0.5, dp_noise_multiplier=1.0))
+    seq, vec, engine = _run(Residual, _dataset(), TrainConfig(epochs=1, batch_size=5, lr=0.1, dp_clip_norm=0.5, dp_noise_multiplier=1.0))
     assert engine.mode == "vmap"
     _assert_same(seq, vec)
-
-
-class _Residual(nn.Module):
-    """Not a chain (a skip connection): the vmap lockstep program's model."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.a, self.b, self.c = nn.Linear(6, 8), nn.Linear(8, 8), nn.Linear(8, 3)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = torch.relu(self.a(x))
-        return self.c(h + torch.tanh(self.b(h)))
 
 
 def test_noise_follows_the_client_not_the_chunk() -> None:

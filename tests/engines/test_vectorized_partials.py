@@ -21,6 +21,7 @@ from fedloom.engines.vectorized import even_chunks
 from fedloom.federation import Federation
 from fedloom.pipeline import Pipeline, StageContext
 from fedloom.strategies import FedAvg, FedProx, Scaffold
+from _models import Branchy, Residual
 
 TASK = TaskSpec(kind="classification", input_shape=(6,), num_outputs=3, loss="cross_entropy", metrics=("accuracy",))
 SIZES = (23, 7, 3, 40, 12, 9, 30, 5)
@@ -37,28 +38,6 @@ def _data() -> FederatedDataset:
 
 def _mlp() -> nn.Module:
     return nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 3))
-
-
-class _Residual(nn.Module):
-    """A skip connection: the torch.func (vmap) program, one chunk at a time."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.a, self.b, self.c = nn.Linear(6, 8), nn.Linear(8, 8), nn.Linear(8, 3)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = torch.relu(self.a(x))
-        return self.c(h + torch.tanh(self.b(h)))
-
-
-class _Branchy(_Residual):
-    """Data-dependent control flow: no lockstep program, the sequential fallback."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = torch.relu(self.a(x))
-        if h.sum() > 0:
-            h = self.b(h)
-        return self.c(h)
 
 
 def _federation(strategy, *, threads: int, partials: bool, limit: int | None = None, model_fn=_mlp):  # noqa: ANN001, ANN202
@@ -86,8 +65,8 @@ STRATEGIES = {
         ("fedavg", _mlp, "lowered"),
         ("fedprox", _mlp, "lowered"),
         ("scaffold", _mlp, "lowered"),
-        ("fedavg", _Residual, "vmap"),
-        ("fedavg", _Branchy, "sequential"),
+        ("fedavg", Residual, "vmap"),
+        ("fedavg", Branchy, "sequential"),
     ],
 )
 def test_partial_run_is_the_per_update_run(name: str, model_fn, mode: str) -> None:  # noqa: ANN001
