@@ -76,6 +76,7 @@ from fedloom.transport.proto import fedloom_pb2 as pb
 from fedloom.transport.proto import fedloom_pb2_grpc as pb_grpc
 from fedloom.transport.protocol import GRPC_OPTIONS, IDLE, SERVER_KINDS, SHUTDOWN, TASK, UPDATE
 from fedloom.transport.wire import Message, WireError, decode, encode
+from fedloom.transport.wire import trailer_digest as wire_digest
 
 __all__ = ["KINDS", "REGISTERED_EXAMPLES", "hostile_sites", "normalize_reason"]
 
@@ -495,7 +496,7 @@ class Forged:
         first = bytearray(data[0].data.payload)
         first[:4] = torch.tensor([1.0], dtype=torch.float32).numpy().tobytes()
         tampered = [_data_chunk(bytes(first)), *data[1:]]
-        digest = hashlib.sha256(b"".join(c.data.payload for c in tampered)).digest()
+        digest = wire_digest(hashlib.sha256(b"".join(c.data.payload for c in tampered)), header.header.tensors)
         new_trailer = pb.Chunk(trailer=pb.Trailer(sha256=digest, signature=trailer.trailer.signature))
         site.tally.push("data tampered after signing (CRC, digest recomputed)", site.push([header, *tampered, new_trailer]), task=task)
         smaller = _with_meta(header, num_examples=max(1, site.examples - 1))

@@ -54,7 +54,8 @@ def test_chunking_and_digest() -> None:
     body = encode_body({"a": torch.zeros(10)}, chunk_bytes=16)  # 40 bytes -> 16 + 16 + 8
     assert [len(c.data.payload) for c in body.chunks] == [16, 16, 8]
     assert body.total_bytes == 40
-    assert body.sha256 == hashlib.sha256(bytes(40)).digest()
+    # the trailer's digest: the data bytes, then the tensor table as canonical JSON
+    assert body.sha256 == hashlib.sha256(bytes(40) + b'[["a","float32",[10]]]').digest()
     assert all(c.data.crc32 == zlib.crc32(c.data.payload) for c in body.chunks)
 
 
@@ -62,9 +63,29 @@ def test_signature_covers_header_and_data() -> None:
     chunks = list(encode("update", {"task_id": "t1"}, {"d": torch.ones(3)}, sign=lambda b: b"sig:" + b))
     msg = decode(chunks, max_bytes=MB)
     assert msg.signature == b"sig:" + msg.signed
-    assert msg.signed == signing_bytes(chunks[0].header, hashlib.sha256(torch.ones(3).numpy().tobytes()).digest())
+    digest = hashlib.sha256(torch.ones(3).numpy().tobytes() + b'[["d","float32",[3]]]').digest()
+    assert msg.signed == signing_bytes(chunks[0].header, digest)
     other = list(encode("update", {"task_id": "t2"}, {"d": torch.ones(3)}))
     assert decode(other, max_bytes=MB).signed != msg.signed  # a different task id changes what is signed
+
+
+@pytest.mark.parametrize(
+    ("field", "value"), [("name", "y"), ("dtype", "int32"), ("shape", [3, 2])]
+)
+def test_a_corrupted_tensor_table_fails_the_digest(field: str, value: object) -> None:
+    """A bit flip that renames, retypes or reshapes a tensor (sizes unchanged) is caught like corrupted data."""
+    good = _valid()
+    header = pb.Header()
+    header.CopyFrom(good[0].header)
+    meta = header.tensors[0]
+    if field == "shape":
+        del meta.shape[:]
+        meta.shape.extend(value)  # type: ignore[arg-type]
+    else:
+        setattr(meta, field, value)
+    with pytest.raises(WireError, match="digest mismatch"):
+        decode([pb.Chunk(header=header), *good[1:]], max_bytes=MB)
+    assert torch.equal(decode(good, max_bytes=MB).tensors["x"], torch.arange(6, dtype=torch.float32))
 
 
 def _valid() -> list[pb.Chunk]:

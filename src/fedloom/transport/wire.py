@@ -1,8 +1,10 @@
 """Messages on the wire: tensors and JSON metadata as a checksummed stream of chunks.
 
 A message is ``Header`` (kind, JSON metadata, tensor table, total size), then ``Data``
-chunks (each carrying its CRC-32), then ``Trailer`` (SHA-256 of all data bytes, and an
-optional signature). Sizes are bounded by memory, not by gRPC's per-message limit.
+chunks (each carrying its CRC-32), then ``Trailer`` (SHA-256 of all data bytes followed by
+the tensor table, so a corrupted name, dtype or shape is caught like corrupted data; and an
+optional signature, which covers the whole header). Sizes are bounded by memory, not by
+gRPC's per-message limit.
 
 :class:`Decoder` is the one place that trusts nothing: it is fed chunks one by one and
 raises :class:`WireError` naming the problem for anything malformed — chunks out of order,
@@ -39,6 +41,7 @@ __all__ = [
     "encode_body",
     "extend_body",
     "signing_bytes",
+    "trailer_digest",
 ]
 
 DEFAULT_CHUNK_BYTES = 1 << 20  # 1 MiB: well under gRPC's default 4 MiB message limit
@@ -79,7 +82,7 @@ class Body:
     total_bytes: int
     sha256: bytes
     hasher: Any = field(default=None, compare=False, repr=False)
-    """The SHA-256 state after this body's data (:func:`extend_body` continues it)."""
+    """The SHA-256 state after this body's data, before its table (:func:`extend_body` continues it)."""
 
 
 @dataclass(frozen=True)
@@ -114,12 +117,28 @@ def extend_body(base: Body, tensors: Mapping[str, torch.Tensor], *, chunk_bytes:
     """
     if base.hasher is None:
         raise ValueError("this body cannot be extended (it was not made by encode_body)")
-    more = _encode(tensors, chunk_bytes=chunk_bytes, digest=base.hasher.copy(), names={m.name for m in base.metas})
+    more = _encode(
+        tensors, chunk_bytes=chunk_bytes, digest=base.hasher.copy(), names={m.name for m in base.metas}, prior=base.metas
+    )
     return Body(base.metas + more.metas, base.chunks + more.chunks, base.total_bytes + more.total_bytes, more.sha256, more.hasher)
 
 
+def _table_bytes(metas: Iterable[pb.TensorMeta]) -> bytes:
+    """The tensor table as the trailer's digest covers it (after the data): canonical JSON."""
+    return json.dumps([[m.name, m.dtype, [int(d) for d in m.shape]] for m in metas], separators=(",", ":")).encode()
+
+
+def trailer_digest(data_hasher: Any, metas: Iterable[pb.TensorMeta]) -> bytes:
+    """The trailer's digest: SHA-256 of the data bytes (``data_hasher``, a ``hashlib.sha256`` fed
+    with them, left as it is) followed by the tensor table ``metas``."""
+    h = data_hasher.copy()
+    h.update(_table_bytes(metas))
+    return h.digest()
+
+
 def _encode(
-    tensors: Mapping[str, torch.Tensor], *, chunk_bytes: int, digest: Any, names: set[str] | None = None
+    tensors: Mapping[str, torch.Tensor], *, chunk_bytes: int, digest: Any, names: set[str] | None = None,
+    prior: tuple[pb.TensorMeta, ...] = (),
 ) -> Body:
     if chunk_bytes < 1:
         raise ValueError("chunk_bytes must be >= 1")
@@ -147,7 +166,7 @@ def _encode(
                 pending = bytearray()
     if pending:
         chunks.append(pb.Chunk(data=pb.Data(payload=bytes(pending), crc32=zlib.crc32(pending))))
-    return Body(tuple(metas), tuple(chunks), total, digest.digest(), digest)
+    return Body(tuple(metas), tuple(chunks), total, trailer_digest(digest, (*prior, *metas)), digest)
 
 
 def signing_bytes(header: pb.Header, data_sha256: bytes) -> bytes:
@@ -212,8 +231,8 @@ class Decoder:
         else:
             if self._filled != self._total:
                 raise WireError(f"truncated: {self._filled} of {self._total} data bytes before the trailer")
-            if chunk.trailer.sha256 != self._digest.digest():
-                raise WireError("data digest mismatch (SHA-256)")
+            if chunk.trailer.sha256 != trailer_digest(self._digest, self._header.tensors):
+                raise WireError("digest mismatch (SHA-256 of the data and the tensor table)")
             self._trailer = chunk.trailer
 
     def _read_header(self, h: pb.Header) -> None:
