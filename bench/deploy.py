@@ -572,8 +572,8 @@ def aio_loadgen(args: argparse.Namespace) -> None:
     server announced, long-poll PullTask (the model's stream read to the end and checked
     for structure and size, as ``--client-decode lean``), ``--compute-s`` of sleep, then
     PushResult of a wire-encoded update of the model's size (a fixed random delta, encoded
-    once per process, signed per client under ``--tls``) and Leave when told the run is
-    over. Clients start over ``--ramp-s`` seconds, so 10,000 connections do not arrive as
+    once per process, signed per client under ``--tls``); told the run is over, it
+    closes its channel without a Leave call (the run's end closed its session). Clients start over ``--ramp-s`` seconds, so 10,000 connections do not arrive as
     one burst of TCP handshakes. The results file has :func:`loadgen`'s schema.
     """
     import asyncio
@@ -716,6 +716,7 @@ def aio_loadgen(args: argparse.Namespace) -> None:
                             await asyncio.sleep(float(retry) * (0.5 + random.random()))
                         continue
                     if kind == "shutdown":
+                        box["session"] = None  # as the agent does: the run's end closed the session, no Leave
                         return
                     rec = {"client": index, "round": int(meta.get("round", -1)), "t_first": box["t_first"], "t_recv": time.time()}
                     await asyncio.sleep(args.compute_s)

@@ -35,6 +35,7 @@ class Env:
     server: FleetServer
     port: int
     beats: list[str]
+    leaves: list[str]
 
 
 @pytest.fixture
@@ -54,8 +55,16 @@ def env() -> Iterator[Env]:
         return await real(request, context)
 
     service.Heartbeat = counted  # type: ignore[method-assign]
+    leaves: list[str] = []
+    real_leave = service.Leave
+
+    async def leave(request, context):  # type: ignore[no-untyped-def]
+        leaves.append(request.session)
+        return await real_leave(request, context)
+
+    service.Leave = leave  # type: ignore[method-assign]
     server, port = start_server(service, "127.0.0.1:0", credentials=None, max_workers=2)
-    yield Env(coord, service, server, port, beats)
+    yield Env(coord, service, server, port, beats, leaves)
     coord.shutdown()
     assert server.stop(0).wait(10)
     service.close()
@@ -113,3 +122,22 @@ def test_against_a_server_that_advertises_no_wait_the_agent_heartbeats_while_pol
     agent._stop.set()
     hb.join(10)
     agent._reset_channel()
+
+
+def test_an_agent_told_the_run_is_over_does_not_call_leave(env: Env) -> None:
+    """The run's end closes every session: 10,000 agents must not answer it with 10,000 Leave calls at once."""
+    agent = _agent(env.port)
+    agent._register()
+    env.coord.shutdown()
+    report = agent.run()
+    assert report.tasks == 0
+    assert env.leaves == []
+    assert agent._session is None
+
+
+def test_an_agent_that_stops_on_its_own_leaves(env: Env) -> None:
+    agent = _agent(env.port)
+    agent._register()
+    session = agent._session
+    agent.run(max_tasks=0)  # stops before pulling: the run goes on, so the server is told
+    assert env.leaves == [session]

@@ -324,6 +324,7 @@ class ClientAgent:
             return True
         if msg.kind == SHUTDOWN:
             log.info("the server ended the run")
+            self._session = None  # the run's end closed the session: no Leave (10,000 of them would arrive at once)
             return False
         self.report.bytes_down += sum(t.numel() * t.element_size() for t in msg.tensors.values())
         self.report.wire_bytes_down += seen[0]
