@@ -572,9 +572,11 @@ def aio_loadgen(args: argparse.Namespace) -> None:
     server announced, long-poll PullTask (the model's stream read to the end and checked
     for structure and size, as ``--client-decode lean``), ``--compute-s`` of sleep, then
     PushResult of a wire-encoded update of the model's size (a fixed random delta, encoded
-    once per process, signed per client under ``--tls``); told the run is over, it
-    closes its channel without a Leave call (the run's end closed its session). Clients start over ``--ramp-s`` seconds, so 10,000 connections do not arrive as
-    one burst of TCP handshakes. The results file has :func:`loadgen`'s schema.
+    once per process, signed per client under ``--tls``), then a new channel for the next
+    task (as the agent: the server keeps memory on a connection that carried a model);
+    told the run is over, it closes its channel without a Leave call (the run's end closed
+    its session). Clients start over ``--ramp-s`` seconds, so 10,000 connections do not
+    arrive as one burst of TCP handshakes. The results file has :func:`loadgen`'s schema.
     """
     import asyncio
     import random
@@ -661,7 +663,7 @@ def aio_loadgen(args: argparse.Namespace) -> None:
         count("down", kind, meta.get("round"), total)
         return kind, meta, total
 
-    async def heartbeat(stub: Any, box: dict[str, Any], stop: asyncio.Event) -> None:
+    async def heartbeat(box: dict[str, Any], stop: asyncio.Event) -> None:
         while not stop.is_set():
             try:
                 await asyncio.wait_for(stop.wait(), box["hb"] * (0.9 + 0.2 * random.random()))
@@ -671,7 +673,7 @@ def aio_loadgen(args: argparse.Namespace) -> None:
             if box["session"] is None or (box["polling"] and box["pull_wait"] > 0):
                 continue  # the server keeps a client live while its long poll waits
             try:
-                reply = await stub.Heartbeat(pb.HeartbeatRequest(session=box["session"]), timeout=30)
+                reply = await box["stub"].Heartbeat(pb.HeartbeatRequest(session=box["session"]), timeout=30)
                 counters["heartbeats"] += 1
                 if not reply.known:
                     box["session"] = None
@@ -691,7 +693,7 @@ def aio_loadgen(args: argparse.Namespace) -> None:
         box: dict[str, Any] = {"session": None, "hb": 5.0, "pull_wait": 0.0, "polling": False, "t_first": None}
         stop = asyncio.Event()
         channel = channel_for(cid)
-        stub = pb_grpc.FleetStub(channel)
+        stub = box["stub"] = pb_grpc.FleetStub(channel)
         hb = None
         last_contact = time.monotonic()
         delay = 0.5
@@ -706,7 +708,7 @@ def aio_loadgen(args: argparse.Namespace) -> None:
                         advertised["pull_wait"] = max(advertised["pull_wait"], reply.pull_wait)
                         registered.setdefault(index, time.time())
                         if hb is None:
-                            hb = asyncio.ensure_future(heartbeat(stub, box, stop))
+                            hb = asyncio.ensure_future(heartbeat(box, stop))
                     kind, meta, _ = await pull(stub, box)
                     last_contact, delay = time.monotonic(), 0.5
                     if kind == "idle":
@@ -728,6 +730,9 @@ def aio_loadgen(args: argparse.Namespace) -> None:
                     result = await stub.PushResult(iter(chunks), timeout=600)
                     count("up", "update", rec["round"], sum(c.ByteSize() for c in chunks))
                     rec["t_pushed"], rec["accepted"] = time.time(), bool(result.accepted)
+                    old, channel = channel, channel_for(cid)  # a fresh connection per task, as the agent does
+                    stub = box["stub"] = pb_grpc.FleetStub(channel)
+                    await old.close()
                     if not result.accepted:
                         refused.setdefault(cid, []).append(result.reason)
                     records.append(rec)

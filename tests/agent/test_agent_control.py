@@ -24,6 +24,7 @@ from fedloom.server.aio import FleetServer
 from fedloom.server.deploy import run_info
 from fedloom.server.limits import Limits
 from fedloom.server.service import FleetService, ServiceSettings, start_server
+from fedloom.transport.wire import encode_body
 
 TASK = TaskSpec(kind="regression", input_shape=(3,), num_outputs=1, loss="mse", metrics=("mae", "loss"))
 
@@ -36,6 +37,7 @@ class Env:
     port: int
     beats: list[str]
     leaves: list[str]
+    pulls: list[tuple[str, str]]  # (session, the calling connection's peer address)
 
 
 @pytest.fixture
@@ -63,8 +65,16 @@ def env() -> Iterator[Env]:
         return await real_leave(request, context)
 
     service.Leave = leave  # type: ignore[method-assign]
+    pulls: list[tuple[str, str]] = []
+    real_pull = service.PullTask
+
+    async def pull(request, context):  # type: ignore[no-untyped-def]
+        pulls.append((request.session, context.peer()))
+        return await real_pull(request, context)
+
+    service.PullTask = pull  # type: ignore[method-assign]
     server, port = start_server(service, "127.0.0.1:0", credentials=None, max_workers=2)
-    yield Env(coord, service, server, port, beats, leaves)
+    yield Env(coord, service, server, port, beats, leaves, pulls)
     coord.shutdown()
     assert server.stop(0).wait(10)
     service.close()
@@ -141,3 +151,22 @@ def test_an_agent_that_stops_on_its_own_leaves(env: Env) -> None:
     session = agent._session
     agent.run(max_tasks=0)  # stops before pulling: the run goes on, so the server is told
     assert env.leaves == [session]
+
+
+def test_the_agent_takes_each_task_on_a_fresh_connection_and_keeps_its_session(env: Env) -> None:
+    """A connection that carried a task and its result is closed (the server's transport keeps memory on it)."""
+    agent = _agent(env.port)
+    agent._register()
+    session = agent._session
+    collector = env.coord.post([("site-a", "task", {"round": 1}, encode_body({"params": torch.zeros(4)}))],
+                               deadline=time.monotonic() + 60)  # fmt: skip
+    assert agent._serve_one() is True  # not a valid instruction: the agent answers with a failure
+    res = collector.queue.get(timeout=10)
+    assert res.client_id == "site-a" and res.failure is not None
+    assert agent._serve_one() is True  # an idle long poll, on a new connection
+    assert agent._serve_one() is True  # and the next one on that same connection
+    agent._reset_channel()
+    assert [s for s, _ in env.pulls] == [session] * 3
+    first, second, third = (peer for _, peer in env.pulls)
+    assert first != second  # the client's port: another TCP connection
+    assert second == third
