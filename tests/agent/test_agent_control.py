@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import pytest
 import torch
@@ -40,6 +41,19 @@ class Env:
     pulls: list[tuple[str, str]]  # (session, the calling connection's peer address)
 
 
+def _record(service: FleetService, method: str, what: Callable[[Any, Any], Any]) -> list[Any]:
+    """Wrap the service's handler ``method`` so that each call appends ``what(request, context)`` to the returned list."""
+    calls: list[Any] = []
+    real = getattr(service, method)
+
+    async def recorded(request, context):  # type: ignore[no-untyped-def]
+        calls.append(what(request, context))
+        return await real(request, context)
+
+    setattr(service, method, recorded)
+    return calls
+
+
 @pytest.fixture
 def env() -> Iterator[Env]:
     spec = ParamSpec.from_module(build_model("linear", TASK))
@@ -49,30 +63,9 @@ def env() -> Iterator[Env]:
         heartbeat_timeout=3.0, limits=Limits(register_burst=100, pull_burst=100, log_every=0),
     )  # fmt: skip
     service = FleetService(coord, spec=spec, dtype=torch.float32, settings=settings)
-    beats: list[str] = []
-    real = service.Heartbeat
-
-    async def counted(request, context):  # type: ignore[no-untyped-def]
-        beats.append(request.session)
-        return await real(request, context)
-
-    service.Heartbeat = counted  # type: ignore[method-assign]
-    leaves: list[str] = []
-    real_leave = service.Leave
-
-    async def leave(request, context):  # type: ignore[no-untyped-def]
-        leaves.append(request.session)
-        return await real_leave(request, context)
-
-    service.Leave = leave  # type: ignore[method-assign]
-    pulls: list[tuple[str, str]] = []
-    real_pull = service.PullTask
-
-    async def pull(request, context):  # type: ignore[no-untyped-def]
-        pulls.append((request.session, context.peer()))
-        return await real_pull(request, context)
-
-    service.PullTask = pull  # type: ignore[method-assign]
+    beats: list[str] = _record(service, "Heartbeat", lambda request, context: request.session)
+    leaves: list[str] = _record(service, "Leave", lambda request, context: request.session)
+    pulls: list[tuple[str, str]] = _record(service, "PullTask", lambda request, context: (request.session, context.peer()))
     server, port = start_server(service, "127.0.0.1:0", credentials=None, max_workers=2)
     yield Env(coord, service, server, port, beats, leaves, pulls)
     coord.shutdown()
