@@ -25,6 +25,8 @@ from fedloom.server.aio import FleetServer
 from fedloom.server.deploy import run_info
 from fedloom.server.limits import Limits
 from fedloom.server.service import FleetService, ServiceSettings, start_server
+from fedloom.transport.proto import fedloom_pb2 as pb
+from fedloom.transport.proto import fedloom_pb2_grpc as pb_grpc
 from fedloom.transport.wire import encode_body
 
 TASK = TaskSpec(kind="regression", input_shape=(3,), num_outputs=1, loss="mse", metrics=("mae", "loss"))
@@ -38,7 +40,7 @@ class Env:
     port: int
     beats: list[str]
     leaves: list[str]
-    pulls: list[tuple[str, str]]  # (session, the calling connection's peer address)
+    pulls: list[str]
 
 
 def _record(service: FleetService, method: str, what: Callable[[Any, Any], Any]) -> list[Any]:
@@ -65,7 +67,7 @@ def env() -> Iterator[Env]:
     service = FleetService(coord, spec=spec, dtype=torch.float32, settings=settings)
     beats: list[str] = _record(service, "Heartbeat", lambda request, context: request.session)
     leaves: list[str] = _record(service, "Leave", lambda request, context: request.session)
-    pulls: list[tuple[str, str]] = _record(service, "PullTask", lambda request, context: (request.session, context.peer()))
+    pulls: list[str] = _record(service, "PullTask", lambda request, context: request.session)
     server, port = start_server(service, "127.0.0.1:0", credentials=None, max_workers=2)
     yield Env(coord, service, server, port, beats, leaves, pulls)
     coord.shutdown()
@@ -150,16 +152,18 @@ def test_the_agent_takes_each_task_on_a_fresh_connection_and_keeps_its_session(e
     """A connection that carried a task and its result is closed (the server's transport keeps memory on it)."""
     agent = _agent(env.port)
     agent._register()
-    session = agent._session
+    session, first = agent._session, agent._channel
     collector = env.coord.post([("site-a", "task", {"round": 1}, encode_body({"params": torch.zeros(4)}))],
                                deadline=time.monotonic() + 60)  # fmt: skip
     assert agent._serve_one() is True  # not a valid instruction: the agent answers with a failure
     res = collector.queue.get(timeout=10)
     assert res.client_id == "site-a" and res.failure is not None
+    with pytest.raises(ValueError, match="closed channel"):  # the task's connection is gone
+        pb_grpc.FleetStub(first).Heartbeat(pb.HeartbeatRequest(session=session), timeout=5)
     assert agent._serve_one() is True  # an idle long poll, on a new connection
+    second = agent._channel
+    assert second is not None and second is not first
     assert agent._serve_one() is True  # and the next one on that same connection
+    assert agent._channel is second
     agent._reset_channel()
-    assert [s for s, _ in env.pulls] == [session] * 3
-    first, second, third = (peer for _, peer in env.pulls)
-    assert first != second  # the client's port: another TCP connection
-    assert second == third
+    assert env.pulls == [session] * 3  # one session throughout: no new registration

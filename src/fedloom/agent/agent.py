@@ -280,9 +280,8 @@ class ClientAgent:
         return self.report
 
     def _reset_channel(self) -> None:
-        if self._channel is not None:
-            self._channel.close()
-        self._channel = self._stub = None
+        """Drop the connection and the session (the next call registers again)."""
+        self._fresh_connection()
         self._session = None
 
     def _leave(self) -> None:
