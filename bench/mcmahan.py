@@ -24,7 +24,13 @@ rounds) crosses the target. The grid's end points are not in the text available 
 (``paper6``: the 10^(1/6) grid over the same range); a comma-separated list gives any other
 grid. A best η at an end of the grid means the grid should be widened. Every η
 runs until the target or ``--max-rounds`` (or the time budget, or a non-finite test loss:
-``diverged``); the row reports the η that reached the target first (ties: the smaller
+``diverged``; with ``--stall-rounds K``, an η whose test accuracy is still below 20%, twice
+chance, after K rounds: ``stalled``). ``--prune`` stops an η once it has run as many rounds
+as the best η so far needed (it can no longer need fewer: ``pruned``), so list the likely
+best η first (e.g. ``--lr-grid 0.1,0.0464,0.215,0.0215,0.464``); the reported best η and its
+rounds are the same as without pruning, the other η's curves are cut short. ``--resume``
+keeps the finished η of a row already in the JSON (a fixed-η row of the same key counts as
+that η's grid entry) and runs only the missing ones. The row reports the η that reached the target first (ties: the smaller
 wall time) with its rounds, accuracy curve and wall time, keeps every η's result under
 ``grid``, and compares with the paper (``rounds_vs_paper``: our rounds / paper's;
 ``within_25pct``: within 25% of the paper's rounds either way; ``at_most_paper_plus_25pct``:
@@ -107,7 +113,7 @@ def build(name: str, spec: dict, *, lr: float, max_rounds: int, engine: str, see
 
 
 def run_lr(name: str, spec: dict, entry: dict, *, lr: float, max_rounds: int, budget_s: float, engine: str, seed: int,
-           save: Callable[[], None]) -> None:
+           save: Callable[[], None], cap: tuple[int, str] | None = None) -> None:
     """Run one (row, lr) until the target, ``max_rounds``, the budget or divergence; fill ``entry`` as it goes."""
     run, setup_s = build(name, spec, lr=lr, max_rounds=max_rounds, engine=engine, seed=seed)
     entry.update(
@@ -118,7 +124,8 @@ def run_lr(name: str, spec: dict, entry: dict, *, lr: float, max_rounds: int, bu
     )
     t1 = time.perf_counter()
     try:
-        _rounds(run, entry, spec, max_rounds=max_rounds, budget_s=budget_s, name=f"{name} lr={lr:g}", t1=t1, save=save)
+        _rounds(run, entry, spec, max_rounds=max_rounds, budget_s=budget_s, name=f"{name} lr={lr:g}", t1=t1, save=save,
+                cap=cap)
     except KeyboardInterrupt:
         entry["stopped"] = f"interrupted after round {entry['rounds_run']}"
         raise
@@ -136,10 +143,31 @@ def run_row(name: str, spec: dict, *, max_rounds: int, budget_s: float, engine: 
            save=lambda: path.write_text(json.dumps(out, indent=1)))
 
 
+FINISHED = ("target reached", "max rounds", "diverged", "stalled", "pruned")
+"""Prefixes of an η's ``stopped`` that mean it ran to the end of its protocol (``--resume`` keeps those)."""
+
+
+def _finished(entry: dict) -> bool:
+    return bool(entry.get("accuracy")) and str(entry.get("stopped", "")).startswith(FINISHED)
+
+
+def _previous_entries(old: dict | None, grid: list[float]) -> dict[float, dict]:
+    """The finished η of a row from an earlier run (``--resume``): grid entries, or a fixed-η row's own run."""
+    if not old:
+        return {}
+    entries = old.get("grid") if "grid" in old else [{k: v for k, v in old.items() if k not in ROW_ONLY_KEYS}]
+    return {e["lr"]: e for e in entries if e.get("lr") in grid and _finished(e)}
+
+
+ROW_ONLY_KEYS = ("model", "partition", "epochs", "target", "paper_rounds", "init", "pixels", "B", "C", "max_rounds")
+
+
 def run_grid(name: str, spec: dict, grid: list[float], *, max_rounds: int, budget_s: float, engine: str, seed: int,
-             out: dict, path: Path) -> None:
+             out: dict, path: Path, prune: bool = False, resume: bool = False) -> None:
     """One row over the learning-rate grid; the row's top-level keys are the best learning rate's."""
-    row = {**spec, "B": 10, "C": 0.1, "lr_grid": grid, "grid": [], "stopped": "running"}
+    previous = _previous_entries(out["rows"].get(name), grid) if resume else {}
+    row = {**spec, "B": 10, "C": 0.1, "max_rounds": max_rounds, "lr_grid": grid, "pruned": prune, "grid": [],
+           "stopped": "running"}
     out["rows"][name] = row
 
     def save() -> None:
@@ -147,17 +175,31 @@ def run_grid(name: str, spec: dict, grid: list[float], *, max_rounds: int, budge
         path.write_text(json.dumps(out, indent=1))
 
     for lr in grid:
+        if lr in previous:
+            row["grid"].append(previous[lr])
+            print(f"{name} lr={lr:g}: kept from the JSON ({previous[lr]['stopped']})", flush=True)
+            continue
+        cap = _prune_cap(row["grid"]) if prune else None
         entry: dict = {}
         row["grid"].append(entry)
         try:
             run_lr(name, spec, entry, lr=lr, max_rounds=max_rounds, budget_s=budget_s, engine=engine, seed=seed,
-                   save=save)
+                   save=save, cap=cap)
         except KeyboardInterrupt:
             row["stopped"] = f"interrupted at lr={lr:g}"
             save()
             raise
     row["stopped"] = "grid done"
     save()
+
+
+def _prune_cap(done: list[dict]) -> tuple[int, str] | None:
+    """(rounds, reason) after which a further η cannot beat the best η so far, or None while none has reached the target."""
+    reached = [e for e in done if e.get("reached_round") is not None]
+    if not reached:
+        return None
+    best = min(reached, key=lambda e: e["reached_round"])
+    return best["reached_round"], f"lr={best['lr']:g} reached the target at round {best['reached_round']}"
 
 
 def _summarize(row: dict) -> None:
@@ -180,8 +222,14 @@ def _summarize(row: dict) -> None:
     row["at_most_paper_plus_25pct"] = ratio is not None and ratio <= 1.25
 
 
+STALL_ACCURACY = 0.2
+"""Twice chance on MNIST's 10 classes: an η still below it after ``--stall-rounds`` rounds is ``stalled``."""
+STALL_ROUNDS: list[int] = []
+"""``--stall-rounds`` (empty: no stall rule), set by :func:`main`."""
+
+
 def _rounds(run: Run, row: dict, spec: dict, *, max_rounds: int, budget_s: float, name: str, t1: float,
-            save: Callable[[], None]) -> None:
+            save: Callable[[], None], cap: tuple[int, str] | None = None) -> None:
     while run.federation.state.round < max_rounds:
         rec = run.federation.step()
         acc = rec.metrics["test_accuracy"]
@@ -201,6 +249,12 @@ def _rounds(run: Run, row: dict, spec: dict, *, max_rounds: int, budget_s: float
             break
         if time.perf_counter() - t1 > budget_s:
             row["stopped"] = f"time budget {budget_s:.0f} s"
+            break
+        if STALL_ROUNDS and rec.round >= STALL_ROUNDS[0] and max(row["accuracy"]) < STALL_ACCURACY:
+            row["stopped"] = f"stalled (test accuracy below {STALL_ACCURACY:.0%} after {rec.round} rounds)"
+            break
+        if cap is not None and rec.round >= cap[0]:
+            row["stopped"] = f"pruned at round {rec.round}: {cap[1]}"
             break
     else:
         row["stopped"] = f"max rounds {max_rounds}"
@@ -235,7 +289,19 @@ def main() -> None:
     lr.add_argument("--lr-grid", default=None,
                     help="tune the learning rate per row as the paper did: 'paper' (10^(1/3) grid 0.0215..0.464), "
                          "'paper6' (10^(1/6)) or a comma-separated list")
+    ap.add_argument("--prune", action="store_true",
+                    help="with --lr-grid: stop an lr once it has run as many rounds as the best lr so far needed")
+    ap.add_argument("--resume", action="store_true",
+                    help="with --lr-grid: keep a row's finished lrs from the JSON, run only the missing ones")
+    ap.add_argument("--stall-rounds", type=int, default=None,
+                    help="stop an lr whose test accuracy is still below 20%% after this many rounds")
     args = ap.parse_args()
+    if (args.prune or args.resume) and args.lr_grid is None:
+        raise SystemExit("--prune and --resume apply to --lr-grid runs")
+    if args.stall_rounds is not None:
+        if args.stall_rounds < 1:
+            raise SystemExit(f"--stall-rounds: must be >= 1, got {args.stall_rounds}")
+        STALL_ROUNDS.append(args.stall_rounds)
     unknown = [r for r in args.rows.split(",") if r not in ROWS]
     if unknown:
         raise SystemExit(f"--rows: unknown row(s) {', '.join(unknown)}; known: {', '.join(ROWS)}")
@@ -274,7 +340,7 @@ def main() -> None:
                     seed=args.seed, out=out, path=args.json)
         else:
             run_grid(name, row, grid, max_rounds=args.max_rounds, budget_s=args.time_budget, engine=args.engine,
-                     seed=args.seed, out=out, path=args.json)
+                     seed=args.seed, out=out, path=args.json, prune=args.prune, resume=args.resume)
 
 
 if __name__ == "__main__":
