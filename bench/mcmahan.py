@@ -137,7 +137,7 @@ def run_lr(name: str, spec: dict, entry: dict, *, lr: float, max_rounds: int, bu
 def run_row(name: str, spec: dict, *, max_rounds: int, budget_s: float, engine: str, seed: int, out: dict,
             path: Path) -> None:
     """One row at its fixed learning rate ``spec["lr"]``."""
-    row = {**spec, "B": 10, "C": 0.1}
+    row = {**spec, "B": 10, "C": 0.1, "max_rounds": max_rounds}
     out["rows"][name] = row
     run_lr(name, spec, row, lr=spec["lr"], max_rounds=max_rounds, budget_s=budget_s, engine=engine, seed=seed,
            save=lambda: path.write_text(json.dumps(out, indent=1)))

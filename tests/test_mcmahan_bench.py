@@ -104,3 +104,12 @@ def test_stall_rule_stops_an_lr_that_never_learns(bench, tmp_path: Path) -> None
     assert row["grid"][0]["rounds_run"] == 4
     assert row["grid"][0]["stopped"] == "stalled (test accuracy below 20% after 4 rounds)"
     assert row["grid"][1]["reached_round"] == 2
+
+
+def test_a_fixed_lr_row_records_its_max_rounds(bench, tmp_path: Path) -> None:
+    path = tmp_path / "m.json"
+    out = {"rows": {}}
+    bench.run_row("cnn-noniid", {**SPEC, "lr": 0.1}, max_rounds=6, budget_s=1e9, engine="auto", seed=0, out=out,
+                  path=path)
+    row = json.loads(path.read_text())["rows"]["cnn-noniid"]
+    assert (row["max_rounds"], row["reached_round"], row["stopped"]) == (6, 3, "target reached")
